@@ -1,0 +1,231 @@
+"""The artifact bundle shared by trainer and server: the only code that touches bundle files.
+
+A bundle is one directory::
+
+    manifest.json      schema version, dims, column groups, hyper-parameters, data
+                       fingerprint, creation time, sha256 and size of every other file
+    encoder.onnx       sparse song input -> code (dynamic batch axis)
+    songs.hnsw         hnswlib cosine index over every song's code (label = song row)
+    playlists.hnsw     hnswlib cosine index over training playlists' mean codes
+    arrays.npz         id maps and the arrays the strategies need (no pickles)
+    columns.json       the input column vocabulary, so unseen songs can be encoded
+
+This module is torch-free: the server imports it, and so does the trainer when it writes.
+Reading verifies the schema version, every checksum and the dimensions, and fails with a
+:class:`BundleError` that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ENCODER = "encoder.onnx"
+SONG_INDEX = "songs.hnsw"
+PLAYLIST_INDEX = "playlists.hnsw"
+ARRAYS = "arrays.npz"
+COLUMNS = "columns.json"
+REQUIRED_FILES = (ENCODER, SONG_INDEX, PLAYLIST_INDEX, ARRAYS, COLUMNS)
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing, damaged, or of another schema version."""
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """hnswlib parameters; ``ef`` is not persisted by hnswlib, so the manifest keeps it."""
+
+    space: str
+    dim: int
+    m: int
+    ef_construction: int
+    ef: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    model_version: str
+    created: str
+    code_dim: int
+    input_dim: int
+    column_groups: dict[str, int]  # group name -> number of columns, in column order
+    hyper_parameters: dict[str, Any]
+    data_fingerprint: str
+    song_index: IndexParams
+    playlist_index: IndexParams
+    files: dict[str, dict[str, Any]]  # name -> {"sha256", "bytes"}
+    extra: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["song_index"] = dict(self.song_index.__dict__)
+        out["playlist_index"] = dict(self.playlist_index.__dict__)
+        return out
+
+    @staticmethod
+    def from_json(raw: Mapping[str, Any], where: Path) -> Manifest:
+        version = raw.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(f"{where}: schema_version {version!r}, this build reads "
+                              f"{SCHEMA_VERSION}; rebuild the bundle with this trainer")
+        try:
+            return Manifest(
+                schema_version=int(raw["schema_version"]),
+                model_version=str(raw["model_version"]),
+                created=str(raw["created"]),
+                code_dim=int(raw["code_dim"]),
+                input_dim=int(raw["input_dim"]),
+                column_groups={str(k): int(v) for k, v in raw["column_groups"].items()},
+                hyper_parameters=dict(raw["hyper_parameters"]),
+                data_fingerprint=str(raw["data_fingerprint"]),
+                song_index=IndexParams(**raw["song_index"]),
+                playlist_index=IndexParams(**raw["playlist_index"]),
+                files={str(k): dict(v) for k, v in raw["files"].items()},
+                extra=dict(raw.get("extra", {})),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BundleError(f"{where}: malformed manifest ({exc!r})") from None
+
+
+def write_manifest(root: Path, manifest_fields: dict[str, Any]) -> Manifest:
+    """Checksum every file in ``root`` and write ``manifest.json`` last (atomically), so a
+    bundle whose writer died part-way has no manifest and is refused."""
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(root.iterdir()):
+        if path.name == MANIFEST or path.name.startswith("."):
+            continue
+        if path.is_file():
+            files[path.name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+    missing = [f for f in REQUIRED_FILES if f not in files]
+    if missing:
+        raise BundleError(f"{root}: cannot write manifest, missing {', '.join(missing)}")
+    fields = dict(manifest_fields)
+    fields.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    fields["schema_version"] = SCHEMA_VERSION
+    fields["files"] = files
+    manifest = Manifest.from_json(_jsonable(fields), root / MANIFEST)
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2, ensure_ascii=False))
+    os.replace(tmp, root / MANIFEST)
+    return manifest
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.__dict__ if hasattr(o, "__dict__")
+                                 else (o.item() if hasattr(o, "item") else str(o))))
+
+
+def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
+    """Read and check ``manifest.json``; with ``verify`` also every file's sha256."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"{root}: bundle directory not found")
+    if not path.is_file():
+        raise BundleError(f"{path}: no manifest (not a bundle, or its build did not finish)")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{path}: manifest is not a JSON object")
+    manifest = Manifest.from_json(raw, path)
+    for name in REQUIRED_FILES:
+        if name not in manifest.files:
+            raise BundleError(f"{path}: lists no {name}")
+    for name, meta in manifest.files.items():
+        file = root / name
+        if not file.is_file():
+            raise BundleError(f"{file}: missing (listed in the manifest)")
+        if file.stat().st_size != meta.get("bytes"):
+            raise BundleError(f"{file}: size {file.stat().st_size} bytes, manifest says "
+                              f"{meta.get('bytes')} (truncated or replaced)")
+        if verify and sha256_of(file) != meta.get("sha256"):
+            raise BundleError(f"{file}: sha256 mismatch (file is damaged or was changed)")
+    return manifest
+
+
+def load_arrays(root: str | Path) -> dict[str, np.ndarray]:
+    """``arrays.npz`` as a dict, loaded without pickle."""
+    path = Path(root) / ARRAYS
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: unreadable ({exc})") from None
+
+
+def save_arrays(root: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    for key, value in arrays.items():
+        if value.dtype == object:
+            raise BundleError(f"array {key!r} has dtype object: it would need pickle")
+    np.savez(root / ARRAYS, **arrays)  # type: ignore[arg-type]
+
+
+def load_columns(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / COLUMNS
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    return raw
+
+
+def save_columns(root: Path, columns: Mapping[str, Any]) -> None:
+    (root / COLUMNS).write_text(json.dumps(columns, ensure_ascii=False))
+
+
+def load_hnsw(root: str | Path, params: IndexParams, name: str, *,
+              max_elements: int | None = None) -> Any:
+    """Load an hnswlib index and set its ``ef`` from the manifest (hnswlib forgets it)."""
+    import hnswlib
+
+    path = Path(root) / name
+    index = hnswlib.Index(space=params.space, dim=params.dim)
+    try:
+        index.load_index(str(path), max_elements=max_elements or params.count)
+    except (RuntimeError, OSError) as exc:
+        raise BundleError(f"{path}: cannot load index ({exc})") from None
+    if index.get_current_count() != params.count:
+        raise BundleError(f"{path}: {index.get_current_count()} items, manifest says "
+                          f"{params.count}")
+    index.set_ef(params.ef)
+    return index
+
+
+def replace_bundle(staging: Path, final: Path) -> None:
+    """Move a finished staging directory into place, keeping the old one as ``.previous``."""
+    final = Path(final)
+    previous = final.with_name(final.name + ".previous")
+    if final.exists():
+        if previous.exists():
+            shutil.rmtree(previous)
+        os.replace(final, previous)
+    os.replace(staging, final)

@@ -1,0 +1,453 @@
+"""Playlist-continuation strategies on the song embeddings (numpy + a vector index, no torch).
+
+Shared by the offline evaluation (``trainer.recommend --model ae-...``) and the gRPC server.
+
+* ``ae-quota`` (the write-up): the requested song count is split as evenly as possible over
+  the seed songs ([34, 33, 33] for three seeds); each seed's share is filled from its
+  nearest songs by cosine similarity, skipping seeds and songs already taken; whatever is
+  still missing comes from popularity. Tags are voted: every recommended song votes once
+  for every tag ever attached to a training playlist containing it; the top tags win.
+* ``ae-neighbours`` (the write-up's later improvement): the seeds' codes are summed, the
+  nearest training playlists to that sum are found (a playlist's code is the mean of its
+  songs' codes), and their songs and tags are scored by similarity.
+
+Cold starts, for both: tags only -> each tag's most frequent songs (``ae-quota`` fills from
+them, ``ae-neighbours`` uses them as pseudo-seeds); title only -> the title's words mapped to
+the songs and tags of training playlists whose titles used them; nothing -> most popular.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+STRATEGIES = ("ae-quota", "ae-neighbours")
+DEFAULT_STRATEGY = "ae-neighbours"
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+# Reason codes attached to each recommended song.
+REASON_SEED = "seed"  # the nearest song of seed `source`
+REASON_PLAYLIST = "playlist"  # a song of neighbour playlist `source`
+REASON_TAG = "tag"  # a frequent song of question tag `source` (tag index)
+REASON_TITLE = "title"  # a song learned from title words
+REASON_POPULAR = "popular"  # top-up from popularity
+
+
+def tokenize(title: str) -> list[str]:
+    """Lower-cased word tokens of a playlist title (unicode-aware, deduplicated, in order)."""
+    seen: dict[str, None] = {}
+    for word in _WORD.findall(title.lower()):
+        seen.setdefault(word, None)
+    return list(seen)
+
+
+def pack_strings(items: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings -> (utf-8 blob as uint8, int64 offsets): a pickle-free, compact npz layout."""
+    encoded = [s.encode("utf-8") for s in items]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+
+
+def unpack_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
+    raw = blob.tobytes()
+    bounds = offsets.tolist()
+    return [raw[a:b].decode("utf-8") for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+@dataclass(frozen=True)
+class RowLists:
+    """CSR rows of int32 indices with float32 weights (song->tags, tag->songs, ...)."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    weights: np.ndarray
+
+    def row(self, i: int) -> np.ndarray:
+        if i < 0 or i + 1 >= len(self.indptr):
+            return self.indices[:0]
+        return self.indices[self.indptr[i] : self.indptr[i + 1]]
+
+    def row_weights(self, i: int) -> np.ndarray:
+        if i < 0 or i + 1 >= len(self.indptr):
+            return self.weights[:0]
+        return self.weights[self.indptr[i] : self.indptr[i + 1]]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}_indptr": self.indptr, f"{prefix}_indices": self.indices,
+                f"{prefix}_weights": self.weights}
+
+    @staticmethod
+    def from_arrays(arrays: dict[str, np.ndarray], prefix: str) -> RowLists:
+        return RowLists(arrays[f"{prefix}_indptr"].astype(np.int64),
+                        arrays[f"{prefix}_indices"].astype(np.int32),
+                        arrays[f"{prefix}_weights"].astype(np.float32))
+
+
+@dataclass
+class Catalog:
+    """Everything the strategies know about songs, tags, playlists and title words.
+
+    Song *rows* are the index labels: rows ``0..n_songs-1`` come from the bundle; the
+    server may add rows past them (unseen songs), which have codes but no playlist data.
+    """
+
+    song_ids: np.ndarray  # int64, row -> external song id
+    popularity: np.ndarray  # int32 training-playlist count per song row
+    issue_dates: np.ndarray  # int32 YYYYMMDD per song row, 0 unknown
+    tags: list[str]
+    tag_popularity: np.ndarray  # int32
+    song_tags: RowLists  # song row -> tags ever attached to a playlist holding it
+    tag_songs: RowLists  # tag -> its most frequent songs, best first
+    playlist_ids: np.ndarray  # int64 training playlist ids (playlist index labels)
+    playlist_songs: RowLists  # playlist -> song rows
+    playlist_tags: RowLists  # playlist -> tags
+    words: list[str]
+    word_songs: RowLists  # title word -> songs of playlists titled with it, best first
+    word_tags: RowLists  # title word -> tags of playlists titled with it, best first
+    tag_index: dict[str, int] = field(init=False)
+    word_index: dict[str, int] = field(init=False)
+    popular_songs: np.ndarray = field(init=False)
+    popular_tags: np.ndarray = field(init=False)
+    row_of_id: dict[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tag_index = {t: i for i, t in enumerate(self.tags)}
+        self.word_index = {w: i for i, w in enumerate(self.words)}
+        self.popular_songs = np.argsort(-self.popularity, kind="stable")[:5000]
+        self.popular_tags = np.argsort(-self.tag_popularity, kind="stable")[:1000]
+        self.row_of_id = {int(s): r for r, s in enumerate(self.song_ids.tolist())}
+
+    @property
+    def n_songs(self) -> int:
+        return len(self.song_ids)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        tag_blob, tag_off = pack_strings(self.tags)
+        word_blob, word_off = pack_strings(self.words)
+        out = {"song_ids": self.song_ids, "popularity": self.popularity,
+               "issue_dates": self.issue_dates, "tag_blob": tag_blob, "tag_offsets": tag_off,
+               "tag_popularity": self.tag_popularity, "playlist_ids": self.playlist_ids,
+               "word_blob": word_blob, "word_offsets": word_off}
+        for name in ("song_tags", "tag_songs", "playlist_songs", "playlist_tags",
+                     "word_songs", "word_tags"):
+            out.update(getattr(self, name).to_arrays(name))
+        return out
+
+    @staticmethod
+    def from_arrays(arrays: dict[str, np.ndarray]) -> Catalog:
+        return Catalog(
+            song_ids=arrays["song_ids"].astype(np.int64),
+            popularity=arrays["popularity"].astype(np.int32),
+            issue_dates=arrays["issue_dates"].astype(np.int32),
+            tags=unpack_strings(arrays["tag_blob"], arrays["tag_offsets"]),
+            tag_popularity=arrays["tag_popularity"].astype(np.int32),
+            song_tags=RowLists.from_arrays(arrays, "song_tags"),
+            tag_songs=RowLists.from_arrays(arrays, "tag_songs"),
+            playlist_ids=arrays["playlist_ids"].astype(np.int64),
+            playlist_songs=RowLists.from_arrays(arrays, "playlist_songs"),
+            playlist_tags=RowLists.from_arrays(arrays, "playlist_tags"),
+            words=unpack_strings(arrays["word_blob"], arrays["word_offsets"]),
+            word_songs=RowLists.from_arrays(arrays, "word_songs"),
+            word_tags=RowLists.from_arrays(arrays, "word_tags"),
+        )
+
+
+class VectorSearch(Protocol):
+    """Cosine nearest neighbours over labelled vectors (hnswlib or exact numpy)."""
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (int64) and cosine similarities (float32) of the k nearest, best first."""
+        ...
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        """The stored (unit-norm) vectors of ``labels``."""
+        ...
+
+    def count(self) -> int: ...
+
+
+class ExactSearch:
+    """Brute-force cosine search: the reference for recall, and training-time validation."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        self._unit = (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    def count(self) -> int:
+        return len(self._unit)
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        return self._unit[np.asarray(labels, dtype=np.int64)]
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.atleast_2d(vectors).astype(np.float32)
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        k = min(k, len(self._unit))
+        labels = np.empty((len(q), k), dtype=np.int64)
+        sims = np.empty((len(q), k), dtype=np.float32)
+        for start in range(0, len(q), 256):  # bounded memory: 256 x N similarities
+            block = q[start : start + 256] @ self._unit.T
+            top = np.argpartition(-block, k - 1, axis=1)[:, :k]
+            top_sims = np.take_along_axis(block, top, axis=1)
+            order = np.argsort(-top_sims, axis=1, kind="stable")
+            labels[start : start + 256] = np.take_along_axis(top, order, axis=1)
+            sims[start : start + 256] = np.take_along_axis(top_sims, order, axis=1)
+        return labels, sims
+
+
+class HnswSearch:
+    """hnswlib cosine index (space 'cosine': similarity = 1 - distance)."""
+
+    def __init__(self, index: object) -> None:
+        self.index = index
+
+    def count(self) -> int:
+        return int(self.index.get_current_count())  # type: ignore[attr-defined]
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        got = self.index.get_items(np.asarray(labels, dtype=np.int64))  # type: ignore[attr-defined]
+        return np.asarray(got, dtype=np.float32).reshape(len(labels), -1)
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.count())
+        labels, dist = self.index.knn_query(np.atleast_2d(vectors), k=k)  # type: ignore[attr-defined]
+        return labels.astype(np.int64), (1.0 - dist).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Query:
+    """A validated question in row/index space."""
+
+    seeds: np.ndarray  # int64 song rows known to the index
+    tags: np.ndarray  # int32 tag indices known to the catalog
+    title: str = ""
+    updt_date: int = 0
+    n_songs: int = 100
+    n_tags: int = 10
+    drop_future: bool = False
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Ranked song rows and tag indices, with scores and, per song, why it was chosen."""
+
+    songs: np.ndarray  # int64 song rows
+    song_scores: np.ndarray  # float32
+    reasons: list[tuple[str, int]]  # (REASON_*, source) per song
+    tags: np.ndarray  # int32 tag indices
+    tag_scores: np.ndarray  # float32
+
+
+def quotas(total: int, parts: int) -> list[int]:
+    """Split ``total`` as evenly as possible over ``parts``, larger shares first."""
+    if parts <= 0:
+        return []
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+class _Picker:
+    """Collects unique songs in order, refusing excluded ones (seeds, future releases)."""
+
+    def __init__(self, catalog: Catalog, query: Query, n_total_rows: int) -> None:
+        self.catalog = catalog
+        self.query = query
+        self.excluded = np.zeros(n_total_rows, dtype=bool)
+        self.excluded[query.seeds[(query.seeds >= 0) & (query.seeds < n_total_rows)]] = True
+        self.rows: list[int] = []
+        self.scores: list[float] = []
+        self.reasons: list[tuple[str, int]] = []
+
+    def allowed(self, row: int) -> bool:
+        if row < 0 or row >= len(self.excluded) or self.excluded[row]:
+            return False
+        if self.query.drop_future and self.query.updt_date and row < self.catalog.n_songs:
+            issued = int(self.catalog.issue_dates[row])
+            if issued > self.query.updt_date:
+                return False
+        return True
+
+    def take(self, row: int, score: float, reason: tuple[str, int]) -> bool:
+        if not self.allowed(row):
+            return False
+        self.excluded[row] = True
+        self.rows.append(row)
+        self.scores.append(score)
+        self.reasons.append(reason)
+        return True
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) >= self.query.n_songs
+
+    def fill_popular(self) -> None:
+        for row in self.catalog.popular_songs.tolist():
+            if self.full:
+                return
+            self.take(row, 0.0, (REASON_POPULAR, -1))
+
+
+def vote_tags(catalog: Catalog, song_rows: Sequence[int], exclude: np.ndarray,
+              n_tags: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each song votes once for every tag ever attached to a playlist containing it."""
+    votes = np.zeros(len(catalog.tags), dtype=np.float32)
+    for row in song_rows:
+        if 0 <= row < catalog.song_tags.n_rows:
+            votes[catalog.song_tags.row(row)] += 1.0
+    return _top_tags(catalog, votes, exclude, n_tags)
+
+
+def _top_tags(catalog: Catalog, scores: np.ndarray, exclude: np.ndarray,
+              n_tags: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = scores.copy()
+    scores[exclude] = -np.inf
+    # Ties (and tags nobody voted for) break by overall popularity.
+    order = np.lexsort((-catalog.tag_popularity, -scores))
+    chosen = [t for t in order[: n_tags + len(exclude)] if np.isfinite(scores[t])][:n_tags]
+    picked = np.asarray(chosen, dtype=np.int32)
+    return picked, np.maximum(scores[picked], 0.0).astype(np.float32)
+
+
+def _title_scores(catalog: Catalog, title: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Song and tag scores from the title's known words (weights learned from titles)."""
+    song_scores = np.zeros(catalog.n_songs, dtype=np.float32)
+    tag_scores = np.zeros(len(catalog.tags), dtype=np.float32)
+    known = [catalog.word_index[w] for w in tokenize(title) if w in catalog.word_index]
+    for w in known:
+        songs, weights = catalog.word_songs.row(w), catalog.word_songs.row_weights(w)
+        song_scores[songs] += weights
+        tags, tweights = catalog.word_tags.row(w), catalog.word_tags.row_weights(w)
+        tag_scores[tags] += tweights
+    return song_scores, tag_scores, known
+
+
+def _tag_seed_songs(catalog: Catalog, tags: np.ndarray, per_tag: int) -> np.ndarray:
+    rows = [catalog.tag_songs.row(int(t))[:per_tag] for t in tags]
+    return np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
+
+
+def _finish(catalog: Catalog, picker: _Picker, query: Query,
+            tag_scores: np.ndarray | None = None) -> Answer:
+    picker.fill_popular()
+    if tag_scores is None:
+        tags, tscores = vote_tags(catalog, picker.rows, query.tags, query.n_tags)
+    else:
+        tags, tscores = _top_tags(catalog, tag_scores, query.tags, query.n_tags)
+    return Answer(np.asarray(picker.rows, dtype=np.int64),
+                  np.asarray(picker.scores, dtype=np.float32), picker.reasons, tags, tscores)
+
+
+def _cold_start(catalog: Catalog, picker: _Picker, query: Query) -> np.ndarray | None:
+    """Questions without seed songs: tags -> tag songs; title -> word songs/tags; nothing ->
+    popularity. Returns tag scores when they come from the title, else None (voting)."""
+    if len(query.tags):
+        for tag, share in zip(query.tags.tolist(), quotas(query.n_songs, len(query.tags)),
+                              strict=True):
+            taken = 0
+            for rank, row in enumerate(catalog.tag_songs.row(tag).tolist()):
+                if taken >= share:
+                    break
+                if picker.take(row, 1.0 / (rank + 1), (REASON_TAG, tag)):
+                    taken += 1
+        return None
+    if query.title:
+        song_scores, tag_scores, known = _title_scores(catalog, query.title)
+        if known:
+            for row in np.argsort(-song_scores, kind="stable")[: query.n_songs * 2].tolist():
+                if picker.full or song_scores[row] <= 0:
+                    break
+                picker.take(row, float(song_scores[row]), (REASON_TITLE, -1))
+            return tag_scores
+    return None
+
+
+def ae_quota(catalog: Catalog, songs: VectorSearch, query: Query) -> Answer:
+    """The write-up's per-seed quota filling with tag voting."""
+    picker = _Picker(catalog, query, songs.count())
+    seeds = query.seeds
+    if len(seeds) == 0:
+        return _finish(catalog, picker, query, _cold_start(catalog, picker, query))
+    shares = quotas(query.n_songs, len(seeds))
+    active = [i for i, s in enumerate(shares) if s > 0]
+    # Ask for share + all seeds (+ slack for taken songs): filtering happens here, in numpy
+    # order, not in an index callback.
+    k = shares[0] + len(seeds) + 10
+    labels, sims = songs.search(songs.vectors(seeds[active]), k)
+    for pos, i in enumerate(active):
+        taken = 0
+        for row, sim in zip(labels[pos].tolist(), sims[pos].tolist(), strict=True):
+            if taken >= shares[i]:
+                break
+            if picker.take(row, sim, (REASON_SEED, int(seeds[i]))):
+                taken += 1
+    return _finish(catalog, picker, query)
+
+
+def ae_neighbours(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
+                  query: Query, n_playlists: int = 50, alpha: float = 2.0) -> Answer:
+    """Sum of seed codes -> nearest training playlists -> their songs and tags."""
+    picker = _Picker(catalog, query, songs.count())
+    seeds = query.seeds
+    title_tags: np.ndarray | None = None
+    if len(seeds) == 0 and len(query.tags):
+        seeds = _tag_seed_songs(catalog, query.tags, per_tag=10)
+    elif len(seeds) == 0 and query.title:
+        song_scores, title_tags, known = _title_scores(catalog, query.title)
+        seeds = np.argsort(-song_scores)[:20] if known else seeds
+        seeds = seeds[song_scores[seeds] > 0] if len(seeds) else seeds
+    if len(seeds) == 0:
+        return _finish(catalog, picker, query, _cold_start(catalog, picker, query))
+    query_vec = songs.vectors(seeds).sum(axis=0, keepdims=True)
+    labels, sims = playlists.search(query_vec, n_playlists)
+    song_score = np.zeros(songs.count(), dtype=np.float32)
+    best_source = np.full(songs.count(), -1, dtype=np.int64)
+    best_weight = np.zeros(songs.count(), dtype=np.float32)
+    tag_score = np.zeros(len(catalog.tags), dtype=np.float32)
+    for pl, sim in zip(labels[0].tolist(), sims[0].tolist(), strict=True):
+        weight = max(sim, 0.0) ** alpha
+        rows = catalog.playlist_songs.row(pl)
+        song_score[rows] += weight
+        better = best_weight[rows] < weight
+        best_source[rows[better]] = pl
+        best_weight[rows[better]] = weight
+        tag_score[catalog.playlist_tags.row(pl)] += weight
+    for row in np.argsort(-song_score, kind="stable").tolist():
+        if picker.full or song_score[row] <= 0:
+            break
+        picker.take(row, float(song_score[row]),
+                    (REASON_PLAYLIST, int(catalog.playlist_ids[best_source[row]])))
+    if len(query.seeds):
+        # Neighbour playlists seldom hold every song a big seed list needs: fill the rest
+        # per seed, as ae-quota does, before falling back to popularity.
+        missing = query.n_songs - len(picker.rows)
+        if missing > 0:
+            rest = ae_quota(catalog, songs, Query(query.seeds, query.tags, query.title,
+                                                  query.updt_date, query.n_songs,
+                                                  query.n_tags, query.drop_future))
+            for row, score, reason in zip(rest.songs.tolist(), rest.song_scores.tolist(),
+                                          rest.reasons, strict=True):
+                if picker.full:
+                    break
+                picker.take(row, score * 1e-3, reason)
+    if title_tags is not None:
+        tag_score = tag_score + title_tags / max(float(title_tags.max()), 1e-9)
+    return _finish(catalog, picker, query, tag_score if tag_score.any() else None)
+
+
+def run_strategy(name: str, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
+                 query: Query) -> Answer:
+    """Dispatch by strategy name (one of :data:`STRATEGIES`)."""
+    if name == "ae-quota":
+        return ae_quota(catalog, songs, query)
+    if name == "ae-neighbours":
+        return ae_neighbours(catalog, songs, playlists, query)
+    raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")

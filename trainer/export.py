@@ -1,0 +1,166 @@
+"""Exports a trained autoencoder as a serving bundle (see :mod:`server.bundle`).
+
+The encoder goes to ONNX with named inputs ``columns`` (int64, batch x width; padded with
+the input dimension, whose embedding row is zero) and ``weights`` (float32, batch x width;
+0 on padding) and output ``code``, batch and width dynamic. Every song of ``song_meta.json``
+is encoded (songs in no training playlist from their metadata alone) into an hnswlib
+cosine index; training playlists get the mean of their songs' codes in a second index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from server import bundle as bundle_files
+from server.bundle import IndexParams, Manifest
+from server.strategies import Catalog, pack_strings
+
+if TYPE_CHECKING:
+    from trainer.model import SongAutoEncoder
+    from trainer.train import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def export_onnx(model: SongAutoEncoder, path: Path) -> None:
+    """Write the encoder (sparse input -> code) to ONNX."""
+    import torch
+    from torch import nn
+
+    class PaddedEncoder(nn.Module):
+        def __init__(self, source: SongAutoEncoder) -> None:
+            super().__init__()
+            table = source.in_table.detach()
+            self.table = nn.Parameter(torch.cat([table, torch.zeros(1, table.shape[1])]))
+            self.bias = nn.Parameter(source.in_bias.detach().clone())
+            self.source = source
+
+        def forward(self, columns: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+            x = (self.table[columns] * weights.unsqueeze(-1)).sum(1) + self.bias
+            return self.source.encode_dense(self.source.act(x))
+
+    model.eval()
+    wrapper = PaddedEncoder(model).eval()
+    columns = torch.tensor([[0, 1, model.config.input_dim], [2, 3, 4]], dtype=torch.int64)
+    weights = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    batch, width = torch.export.Dim("batch"), torch.export.Dim("width")
+    with torch.no_grad():
+        torch.onnx.export(wrapper, (columns, weights), str(path),
+                          input_names=["columns", "weights"], output_names=["code"],
+                          dynamic_shapes={"columns": {0: batch, 1: width},
+                                          "weights": {0: batch, 1: width}},
+                          dynamo=True, verbose=False)
+
+
+def build_index(vectors: np.ndarray, m: int, ef_construction: int, ef: int,
+                threads: int) -> tuple[Any, IndexParams]:
+    """An hnswlib cosine index whose labels are row numbers."""
+    import hnswlib
+
+    index = hnswlib.Index(space="cosine", dim=vectors.shape[1])
+    index.init_index(max_elements=max(len(vectors), 1), ef_construction=ef_construction, M=m)
+    index.set_num_threads(threads)
+    from tqdm import tqdm
+
+    step = 20_000
+    with tqdm(total=len(vectors), desc="hnsw index", unit="vec", disable=None) as bar:
+        for start in range(0, len(vectors), step):
+            chunk = vectors[start : start + step]
+            index.add_items(chunk, np.arange(start, start + len(chunk)))
+            bar.update(len(chunk))
+    index.set_ef(ef)
+    return index, IndexParams("cosine", vectors.shape[1], m, ef_construction, ef, len(vectors))
+
+
+def playlist_codes(codes: np.ndarray, catalog: Catalog) -> np.ndarray:
+    """A training playlist's code: the mean of its songs' unit-normalised codes."""
+    unit = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
+    ps = catalog.playlist_songs
+    out = np.zeros((ps.n_rows, codes.shape[1]), dtype=np.float32)
+    lengths = np.diff(ps.indptr)
+    rows = np.repeat(np.arange(ps.n_rows), lengths)
+    np.add.at(out, rows, unit[ps.indices]) if len(rows) < 1_000_000 else _chunked_add(
+        out, rows, unit, ps.indices)
+    out /= np.maximum(lengths, 1)[:, None]
+    return out
+
+
+def _chunked_add(out: np.ndarray, rows: np.ndarray, unit: np.ndarray, idx: np.ndarray) -> None:
+    # np.add.at is slow on millions of rows; rows are sorted, so reduce by segments.
+    for start in range(0, len(rows), 500_000):
+        r, i = rows[start : start + 500_000], idx[start : start + 500_000]
+        bounds = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
+        out[r[bounds]] += np.add.reduceat(unit[i], bounds, axis=0)
+
+
+def data_fingerprint(data_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("song_meta.json", "train.json"):
+        digest.update(name.encode())
+        digest.update(bundle_files.sha256_of(data_dir / name).encode())
+    return digest.hexdigest()[:32]
+
+
+def song_metadata_arrays(trainer: Trainer) -> dict[str, np.ndarray]:
+    """Song names and artists for people reading answers (clients show them)."""
+    songs = trainer.data.songs
+    name_blob, name_off = pack_strings(songs.names)
+    artists = [", ".join(songs.artist_names.get(int(a), str(a))
+                         for a in songs.artists.row(r).tolist()) for r in range(len(songs))]
+    artist_blob, artist_off = pack_strings(artists)
+    return {"song_name_blob": name_blob, "song_name_offsets": name_off,
+            "song_artist_blob": artist_blob, "song_artist_offsets": artist_off}
+
+
+def export_bundle(trainer: Trainer, out: Path, codes: np.ndarray | None = None) -> Manifest:
+    """Write the bundle for ``trainer``'s current model into ``out`` (atomically)."""
+    cfg = trainer.config
+    out = Path(out)
+    staging = out.with_name(out.name + ".staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    t0 = time.perf_counter()
+    export_onnx(trainer.model, staging / bundle_files.ENCODER)
+    codes = trainer.song_codes() if codes is None else codes
+    song_index, song_params = build_index(codes, cfg.index_m, cfg.ef_construction, cfg.ef,
+                                          cfg.threads)
+    song_index.save_index(str(staging / bundle_files.SONG_INDEX))
+    pl_codes = playlist_codes(codes, trainer.catalog)
+    pl_index, pl_params = build_index(pl_codes, cfg.index_m, cfg.ef_construction, cfg.ef,
+                                      cfg.threads)
+    pl_index.save_index(str(staging / bundle_files.PLAYLIST_INDEX))
+    arrays = trainer.catalog.to_arrays()
+    arrays.update(song_metadata_arrays(trainer))
+    bundle_files.save_arrays(staging, arrays)
+    bundle_files.save_columns(staging, trainer.space.to_json())
+    for name in ("train_log.jsonl", "training.png"):
+        if (trainer.work_dir / name).exists():
+            shutil.copy2(trainer.work_dir / name, staging / name)
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    fingerprint = data_fingerprint(trainer.data_dir)
+    manifest = bundle_files.write_manifest(staging, {
+        "model_version": f"{created[:10].replace('-', '')}-{fingerprint[:8]}-e{trainer.epoch}",
+        "created": created,
+        "code_dim": trainer.model_config.code_dim,
+        "input_dim": trainer.space.dim,
+        "column_groups": trainer.space.sizes(),
+        "hyper_parameters": cfg.to_json(),
+        "data_fingerprint": fingerprint,
+        "song_index": song_params,
+        "playlist_index": pl_params,
+        "files": {},
+        "extra": {"epochs_trained": trainer.epoch, "best_val_score": trainer.best_score,
+                  "n_songs": int(len(codes)), "n_playlists": int(len(pl_codes)),
+                  "n_tags": len(trainer.catalog.tags)},
+    })
+    bundle_files.replace_bundle(staging, out)
+    log.info("bundle %s written in %.1fs", out, time.perf_counter() - t0)
+    return manifest

@@ -1,0 +1,1 @@
+"""Playlist-continuation models behind one interface (trainer.recommenders.base)."""

@@ -1,0 +1,74 @@
+"""The autoencoder strategies behind the recommender interface (``ae-quota``,
+``ae-neighbours``), over a bundle or, during training, over in-memory codes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.strategies import Catalog, Query, VectorSearch, run_strategy
+from trainer.dataset import Dataset
+from trainer.export import playlist_codes
+from trainer.recommenders.base import Question, Recommendation, Recommender
+
+__all__ = ["AENeighbours", "AEQuota", "EmbeddingStrategy", "playlist_codes"]
+
+
+class EmbeddingStrategy:
+    """Maps questions (external ids, tag strings) to a strategy's row/index space."""
+
+    def __init__(self, name: str, catalog: Catalog, songs: VectorSearch,
+                 playlists: VectorSearch, drop_future: bool = False) -> None:
+        self.name, self.catalog = name, catalog
+        self.songs, self.playlists = songs, playlists
+        self.drop_future = drop_future
+
+    def query(self, q: Question, n_songs: int, n_tags: int) -> Query:
+        rows = [self.catalog.row_of_id.get(int(s), -1) for s in q.songs.tolist()]
+        tags = [self.catalog.tag_index.get(t, -1) for t in q.tags]
+        return Query(np.asarray([r for r in rows if r >= 0], dtype=np.int64),
+                     np.asarray([t for t in tags if t >= 0], dtype=np.int32),
+                     q.title, q.updt_date, n_songs, n_tags, self.drop_future)
+
+    def recommend(self, q: Question, n_songs: int = 100, n_tags: int = 10) -> Recommendation:
+        answer = run_strategy(self.name, self.catalog, self.songs, self.playlists,
+                              self.query(q, n_songs, n_tags))
+        return Recommendation(self.catalog.song_ids[answer.songs], answer.song_scores,
+                              [self.catalog.tags[t] for t in answer.tags.tolist()],
+                              answer.tag_scores)
+
+
+class _BundleStrategy(Recommender):
+    strategy = ""
+
+    def __init__(self, bundle: str, drop_future: bool = False, verify: bool = True) -> None:
+        self.bundle, self.drop_future, self.verify = bundle, drop_future, verify
+        self._impl: EmbeddingStrategy | None = None
+
+    def fit(self, data: Dataset) -> Recommender:
+        """Loads the bundle; the model was trained by ``trainer.train`` on ``data``."""
+        from server.engine import Engine
+
+        engine = Engine.load(self.bundle, verify=self.verify)
+        self._impl = EmbeddingStrategy(self.strategy, engine.catalog, engine.songs,
+                                       engine.playlists, self.drop_future)
+        return self
+
+    def recommend(self, question: Question, n_songs: int = 100,
+                  n_tags: int = 10) -> Recommendation:
+        if self._impl is None:
+            raise RuntimeError(f"{self.name}: call fit() first")
+        return self._impl.recommend(question, n_songs, n_tags)
+
+
+class AEQuota(_BundleStrategy):
+    """The write-up: per-seed quotas of nearest songs, tags by voting."""
+
+    name = "ae-quota"
+    strategy = "ae-quota"
+
+
+class AENeighbours(_BundleStrategy):
+    """Summed seed codes -> nearest training playlists -> their songs and tags."""
+
+    name = "ae-neighbours"
+    strategy = "ae-neighbours"

@@ -1,0 +1,264 @@
+"""Playlist-neighbour collaborative filtering: score songs and tags by similar playlists.
+
+Each training playlist is a sparse vector over its songs, tags, title words and (optionally)
+the artists of its songs, every block weighted and IDF-scaled, rows L2-normalised. A question
+becomes the same kind of vector; its ``k`` most similar training playlists vote for their
+songs and tags with weight ``similarity ** alpha``. This is the classic strong approach of
+the Melon challenge (most top entries were refinements of it).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import scipy.sparse as sp
+
+from trainer.dataset import CSR, Dataset, Songs
+from trainer.recommenders.base import Question, Recommendation, Recommender
+from trainer.recommenders.popular import future_mask, top_k
+
+# \w is Unicode-aware in Python 3: Hangul, kana and accented Latin count as word characters.
+_WORD = re.compile(r"\w+")
+
+
+def title_words(title: str) -> list[str]:
+    """Lower-cased word tokens of a playlist title, split on non-word characters.
+
+    Examples
+    --------
+    >>> title_words("Chill-Out 잔잔한 밤, vol.2")
+    ['chill', 'out', '잔잔한', '밤', 'vol', '2']
+    """
+    return _WORD.findall(title.lower())
+
+
+def gather(csr: CSR, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The values of several CSR rows at once, with the position in ``rows`` of each.
+
+    Parameters
+    ----------
+    csr
+        Rows of integer lists (e.g. the artists of every song).
+    rows
+        Which rows to read, in order; repeats allowed.
+
+    Returns
+    -------
+    owner, values
+        ``values[j]`` belongs to ``csr.row(rows[owner[j]])``.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    starts = csr.indptr[rows]
+    lengths = csr.indptr[rows + 1] - starts
+    owner = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
+    # Position of each value inside its own row, added to that row's start.
+    offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(
+        np.cumsum(lengths) - lengths, lengths)
+    return owner, csr.values[np.repeat(starts, lengths) + offsets]
+
+
+def binary_csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """A 0/1 float32 CSR matrix with ones at ``(rows, cols)``; repeated pairs count once."""
+    mat = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=shape)
+    mat.sum_duplicates()
+    mat.data[:] = 1.0
+    return mat
+
+
+class PlaylistKNN(Recommender):
+    """Nearest training playlists vote for songs and tags.
+
+    Parameters
+    ----------
+    k
+        Number of neighbour playlists per question.
+    alpha
+        Exponent on the cosine similarity of a neighbour: higher trusts the closest more.
+    song_weight, tag_weight, title_weight, artist_weight
+        Weights of the feature blocks in the similarity; 0 leaves a block out.
+    idf
+        Scale each feature by ``log(1 + n_playlists / df)`` so rare shared songs count more
+        than shared hits.
+    drop_future
+        Skip songs issued after the question's ``updt_date`` (unknown dates keep the song).
+    """
+
+    name = "playlist-knn"
+
+    def __init__(self, k: int = 150, alpha: float = 1.5, song_weight: float = 1.0,
+                 tag_weight: float = 1.0, title_weight: float = 1.0, artist_weight: float = 0.5,
+                 idf: bool = True, drop_future: bool = False) -> None:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if min(song_weight, tag_weight, title_weight, artist_weight) < 0:
+            raise ValueError("feature block weights must be >= 0")
+        self.k = k
+        self.alpha = alpha
+        self.song_weight = song_weight
+        self.tag_weight = tag_weight
+        self.title_weight = title_weight
+        self.artist_weight = artist_weight
+        self.idf = idf
+        self.drop_future = drop_future
+
+    # -- fitting ---------------------------------------------------------------------------
+
+    def fit(self, data: Dataset) -> PlaylistKNN:
+        """Build the normalised playlist-feature matrix and the song/tag vote matrices."""
+        train = data.train
+        n = len(train)
+        songs = data.songs
+        self._songs: Songs = songs
+        # Snapshots: the dataset's tag vocabulary keeps growing as question files are read.
+        self._tag_items = list(data.tags.items)
+        self._tag_index = {t: i for i, t in enumerate(self._tag_items)}
+        n_songs, n_tags = len(songs), len(self._tag_items)
+
+        song_rows = train.songs.row_ids()
+        self._votes_songs = binary_csr(song_rows, train.songs.values, (n, n_songs))
+        self._votes_tags = binary_csr(train.tags.row_ids(), train.tags.values, (n, n_tags))
+
+        # Title words and artists get compact vocabularies of their own.
+        self._word_index: dict[str, int] = {}
+        word_rows: list[int] = []
+        word_cols: list[int] = []
+        for i, title in enumerate(train.titles):
+            for w in title_words(title):
+                word_rows.append(i)
+                word_cols.append(self._word_index.setdefault(w, len(self._word_index)))
+        self._artist_ids = np.unique(songs.artists.values)
+        owner, artists = gather(songs.artists, train.songs.values)
+        artist_rows = song_rows[owner]
+        artist_cols = np.searchsorted(self._artist_ids, artists)
+
+        n_words, n_artists = len(self._word_index), len(self._artist_ids)
+        self._offsets = np.cumsum([0, n_songs, n_tags, n_words])  # song, tag, word, artist
+        blocks = [
+            (self._votes_songs, self.song_weight),
+            (self._votes_tags, self.tag_weight),
+            (binary_csr(np.asarray(word_rows, np.int64), np.asarray(word_cols, np.int64),
+                        (n, n_words)), self.title_weight),
+            (binary_csr(artist_rows, artist_cols, (n, n_artists)), self.artist_weight),
+        ]
+        weights = []
+        for mat, w in blocks:
+            df = np.asarray((mat > 0).sum(axis=0)).ravel().astype(np.float32)
+            block = np.full(mat.shape[1], w, dtype=np.float32)
+            if self.idf:
+                block *= np.log1p(n / np.maximum(df, 1.0)).astype(np.float32)
+            weights.append(block)
+        self._feature_weights = np.concatenate(weights)
+        features = sp.hstack([m for m, _ in blocks], format="csr", dtype=np.float32)
+        features = features @ sp.diags(self._feature_weights)
+        norms = np.sqrt(np.asarray(features.multiply(features).sum(axis=1)).ravel())
+        features = sp.diags(1.0 / np.maximum(norms, 1e-12).astype(np.float32)) @ features
+        # Feature-major so a question touches only the rows of its own few features.
+        self._features_t = sp.csr_matrix(features.T)
+        self._features_t.eliminate_zeros()
+
+        song_counts = np.asarray(self._votes_songs.sum(axis=0)).ravel()
+        tag_counts = np.asarray(self._votes_tags.sum(axis=0)).ravel()
+        self._pop_songs = top_k(song_counts, int((song_counts > 0).sum()))
+        self._pop_song_counts = song_counts[self._pop_songs].astype(np.float32)
+        self._pop_tags = top_k(tag_counts, int((tag_counts > 0).sum()))
+        self._pop_tag_counts = tag_counts[self._pop_tags].astype(np.float32)
+        self._n_train = n
+        return self
+
+    # -- answering -------------------------------------------------------------------------
+
+    def question_features(self, question: Question) -> np.ndarray:
+        """Feature columns of a question (songs, tags, title words, artists); unknown ones
+        are left out."""
+        rows = self._song_rows(question)
+        cols = [rows + self._offsets[0]]
+        tags = [self._tag_index[t] for t in question.tags if t in self._tag_index]
+        cols.append(np.asarray(tags, dtype=np.int64) + self._offsets[1])
+        words = [self._word_index[w] for w in title_words(question.title)
+                 if w in self._word_index]
+        cols.append(np.asarray(words, dtype=np.int64) + self._offsets[2])
+        if len(rows):
+            _, artists = gather(self._songs.artists, rows)
+            pos = np.searchsorted(self._artist_ids, artists)
+            cols.append(pos.astype(np.int64) + self._offsets[3])
+        cols_all = np.unique(np.concatenate(cols))
+        # Blocks with weight 0 contribute nothing: drop them to keep the product small.
+        return cols_all[self._feature_weights[cols_all] > 0]
+
+    def neighbours(self, question: Question) -> tuple[np.ndarray, np.ndarray]:
+        """The question's nearest training playlists (indices into ``train``) and their
+        cosine similarities, most similar first; empty when nothing overlaps."""
+        cols = self.question_features(question)
+        if len(cols) == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        q = self._feature_weights[cols]
+        sub = self._features_t[cols]
+        sims = np.asarray(sub.T @ q).ravel() / float(np.linalg.norm(q))
+        nbrs = top_k(sims, self.k)
+        nbrs = nbrs[sims[nbrs] > 0]
+        return nbrs, sims[nbrs].astype(np.float32)
+
+    def recommend(self, question: Question, n_songs: int = 100,
+                  n_tags: int = 10) -> Recommendation:
+        """Songs and tags of the nearest playlists, weighted by similarity ** alpha; popular
+        songs and tags fill what the neighbours leave open."""
+        seeds = self._song_rows(question)
+        nbrs, sims = self.neighbours(question)
+        weights = sims.astype(np.float64) ** self.alpha
+
+        song_cand, song_scores = self._votes(self._votes_songs, nbrs, weights)
+        drop = np.isin(song_cand, seeds)
+        if self.drop_future:
+            drop |= future_mask(self._songs.issue_dates[song_cand], question.updt_date)
+        song_cand, song_scores = song_cand[~drop], song_scores[~drop]
+        best = top_k(song_scores, n_songs)
+        song_rows, song_sc = self._fill(song_cand[best], song_scores[best], n_songs,
+                                        self._pop_songs, seeds, question.updt_date)
+
+        seed_tags = np.asarray([self._tag_index[t] for t in question.tags
+                                if t in self._tag_index], dtype=np.int64)
+        tag_cand, tag_scores = self._votes(self._votes_tags, nbrs, weights)
+        keep = ~np.isin(tag_cand, seed_tags)
+        tag_cand, tag_scores = tag_cand[keep], tag_scores[keep]
+        best = top_k(tag_scores, n_tags)
+        tag_idx, tag_sc = self._fill(tag_cand[best], tag_scores[best], n_tags,
+                                     self._pop_tags, seed_tags, 0)
+        return Recommendation(self._songs.ids[song_rows], song_sc,
+                              [self._tag_items[t] for t in tag_idx], tag_sc)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _song_rows(self, question: Question) -> np.ndarray:
+        rows = self._songs.rows(question.songs)
+        return np.unique(rows[rows >= 0])
+
+    @staticmethod
+    def _votes(votes: sp.csr_matrix, nbrs: np.ndarray,
+               weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates (column indices) and their similarity-weighted vote totals."""
+        if len(nbrs) == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+        sub = votes[nbrs]
+        cand, inverse = np.unique(sub.indices, return_inverse=True)
+        per_entry = np.repeat(weights, np.diff(sub.indptr))
+        return cand.astype(np.int64), np.bincount(inverse, weights=per_entry)
+
+    def _fill(self, ranked: np.ndarray, scores: np.ndarray, n: int, popular: np.ndarray,
+              exclude: np.ndarray, updt_date: int) -> tuple[np.ndarray, np.ndarray]:
+        """Append popular items (score 0) not yet ranked nor excluded until ``n`` are held.
+
+        ``updt_date`` > 0 with ``drop_future`` set also skips songs issued after it; pass 0
+        for tags."""
+        if len(ranked) >= n:
+            return ranked[:n], scores[:n].astype(np.float32)
+        taken = np.concatenate([ranked, exclude])
+        pool = popular
+        if self.drop_future and updt_date:
+            pool = pool[~future_mask(self._songs.issue_dates[pool], updt_date)]
+        # Only the first few popular items can be needed; skip scanning the whole catalogue.
+        pool = pool[: n + len(taken)]
+        extra = pool[~np.isin(pool, taken)][: n - len(ranked)]
+        return (np.concatenate([ranked, extra]),
+                np.concatenate([scores, np.zeros(len(extra))]).astype(np.float32))
+

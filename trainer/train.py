@@ -1,0 +1,406 @@
+"""Trains the song autoencoder and writes the serving bundle.
+
+    python -m trainer.train --data DIR --out BUNDLE [--preset tiny|small|melon]
+                            [--epochs N] [--resume]
+
+DIR is a dataset directory; when it is a split made by ``trainer.split`` (it has
+``val_questions.json`` and ``val_answers.json``) the official metric on those questions is
+the validation score, computed every ``--val-every`` epochs and used for early stopping.
+Work files (checkpoints, the JSONL log, the PNG of the curves) live in ``BUNDLE.work/``
+next to the bundle; ``--resume`` continues from its last checkpoint. The log and the
+curves are copied into the bundle when it is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tests: seconds.
+    "tiny": {"hidden": (64, 32), "batch_size": 256, "epochs": 6, "negative_samples": 256,
+             "val_every": 2, "patience": 2, "index_m": 16, "ef_construction": 100, "ef": 100},
+    # The demo: a few minutes on 2 cores.
+    "small": {"hidden": (512, 256), "batch_size": 1024, "epochs": 12,
+              "negative_samples": 1024, "val_every": 2, "patience": 2, "index_m": 16,
+              "ef_construction": 150, "ef": 150},
+    # The write-up's network at Melon scale.
+    "melon": {"hidden": (2048, 1024), "batch_size": 2048, "epochs": 50,
+              "negative_samples": 1024, "val_every": 5, "patience": 2, "index_m": 16,
+              "ef_construction": 150, "ef": 200},
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run (saved in the checkpoint and manifest)."""
+
+    hidden: tuple[int, ...] = (2048, 1024)
+    activation: str = "selu"
+    output_activation: bool = True
+    dropout: float = 0.8
+    tied: bool = False
+    masked_weight: float = 15.0
+    plain_weight: float = 200.0
+    negative_samples: int = 1024
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 2048
+    epochs: int = 50
+    aug_step: int = 0  # dense re-feeding steps; the write-up uses none
+    seed: int = 0
+    val_every: int = 5
+    val_questions: int = 2000
+    patience: int = 2
+    groups: tuple[str, ...] = ("playlists", "tags", "genres", "detail_genres")
+    min_count: dict[str, int] = field(default_factory=lambda: {
+        "playlists": 2, "tags": 2, "genres": 1, "detail_genres": 1, "artists": 2, "years": 1})
+    index_m: int = 16
+    ef_construction: int = 150
+    ef: int = 200
+    threads: int = 2
+    max_steps_per_epoch: int = 0  # benchmarks: stop an epoch early (0 = whole epoch)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["hidden"] = list(self.hidden)
+        out["groups"] = list(self.groups)
+        return out
+
+    @staticmethod
+    def from_json(raw: dict[str, Any]) -> TrainConfig:
+        raw = dict(raw)
+        raw["hidden"] = tuple(raw["hidden"])
+        raw["groups"] = tuple(raw["groups"])
+        return TrainConfig(**raw)
+
+
+def set_threads(n: int) -> None:
+    """Pin torch's intra-op pool; warn when OMP_NUM_THREADS would oversubscribe."""
+    import torch
+
+    torch.set_num_threads(n)
+    omp = os.environ.get("OMP_NUM_THREADS")
+    if omp is None or int(omp) > (os.cpu_count() or n):
+        log.warning("OMP_NUM_THREADS=%s: set it to at most the core count (%s) so BLAS and "
+                    "torch do not oversubscribe the CPU", omp, os.cpu_count())
+
+
+class Trainer:
+    """One training run: features, model, optimisers, validation, checkpoints."""
+
+    def __init__(self, data_dir: Path, work_dir: Path, config: TrainConfig) -> None:
+        import torch
+
+        from trainer.catalog import build_catalog
+        from trainer.dataset import load_dataset
+        from trainer.features import FeatureConfig, build_song_matrix
+        from trainer.model import ModelConfig, RowSparseAdam, SongAutoEncoder
+
+        self.config = config
+        self.work_dir = work_dir
+        self.data_dir = data_dir
+        self.data = load_dataset(data_dir)
+        features = build_song_matrix(self.data, FeatureConfig(config.groups, config.min_count))
+        self.matrix = features.matrix
+        self.space = features.space
+        self.train_rows = features.trainable_rows
+        self.catalog = build_catalog(self.data)
+        self.model_config = ModelConfig(
+            input_dim=self.space.dim, hidden=config.hidden, activation=config.activation,
+            output_activation=config.output_activation, dropout=config.dropout,
+            tied=config.tied, masked_weight=config.masked_weight,
+            plain_weight=config.plain_weight, negative_samples=config.negative_samples)
+        torch.manual_seed(config.seed)
+        self.model = SongAutoEncoder(self.model_config)
+        tables = {"in_table": self.model.in_table, "out_bias": self.model.out_bias}
+        if self.model.out_table is not None:
+            tables["out_table"] = self.model.out_table
+        self.row_opt = RowSparseAdam(tables, config.lr, config.weight_decay)
+        self.dense_opt = torch.optim.Adam(self.model.dense_parameters(), lr=config.lr,
+                                          weight_decay=config.weight_decay)
+        self.epoch = 0
+        self.best_score = -1.0
+        self.bad_rounds = 0
+        self.history: list[dict[str, Any]] = []
+        self.validation = self._validation_set()
+        log.info("songs %d (training rows %d), columns %d %s", self.matrix.shape[0],
+                 len(self.train_rows), self.space.dim, self.space.sizes())
+
+    # -- validation -------------------------------------------------------------------
+
+    def _validation_set(self) -> tuple[list[Any], list[dict[str, Any]]] | None:
+        from trainer.dataset import read_json
+        from trainer.recommenders.base import questions_from
+
+        q_path = self.data_dir / "val_questions.json"
+        a_path = self.data_dir / "val_answers.json"
+        if not (q_path.exists() and a_path.exists()):
+            log.warning("%s has no val_questions.json/val_answers.json: no validation score,"
+                        " no early stopping", self.data_dir)
+            return None
+        questions = questions_from(self.data.load_playlists(q_path), self.data)
+        answers = read_json(a_path)
+        rng = np.random.default_rng(12345)
+        pick = np.sort(rng.permutation(len(questions))[: self.config.val_questions])
+        return [questions[i] for i in pick], [answers[i] for i in pick]
+
+    def song_codes(self, batch_size: int = 4096) -> np.ndarray:
+        """Codes of every song row (eval mode, no dropout)."""
+        import torch
+
+        self.model.eval()
+        out = np.empty((self.matrix.shape[0], self.model_config.code_dim), dtype=np.float32)
+        with torch.no_grad():
+            for start in range(0, self.matrix.shape[0], batch_size):
+                sub = self.matrix[start : start + batch_size]
+                cols = torch.from_numpy(sub.indices.astype(np.int64))
+                offsets = torch.from_numpy(sub.indptr[:-1].astype(np.int64))
+                out[start : start + len(offsets)] = self.model.encode(cols, offsets).numpy()
+        self.model.train()
+        return out
+
+    def validate(self, codes: np.ndarray | None = None) -> float | None:
+        if self.validation is None:
+            return None
+        from server.strategies import ExactSearch
+        from trainer.evaluate import score
+        from trainer.recommenders.ae import EmbeddingStrategy, playlist_codes
+        from trainer.recommenders.base import Popularity, complete
+
+        codes = self.song_codes() if codes is None else codes
+        strategy = EmbeddingStrategy(
+            "ae-neighbours", self.catalog, ExactSearch(codes),
+            ExactSearch(playlist_codes(codes, self.catalog)))
+        popular = Popularity.of(self.data)
+        questions, answers = self.validation
+        results = []
+        for q in questions:
+            rec = complete(strategy.recommend(q), q, popular)
+            results.append({"id": q.id, "songs": rec.songs.tolist(), "tags": rec.tags})
+        return score(answers, results).score
+
+    # -- training ---------------------------------------------------------------------
+
+    def run_epoch(self) -> dict[str, float]:
+        import torch
+        from tqdm import tqdm
+
+        from trainer.model import batch_loss, make_batch
+
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, self.epoch])
+        torch.manual_seed(cfg.seed * 100_003 + self.epoch)
+        order = rng.permutation(self.train_rows)
+        n_batches = -(-len(order) // cfg.batch_size)
+        if cfg.max_steps_per_epoch:
+            n_batches = min(n_batches, cfg.max_steps_per_epoch)
+        totals = {"loss": 0.0, "masked_mse": 0.0, "plain_mse": 0.0}
+        started = time.perf_counter()
+        songs_done = 0
+        self.model.train()
+        bar = tqdm(range(n_batches), desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                   unit="batch", file=sys.stderr, disable=None)
+        for step in bar:
+            rows = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+            sub = self.matrix[rows]
+            batch = make_batch(sub.indptr, sub.indices)
+            sample = rng.integers(0, self.space.dim, size=cfg.negative_samples)
+            gathered: dict[str, torch.Tensor] = {}
+            parts = batch_loss(self.model, batch, sample, gathered)
+            self.dense_opt.zero_grad(set_to_none=True)
+            parts.loss.backward()
+            self.row_opt.step(gathered)
+            self.dense_opt.step()
+            totals["loss"] += float(parts.loss.detach())
+            totals["masked_mse"] += parts.masked_mse
+            totals["plain_mse"] += parts.plain_mse
+            songs_done += len(rows)
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{totals['loss'] / (step + 1):.4f}",
+                            songs_s=f"{songs_done / max(elapsed, 1e-9):.0f}")
+        bar.close()
+        seconds = time.perf_counter() - started
+        stats = {k: v / max(n_batches, 1) for k, v in totals.items()}
+        stats.update(seconds=seconds, songs_per_s=songs_done / max(seconds, 1e-9),
+                     steps=n_batches)
+        return stats
+
+    def fit(self) -> None:
+        cfg = self.config
+        while self.epoch < cfg.epochs:
+            stats = self.run_epoch()
+            self.epoch += 1
+            record: dict[str, Any] = {"epoch": self.epoch, **stats}
+            if self.validation is not None and (self.epoch % cfg.val_every == 0
+                                                or self.epoch == cfg.epochs):
+                t0 = time.perf_counter()
+                val = self.validate()
+                record["val_score"] = val
+                record["val_seconds"] = time.perf_counter() - t0
+                assert val is not None
+                if val > self.best_score:
+                    self.best_score, self.bad_rounds = val, 0
+                    self.save_checkpoint("best.pt")
+                else:
+                    self.bad_rounds += 1
+            self.history.append(record)
+            log.info("epoch %d: %s", self.epoch,
+                     " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in record.items() if k != "epoch"))
+            self._append_log(record)
+            self.save_checkpoint("last.pt")
+            self.plot()
+            if self.validation is not None and self.bad_rounds >= cfg.patience:
+                log.info("early stop: no validation gain in %d rounds (best %.4f)",
+                         self.bad_rounds, self.best_score)
+                break
+        if (self.work_dir / "best.pt").exists():
+            self.load_checkpoint(self.work_dir / "best.pt", weights_only=True)
+
+    # -- checkpoints, log, plot --------------------------------------------------------
+
+    def save_checkpoint(self, name: str) -> None:
+        import torch
+
+        state = {"config": self.config.to_json(), "epoch": self.epoch,
+                 "best_score": self.best_score, "bad_rounds": self.bad_rounds,
+                 "history": self.history, "model": self.model.state_dict(),
+                 "dense_opt": self.dense_opt.state_dict(),
+                 "row_opt": self.row_opt.state_dict()}
+        tmp = self.work_dir / (name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.work_dir / name)
+
+    def load_checkpoint(self, path: Path, weights_only: bool = False) -> None:
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        if weights_only:
+            return
+        if TrainConfig.from_json(state["config"]) != self.config:
+            log.warning("resuming with a different configuration than the checkpoint's")
+        self.dense_opt.load_state_dict(state["dense_opt"])
+        self.row_opt.load_state_dict(state["row_opt"])
+        self.epoch = int(state["epoch"])
+        self.best_score = float(state["best_score"])
+        self.bad_rounds = int(state["bad_rounds"])
+        self.history = list(state["history"])
+
+    def _append_log(self, record: dict[str, Any]) -> None:
+        with (self.work_dir / "train_log.jsonl").open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def plot(self) -> None:
+        from trainer.plots import plot_training
+
+        plot_training(self.history, self.work_dir / "training.png")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, type=Path, help="dataset or split directory")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="melon")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from BUNDLE.work/last.pt")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--hidden", help="encoder widths, e.g. 2048,1024 (last = code size)")
+    p.add_argument("--activation", choices=["selu", "relu", "elu", "tanh", "sigmoid"])
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--loss-weights", help="masked,plain weights, e.g. 15,200 (0 disables)")
+    p.add_argument("--negatives", type=int, help="columns sampled per batch for plain MSE")
+    p.add_argument("--groups", help="column groups, e.g. playlists,tags,genres,detail_genres"
+                   " (also: artists, years)")
+    p.add_argument("--tied", action="store_true", help="tie decoder output to the encoder")
+    p.add_argument("--aug-step", type=int, help="dense re-feeding steps (not implemented "
+                   "beyond 0: see docs)")
+    p.add_argument("--val-every", type=int)
+    p.add_argument("--val-questions", type=int)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--no-export", action="store_true", help="train only, write no bundle")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    preset = dict(PRESETS[args.preset])
+    config = replace(TrainConfig(), **preset)
+    overrides: dict[str, Any] = {}
+    for name in ("epochs", "seed", "batch_size", "lr", "activation", "dropout", "val_every",
+                 "val_questions", "patience", "threads", "max_steps_per_epoch", "aug_step"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.negatives is not None:
+        overrides["negative_samples"] = args.negatives
+    if args.hidden:
+        overrides["hidden"] = tuple(int(x) for x in args.hidden.split(","))
+    if args.loss_weights:
+        masked, plain = (float(x) for x in args.loss_weights.split(","))
+        overrides.update(masked_weight=masked, plain_weight=plain)
+    if args.groups:
+        overrides["groups"] = tuple(g.strip() for g in args.groups.split(",") if g.strip())
+    if args.tied:
+        overrides["tied"] = True
+    config = replace(config, **overrides)
+    if config.aug_step:
+        raise ValueError("--aug-step > 0 (dense re-feeding) needs a dense B x D output, which "
+                         "the sparse trainer avoids by design; the write-up trains without it")
+    if config.batch_size <= 0 or config.epochs <= 0 or config.negative_samples <= 0:
+        raise ValueError("--batch-size, --epochs and --negatives must be positive")
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.bundle import BundleError
+    from trainer.dataset import DataError
+
+    try:
+        config = config_from_args(args)
+        set_threads(config.threads)
+        work = args.out.with_name(args.out.name + ".work")
+        work.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(args.data, work, config)
+        last = work / "last.pt"
+        if args.resume and last.exists():
+            trainer.load_checkpoint(last)
+            log.info("resumed from %s at epoch %d", last, trainer.epoch)
+        elif not args.resume:
+            (work / "train_log.jsonl").unlink(missing_ok=True)
+            (work / "best.pt").unlink(missing_ok=True)
+        trainer.fit()
+        if not args.no_export:
+            from trainer.export import export_bundle
+
+            manifest = export_bundle(trainer, args.out)
+            print(f"bundle written: {args.out} (model {manifest.model_version}, "
+                  f"{manifest.song_index.count} songs, code dim {manifest.code_dim})")
+    except (DataError, BundleError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
