@@ -180,7 +180,7 @@ class ExactSearch:
 
     def __init__(self, vectors: np.ndarray) -> None:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        self._unit = (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+        self._unit: np.ndarray = (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
     def count(self) -> int:
         return len(self._unit)
@@ -411,7 +411,7 @@ def ae_neighbours(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch
     song_score = np.zeros(songs.count(), dtype=np.float32)
     best_source = np.full(songs.count(), -1, dtype=np.int64)
     best_weight = np.zeros(songs.count(), dtype=np.float32)
-    tag_score = np.zeros(len(catalog.tags), dtype=np.float32)
+    tag_score: np.ndarray = np.zeros(len(catalog.tags), dtype=np.float32)
     for pl, sim in zip(labels[0].tolist(), sims[0].tolist(), strict=True):
         weight = max(sim, 0.0) ** alpha
         rows = catalog.playlist_songs.row(pl)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -300,3 +301,11 @@ def test_parse_option() -> None:
     assert parse_option("bundle=a=b") == ("bundle", "a=b")
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_option("k")
+
+
+def test_als_without_implicit_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A None entry in sys.modules makes the import fail as if the package were absent.
+    monkeypatch.setitem(sys.modules, "implicit", None)
+    monkeypatch.setitem(sys.modules, "implicit.cpu.als", None)
+    with pytest.raises(ValueError, match=r"needs the 'implicit' package.*\[als\]"):
+        make_recommender("als")

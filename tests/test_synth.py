@@ -55,7 +55,7 @@ def pair_sample(data: SynthData, selected: np.ndarray, per_playlist: int = 20
     a: list[np.ndarray] = []
     b: list[np.ndarray] = []
     p = data.playlists
-    for i in np.nonzero(selected)[0]:
+    for i in np.nonzero(selected)[0].tolist():
         songs = p.songs_of(i)
         if len(songs) < 2:
             continue
@@ -142,7 +142,7 @@ def test_albums_and_artists_hold_several_songs(data: SynthData) -> None:
     assert 1.8 <= per_album.mean() <= 4 and per_album.max() >= 6
     assert per_artist.mean() >= 4 and per_artist.max() >= 15
     # Songs of one album share its release date and genres.
-    first = {}
+    first: dict[int, tuple[int, int]] = {}
     for album, day, major in zip(s.album_ids.tolist(), s.days.tolist(), s.majors[:, 0].tolist(),
                                  strict=True):
         assert first.setdefault(album, (day, major)) == (day, major)
@@ -268,7 +268,7 @@ def test_chart_playlists_mix_genres_of_the_same_months(data: SynthData) -> None:
     major = s.majors[:, 0]
 
     def genres_per_playlist(kind: str) -> float:
-        rows = [i for i in np.nonzero(kind_mask(data, kind))[0]
+        rows = [i for i in np.nonzero(kind_mask(data, kind))[0].tolist()
                 if 20 <= len(p.songs_of(i)) <= 60]
         return float(np.mean([len(np.unique(major[p.songs_of(i)])) for i in rows]))
 

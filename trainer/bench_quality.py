@@ -153,13 +153,18 @@ def render(report: Report, command: str) -> str:
 
 
 def replace_section(path: Path, body: str) -> None:
-    """Put ``body`` between the bench-quality markers of ``path``; appends the marked
-    section when the file has none, creates the file when missing."""
-    section = f"{START}\n{body.rstrip()}\n{END}"
+    """Put ``body`` between the bench-quality markers of ``path``."""
+    replace_marked(path, body, START, END)
+
+
+def replace_marked(path: Path, body: str, start_marker: str, end_marker: str) -> None:
+    """Put ``body`` between two marker lines of ``path``; appends the marked section when
+    the file has none, creates the file when missing. Every benchmark owns one section."""
+    section = f"{start_marker}\n{body.rstrip()}\n{end_marker}"
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    start, end = text.find(START), text.find(END)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start >= 0 and end > start:
-        text = text[:start] + section + text[end + len(END):]
+        text = text[:start] + section + text[end + len(end_marker):]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)

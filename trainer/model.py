@@ -24,7 +24,10 @@ rows is never read (lazy Adam, as TensorFlow's LazyAdam; weight decay applied la
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,6 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
+
+log = logging.getLogger(__name__)
+# The CSR kernels used here (csr @ dense, sampled_addmm) are stable; silence the blanket
+# "beta" notice torch prints on every CSR construction.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 ACTIVATIONS = {"selu": F.selu, "relu": F.relu, "elu": F.elu, "sigmoid": torch.sigmoid,
                "tanh": torch.tanh, "none": lambda x: x}
@@ -50,6 +58,7 @@ class ModelConfig:
     masked_weight: float = 15.0
     plain_weight: float = 200.0
     negative_samples: int = 1024  # S, columns sampled per batch for the zero part
+    precision: str = "fp32"  # "bf16": dense matmuls in bfloat16 (fp32 accumulate, tables fp32)
 
     @property
     def code_dim(self) -> int:
@@ -153,25 +162,31 @@ def make_batch(indptr: np.ndarray, indices: np.ndarray) -> Batch:
 
 
 class Pattern:
-    """A B x U sparsity pattern (row-major positives) and its transpose, as CSR index
-    tensors, so that both S @ dense and S^T @ dense run as sparse kernels."""
+    """The batch's positives as CSR twice: B x D over global columns (forward kernels read
+    table rows in place, no gather) and U x B over the batch's U unique columns (the
+    transpose, for the row gradients)."""
 
-    def __init__(self, rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int) -> None:
-        self.shape = (n_rows, n_cols)
-        self.crow = torch.from_numpy(_crow(rows, n_rows))
-        self.col = torch.from_numpy(cols.astype(np.int64))
-        order = np.argsort(cols, kind="stable")
+    def __init__(self, batch: Batch, n_cols: int) -> None:
+        b = batch.size
+        self.shape = (b, n_cols)
+        self.crow = torch.from_numpy(_crow(batch.row_of, b))
+        self.col = torch.from_numpy(batch.cols)
+        uniq, local = np.unique(batch.cols, return_inverse=True)
+        self.rows = torch.from_numpy(uniq)  # the U touched columns, sorted
+        order = np.argsort(local, kind="stable")
         self.perm = torch.from_numpy(order)
-        self.crow_t = torch.from_numpy(_crow(cols[order], n_cols))
-        self.col_t = torch.from_numpy(rows[order].astype(np.int64))
+        self.crow_t = torch.from_numpy(_crow(local[order], len(uniq)))
+        self.col_t = torch.from_numpy(batch.row_of[order])
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape,
                                        check_invariants=False)
 
     def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
+        """U x B: the transpose restricted to the touched columns."""
         return torch.sparse_csr_tensor(self.crow_t, self.col_t, values[self.perm],
-                                       self.shape[::-1], check_invariants=False)
+                                       (len(self.rows), self.shape[0]),
+                                       check_invariants=False)
 
 
 def _crow(sorted_rows: np.ndarray, n_rows: int) -> np.ndarray:
@@ -180,40 +195,87 @@ def _crow(sorted_rows: np.ndarray, n_rows: int) -> np.ndarray:
     return crow
 
 
-class _SparseTimesDense(torch.autograd.Function):
-    """(S @ dense) for a constant 0/1 pattern S; the gradient S^T @ g is a sparse kernel
-    too, so no nnz x width tensor is ever materialised."""
+class RowGrads:
+    """Gradients of the D-row tables, row-sparse: per table, (sorted rows, grad) pieces.
+
+    The sparse kernels write here instead of into ``param.grad``, which would be D x width;
+    small gathered leaves (sampled output rows, output biases) are read after backward.
+    """
+
+    def __init__(self) -> None:
+        self.pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.leaves: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, name: str, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        self.pieces.setdefault(name, []).append((rows, grad))
+
+    def add_leaf(self, name: str, rows: torch.Tensor, leaf: torch.Tensor) -> None:
+        self.leaves.append((name, rows, leaf))
+
+    def merged(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Pieces with disjoint rows: the others are added into the largest one where they
+        overlap it, and what remains is coalesced into one more piece."""
+        pieces = list(self.pieces.get(name, []))
+        pieces += [(rows, leaf.grad) for n, rows, leaf in self.leaves
+                   if n == name and leaf.grad is not None]
+        if len(pieces) <= 1:
+            return pieces
+        pieces.sort(key=lambda p: -len(p[0]))
+        base_rows, base_grad = pieces[0]
+        rest_rows, rest_grads = [], []
+        for rows, grad in pieces[1:]:
+            pos = torch.searchsorted(base_rows, rows).clamp_(max=len(base_rows) - 1)
+            hit = base_rows[pos] == rows
+            base_grad.index_add_(0, pos[hit], grad[hit])
+            rest_rows.append(rows[~hit])
+            rest_grads.append(grad[~hit])
+        rows = torch.cat(rest_rows)
+        if len(rows) == 0:
+            return [(base_rows, base_grad)]
+        grads = torch.cat(rest_grads)
+        uniq, inverse = torch.unique(rows, return_inverse=True)
+        coalesced = torch.zeros((len(uniq), *grads.shape[1:]), dtype=grads.dtype)
+        coalesced.index_add_(0, inverse, grads)
+        return [(base_rows, base_grad), (uniq, coalesced)]
+
+
+class _TableInput(torch.autograd.Function):
+    """x = S @ table, S the batch's 0/1 rows: reads only the touched table rows, and its
+    backward sends S^T @ g (U x width) to a :class:`RowGrads` instead of a D-row grad."""
 
     @staticmethod
-    def forward(ctx: Any, dense: torch.Tensor, pattern: Pattern,  # type: ignore[override]
-                ones: torch.Tensor) -> torch.Tensor:
-        ctx.pattern, ctx.ones = pattern, ones
-        return pattern.matrix(ones) @ dense
+    def forward(ctx: Any, table: torch.Tensor, pattern: Pattern,  # type: ignore[override]
+                sink: RowGrads, name: str) -> torch.Tensor:
+        ctx.pattern, ctx.sink, ctx.name = pattern, sink, name
+        return pattern.matrix(torch.ones(len(pattern.col))) @ table
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        return ctx.pattern.matrix_t(ctx.ones) @ grad.contiguous(), None, None
+        pattern: Pattern = ctx.pattern
+        ones = torch.ones(len(pattern.col))
+        ctx.sink.add(ctx.name, pattern.rows, pattern.matrix_t(ones) @ grad.contiguous())
+        return None, None, None, None
 
 
-class _SampledDot(torch.autograd.Function):
-    """values[n] = a[row n] . b[col n] over a pattern (SDDMM), with sparse-kernel grads."""
+class _TableDot(torch.autograd.Function):
+    """values[n] = hidden[row n] . table[col n] over the positives (an SDDMM); the table's
+    gradient goes, row-sparse, to a :class:`RowGrads`."""
 
     @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor,  # type: ignore[override]
-                pattern: Pattern) -> torch.Tensor:
-        ctx.save_for_backward(a, b)
-        ctx.pattern = pattern
-        mask = pattern.matrix(torch.zeros(len(pattern.col), dtype=a.dtype))
-        return torch.sparse.sampled_addmm(mask, a, b.T, beta=0.0).values()
+    def forward(ctx: Any, hidden: torch.Tensor, table: torch.Tensor,  # type: ignore[override]
+                pattern: Pattern, sink: RowGrads, name: str) -> torch.Tensor:
+        ctx.save_for_backward(hidden, table)
+        ctx.pattern, ctx.sink, ctx.name = pattern, sink, name
+        mask = pattern.matrix(torch.zeros(len(pattern.col), dtype=hidden.dtype))
+        return torch.sparse.sampled_addmm(mask, hidden, table.T, beta=0.0).values()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        a, b = ctx.saved_tensors
+        hidden, table = ctx.saved_tensors
         pattern: Pattern = ctx.pattern
         grad = grad.contiguous()
-        grad_a = pattern.matrix(grad) @ b if ctx.needs_input_grad[0] else None
-        grad_b = pattern.matrix_t(grad) @ a if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b, None
+        ctx.sink.add(ctx.name, pattern.rows, pattern.matrix_t(grad) @ hidden)
+        return pattern.matrix(grad) @ table, None, None, None, None
 
 
 @dataclass
@@ -221,58 +283,69 @@ class LossParts:
     loss: torch.Tensor
     masked_mse: float
     plain_mse: float
+    row_grads: RowGrads  # complete once loss.backward() has run
 
 
-def batch_loss(model: SongAutoEncoder, batch: Batch, sample: np.ndarray,
-               gathered: dict[str, torch.Tensor] | None = None) -> LossParts:
+def dense_precision(precision: str) -> Any:
+    """Autocast context for the dense layers: bfloat16 runs faster on CPUs with
+    AVX512-BF16/AMX (accumulation stays fp32); the row tables always stay fp32."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"precision {precision!r}: choose fp32 or bf16")
+    return contextlib.nullcontext()
+
+
+def bf16_is_fast() -> bool:
+    """Whether this CPU has native bfloat16 dot products (else bf16 is emulated, slower)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def batch_loss(model: SongAutoEncoder, batch: Batch, sample: np.ndarray) -> LossParts:
     """The write-up's loss on one batch, with the sampled estimate of the zero part.
 
-    ``gathered`` receives the touched rows of the row tables as dense leaf tensors (for
-    :class:`RowSparseAdam`); when None the full tables take part in autograd directly.
+    After ``loss.backward()``, the dense layers have ordinary ``.grad``; the row tables'
+    gradients are in ``parts.row_grads`` (for :class:`RowSparseAdam`).
     """
     cfg = model.config
     d = cfg.input_dim
     b = batch.size
     n_pos = len(batch.cols)
-    # Local column spaces: the input layer sees the positives' columns, the output layer
-    # the positives' and the sampled columns. The tied model uses one space for both.
-    out_cols, out_local = np.unique(np.concatenate([batch.cols, sample]), return_inverse=True)
-    if model.out_table is None:
-        in_cols, in_local = out_cols, out_local[:n_pos]
-    else:
-        in_cols, in_local = np.unique(batch.cols, return_inverse=True)
-    pos_local, samp_local = out_local[:n_pos], torch.from_numpy(out_local[n_pos:])
-    in_idx, out_idx = torch.from_numpy(in_cols), torch.from_numpy(out_cols)
+    sink = RowGrads()
+    pattern = Pattern(batch, d)
+    out_name = "in_table" if model.out_table is None else "out_table"
 
-    def rows_of(table: torch.Tensor, idx: torch.Tensor, name: str) -> torch.Tensor:
-        if gathered is None:
-            return table[idx]
-        leaf = table.detach()[idx].requires_grad_()
-        gathered[name], gathered[name + ".rows"] = leaf, idx
-        return leaf
+    x = _TableInput.apply(model.in_table, pattern, sink, "in_table") + model.in_bias
+    with dense_precision(cfg.precision):
+        code = model.encode_dense(model.act(x))
+        if model.training and cfg.dropout > 0:
+            code = F.dropout(code, cfg.dropout)
+        hidden = model.decode_hidden(code)
+    hidden = hidden.float()
 
-    in_rows = rows_of(model.in_table, in_idx, "in_table")
-    if model.out_table is None:
-        out_rows = in_rows
-    else:
-        out_rows = rows_of(model.out_table, out_idx, "out_table")
-    out_bias = rows_of(model.out_bias, out_idx, "out_bias")
+    # Output biases of the positives and the sampled columns: one small gathered leaf.
+    bias_rows, bias_local = np.unique(np.concatenate([batch.cols, sample]),
+                                      return_inverse=True)
+    bias_idx = torch.from_numpy(bias_rows)
+    bias = model.out_bias.detach()[bias_idx].requires_grad_()
+    sink.add_leaf("out_bias", bias_idx, bias)
+    pos_bias = bias[torch.from_numpy(bias_local[:n_pos])]
+    samp_bias = bias[torch.from_numpy(bias_local[n_pos:])]
 
-    in_pattern = Pattern(batch.row_of, in_local, b, len(in_cols))
-    ones = torch.ones(n_pos)
-    x = _SparseTimesDense.apply(in_rows, in_pattern, ones) + model.in_bias
-    code = model.encode_dense(model.act(x))
-    if model.training and cfg.dropout > 0:
-        code = F.dropout(code, cfg.dropout)
-    hidden = model.decode_hidden(code)
-
-    out_pattern = Pattern(batch.row_of, pos_local, b, len(out_cols))
-    pos_logit = _SampledDot.apply(hidden, out_rows, out_pattern) + out_bias[
-        torch.from_numpy(pos_local)]
-    pos_err = (model.out(pos_logit) - 1.0).square().sum()
+    pos_logit = _TableDot.apply(hidden, model.output_table, pattern, sink, out_name)
+    pos_err = (model.out(pos_logit + pos_bias) - 1.0).square().sum()
 
     s = len(sample)
-    neg_pred = model.out(hidden @ out_rows[samp_local].T + out_bias[samp_local])  # B x S
+    samp_rows, samp_local = np.unique(sample, return_inverse=True)
+    samp_idx = torch.from_numpy(samp_rows)
+    samp_table = model.output_table.detach()[samp_idx].requires_grad_()
+    sink.add_leaf(out_name, samp_idx, samp_table)
+    with dense_precision(cfg.precision):
+        neg_logit = hidden @ samp_table[torch.from_numpy(samp_local)].T
+    neg_pred = model.out(neg_logit.float() + samp_bias)  # B x S
     # Sampled columns observed in a row belong to the exact part: mask them out.
     observed = _observed_mask(batch, sample, b)
     neg_sq = neg_pred.square().masked_fill(observed, 0.0).sum() * (d / s)
@@ -280,7 +353,7 @@ def batch_loss(model: SongAutoEncoder, batch: Batch, sample: np.ndarray,
     masked_mse = pos_err / max(n_pos, 1)
     plain_mse = (pos_err + neg_sq) / (b * d)
     loss = cfg.masked_weight * masked_mse + cfg.plain_weight * plain_mse
-    return LossParts(loss, float(masked_mse.detach()), float(plain_mse.detach()))
+    return LossParts(loss, float(masked_mse.detach()), float(plain_mse.detach()), sink)
 
 
 def _observed_mask(batch: Batch, sample: np.ndarray, b: int) -> torch.Tensor:
@@ -315,44 +388,64 @@ def dense_loss(model: SongAutoEncoder, dense_x: torch.Tensor) -> torch.Tensor:
     return cfg.masked_weight * masked + cfg.plain_weight * plain
 
 
+def _adam_rows(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+               rows: torch.Tensor, grad: torch.Tensor, lr: float, beta1: float, beta2: float,
+               c1: float, c2: float, wd: float, eps: float) -> None:
+    """Adam on the given (unique) rows only: one gather and one scatter per tensor."""
+    values = param[rows]
+    grad = grad + wd * values
+    m = exp_avg[rows] * beta1 + (1 - beta1) * grad
+    v = exp_avg_sq[rows] * beta2 + (1 - beta2) * grad * grad
+    exp_avg[rows] = m
+    exp_avg_sq[rows] = v
+    param[rows] = values - (lr / c1) * m / ((v / c2).sqrt() + eps)
+
+
 class RowSparseAdam:
     """Adam for the D-row tables that reads and writes only the rows a step touched.
 
-    The caller gathers the touched rows into dense leaf tensors (``batch_loss`` with
-    ``gathered``), runs backward, then calls :meth:`step` with that dict. Bias correction
+    ``batch_loss`` collects the row gradients in a :class:`RowGrads`; after backward,
+    :meth:`step` updates those rows only. Bias correction
     uses the global step; L2 weight decay is added to the gradient of touched rows only.
+    2-D tables use the numba kernel :func:`trainer.kernels.adam_rows` (one pass at memory
+    speed); 1-D tables (biases) and ``fast=False`` use the eager torch version.
     """
 
     def __init__(self, tables: dict[str, nn.Parameter], lr: float, weight_decay: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 fast: bool = True) -> None:
         self.tables = tables
         self.lr, self.wd, self.betas, self.eps = lr, weight_decay, betas, eps
         self.exp_avg = {k: torch.zeros_like(p) for k, p in tables.items()}
         self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in tables.items()}
         self.steps = 0
+        self._kernel: Any = None
+        if fast:
+            try:
+                from trainer.kernels import adam_rows
+
+                self._kernel = adam_rows
+            except ImportError as exc:
+                log.warning("numba unavailable (%s): eager row-sparse Adam (slower)", exc)
 
     @torch.no_grad()
-    def step(self, gathered: dict[str, torch.Tensor]) -> None:
+    def step(self, grads: RowGrads) -> None:
         self.steps += 1
         b1, b2 = self.betas
         c1 = 1 - b1 ** self.steps
         c2 = 1 - b2 ** self.steps
         for name, param in self.tables.items():
-            leaf = gathered.get(name)
-            if leaf is None or leaf.grad is None:
-                continue
-            rows = gathered[name + ".rows"]
-            grad = leaf.grad
-            values = leaf.detach()
-            if self.wd:
-                grad = grad.add(values, alpha=self.wd)
-            m = self.exp_avg[name].index_select(0, rows).mul_(b1).add_(grad, alpha=1 - b1)
-            v = self.exp_avg_sq[name].index_select(0, rows).mul_(b2).addcmul_(
-                grad, grad, value=1 - b2)
-            self.exp_avg[name].index_copy_(0, rows, m)
-            self.exp_avg_sq[name].index_copy_(0, rows, v)
-            denom = v.div_(c2).sqrt_().add_(self.eps)
-            param.index_copy_(0, rows, values.addcdiv(m, denom, value=-self.lr / c1))
+            for rows, grad in grads.merged(name):
+                self._apply(param.data, name, rows, grad, b1, b2, c1, c2)
+
+    def _apply(self, param: torch.Tensor, name: str, rows: torch.Tensor, grad: torch.Tensor,
+               b1: float, b2: float, c1: float, c2: float) -> None:
+        m, v = self.exp_avg[name], self.exp_avg_sq[name]
+        if self._kernel is not None and param.dim() == 2:
+            self._kernel(param.numpy(), m.numpy(), v.numpy(), rows.numpy(),
+                         grad.contiguous().numpy(), self.lr, b1, b2, c1, c2, self.wd, self.eps)
+        else:
+            _adam_rows(param, m, v, rows, grad, self.lr, b1, b2, c1, c2, self.wd, self.eps)
 
     def state_dict(self) -> dict[str, Any]:
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "steps": self.steps}

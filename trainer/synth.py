@@ -15,7 +15,7 @@ and a popularity (log-normal). There are about sqrt(n_songs)/3 communities, each
 the audiences that put, say, some ballads, some indie and some R&B together. An artist
 joins a community that includes its genre; 10% of albums move to another community.
 
-*Albums* (mostly singles and EPs, mean ~2.7 songs) belong to one artist and carry the
+*Albums* (mostly singles and EPs, mean ~2.9 songs) belong to one artist and carry the
 date, genres and mood their songs share. Album years follow the artist's career around a
 centre year drawn from a distribution that doubles about every 6 years up to the data's
 end (2020-04-23), so recent years are denser. Genres: 1 major (12% add a second) and 1-3
@@ -25,8 +25,8 @@ mood (12 moods, a per-genre distribution) and 8% a season; 25% of songs redraw t
 
 *Songs*: 7% feature a second artist of the same community. A latent score (artist
 popularity + album and song noise + recency) is ranked and turned into a Zipf-like weight
-``(rank + r0) ** -0.9``: a few songs fill many playlists, most fill a few, ~13% none (as
-in Melon, where ~615k of 707,989 songs are in train playlists). 2.5% of dates are written
+``(rank + r0) ** -0.9``, the bottom 9% damped: a few songs fill many playlists, most a few,
+~15% none (in Melon ~615k of 707,989 songs are in train playlists). 2.5% of dates are written
 ``"00000000"`` and 1% ``"YYYY0000"``, both among the less popular songs. Song ids are a
 random permutation, so ids say nothing about albums.
 
@@ -48,8 +48,10 @@ co-occurrence carries signal that metadata alone does not: communities and moods
 never written anywhere, and charts join songs of unrelated genres.
 Lengths follow Melon: 1-200 songs (log-normal, mean ~46, median ~30) and 1-10 tags
 (mean ~4); titles are made of words of the theme (its tags, genre, mood, season, month);
-``like_cnt`` is log-normal; ``updt_date`` falls after the latest song, mostly in the last
-year of the data. Everything is a function of ``--seed``.
+``like_cnt`` is log-normal. ``updt_date`` is drawn first (a third in the data's last months,
+the rest thinning out back to 2005; a chart weeks after its window) and songs released
+after it are redrawn, so it follows every song of the playlist and a release-date filter
+helps, as on Melon. Everything is a function of ``--seed``.
 """
 
 from __future__ import annotations
@@ -359,7 +361,6 @@ class _Parts:
         bounds = np.searchsorted(keys[self.order], np.arange(n_keys + 1))
         self.start, self.end = bounds[:-1], bounds[1:]
         self.total = self.cum[self.end] - self.cum[self.start]
-        self.count = self.end - self.start
 
     def draw(self, parts: np.ndarray, u: np.ndarray) -> np.ndarray:
         """One item per entry of ``parts`` (each with positive total), weighted."""
@@ -436,7 +437,7 @@ def _first_unique(owner: np.ndarray, items: np.ndarray, n_items: int, limit: np.
 # Songs
 
 
-def _days(dates: np.ndarray) -> np.ndarray:
+def _days(dates: np.ndarray | np.datetime64) -> np.ndarray:
     return dates.astype("datetime64[D]").astype(np.int64)
 
 
@@ -564,7 +565,7 @@ def _make_songs(scale: Scale, table: GenreTable, rng: np.random.Generator,
     a_ids = np.cumsum(rng.integers(1, 60, n_artists)) + 100
 
     # Albums: singles, EPs and LPs; the last album is cut to hit n songs exactly.
-    kind = rng.choice(3, size=n, p=(0.6, 0.28, 0.12))
+    kind = rng.choice(3, size=n, p=(0.65, 0.27, 0.08))
     sizes = np.where(kind == 0, rng.integers(1, 3, n),
                      np.where(kind == 1, rng.integers(3, 6, n), rng.integers(6, 15, n)))
     n_albums = int(np.searchsorted(np.cumsum(sizes), n)) + 1
@@ -853,7 +854,7 @@ class _Themes:
         self.world, self.tags, self.parts, self.prng = world, tags, parts, prng
         self.month_counts = month_counts
         # Python lists: this runs per playlist, where numpy scalar access is slow.
-        self.nonempty = [(p.total > 0).tolist() for p in parts]
+        self.nonempty: list[list[bool]] = [(p.total > 0).tolist() for p in parts]
         table = world.table
         major_total = parts[_MAJOR].total
         self.majors = [m for m in range(table.n_majors) if major_total[m] > 0]
@@ -1109,9 +1110,12 @@ def _make_playlists(scale: Scale, world: _World, tags: _Tags, rng: np.random.Gen
     # A component over an empty part must never be drawn (a key whose words all belong
     # to other keys has no tags); every playlist keeps a non-empty one (generic or chart).
     for mix, index_parts in ((comp, parts), (tcomp, tag_parts)):
+        keep = mix["weight"] > 0
         for i, p in enumerate(index_parts):
             sel = mix["index"] == i
-            mix["weight"][sel] *= p.total[mix["part"][sel]] > 0
+            keep[sel] &= p.total[mix["part"][sel]] > 0
+        for name in mix:
+            mix[name] = mix[name][keep]
 
     out_owner: list[np.ndarray] = []
     out_items: list[np.ndarray] = []
@@ -1231,8 +1235,9 @@ def generate(scale: str | Scale, seed: int, genres: GenreTable | None = None, *,
     rngs = [np.random.default_rng(s) for s in seeds]
     prngs = [random.Random(int(s.generate_state(1)[0])) for s in seeds]
     world = _make_songs(scale, table, rngs[0], prngs[0])
-    # ~30k distinct tags appear at Melon scale: the tail grows with the playlists.
-    tags = _make_tags(world, max(200, round(0.25 * scale.n_playlists)), rngs[1], prngs[1])
+    # The tail grows with the playlists: 0.25 gave 24.7k distinct train tags at Melon
+    # scale, so 0.33 aims at the real ~30k.
+    tags = _make_tags(world, max(200, round(0.33 * scale.n_playlists)), rngs[1], prngs[1])
     playlists = _make_playlists(scale, world, tags, rngs[2], prngs[2], progress)
     split = {"train": scale.n_train, "val": scale.n_val, "test": scale.n_test}
     return SynthData(table, world.songs, playlists, split)

@@ -70,6 +70,7 @@ class TrainConfig:
     ef_construction: int = 150
     ef: int = 200
     threads: int = 2
+    precision: str = "auto"  # fp32 | bf16 | auto (bf16 where the CPU has native bf16)
     max_steps_per_epoch: int = 0  # benchmarks: stop an epoch early (0 = whole epoch)
 
     def to_json(self) -> dict[str, Any]:
@@ -91,10 +92,26 @@ def set_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
+    try:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
     omp = os.environ.get("OMP_NUM_THREADS")
     if omp is None or int(omp) > (os.cpu_count() or n):
         log.warning("OMP_NUM_THREADS=%s: set it to at most the core count (%s) so BLAS and "
                     "torch do not oversubscribe the CPU", omp, os.cpu_count())
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> bf16 dense matmuls on CPUs with native bf16 (about 1.5x faster steps
+    here), else fp32."""
+    if precision != "auto":
+        return precision
+    from trainer.model import bf16_is_fast
+
+    return "bf16" if bf16_is_fast() else "fp32"
 
 
 class Trainer:
@@ -121,7 +138,8 @@ class Trainer:
             input_dim=self.space.dim, hidden=config.hidden, activation=config.activation,
             output_activation=config.output_activation, dropout=config.dropout,
             tied=config.tied, masked_weight=config.masked_weight,
-            plain_weight=config.plain_weight, negative_samples=config.negative_samples)
+            plain_weight=config.plain_weight, negative_samples=config.negative_samples,
+            precision=resolve_precision(config.precision))
         torch.manual_seed(config.seed)
         self.model = SongAutoEncoder(self.model_config)
         tables = {"in_table": self.model.in_table, "out_bias": self.model.out_bias}
@@ -217,11 +235,10 @@ class Trainer:
             sub = self.matrix[rows]
             batch = make_batch(sub.indptr, sub.indices)
             sample = rng.integers(0, self.space.dim, size=cfg.negative_samples)
-            gathered: dict[str, torch.Tensor] = {}
-            parts = batch_loss(self.model, batch, sample, gathered)
+            parts = batch_loss(self.model, batch, sample)
             self.dense_opt.zero_grad(set_to_none=True)
             parts.loss.backward()
-            self.row_opt.step(gathered)
+            self.row_opt.step(parts.row_grads)
             self.dense_opt.step()
             totals["loss"] += float(parts.loss.detach())
             totals["masked_mse"] += parts.masked_mse
@@ -334,6 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-questions", type=int)
     p.add_argument("--patience", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--no-export", action="store_true", help="train only, write no bundle")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -345,7 +363,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = replace(TrainConfig(), **preset)
     overrides: dict[str, Any] = {}
     for name in ("epochs", "seed", "batch_size", "lr", "activation", "dropout", "val_every",
-                 "val_questions", "patience", "threads", "max_steps_per_epoch", "aug_step"):
+                 "val_questions", "patience", "threads", "max_steps_per_epoch", "aug_step",
+                 "precision"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value

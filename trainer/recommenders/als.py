@@ -101,13 +101,15 @@ class ALSRecommender(Recommender):
         user_items = sp.hstack([songs, tags * self.tag_weight, words * self.title_weight],
                                format="csr", dtype=np.float32)
         user_items.eliminate_zeros()
-        self._model = self._als_module.AlternatingLeastSquares(
-            factors=self.factors, iterations=self.iterations,
-            regularization=self.regularization, alpha=self.confidence,
-            num_threads=self.num_threads, random_state=self.seed)
         # implicit parallelises itself; a threaded BLAS underneath it only fights for the
-        # same cores (and implicit warns about it), so BLAS stays single-threaded here.
-        with self._threadpoolctl.threadpool_limits(1, "blas"):
+        # same cores (implicit's constructor warns about it), so BLAS stays single-threaded
+        # around everything implicit does, and around the per-question products below.
+        self._blas = self._threadpoolctl.ThreadpoolController()
+        with self._blas.limit(limits=1, user_api="blas"):
+            self._model = self._als_module.AlternatingLeastSquares(
+                factors=self.factors, iterations=self.iterations,
+                regularization=self.regularization, alpha=self.confidence,
+                num_threads=self.num_threads, random_state=self.seed)
             self._model.fit(user_items, show_progress=False)
         # Folding in one question is a single small solve: OpenMP threads only add start-up
         # cost there (measured ~3x slower with 2 threads on the 2-core reference machine).
@@ -150,9 +152,10 @@ class ALSRecommender(Recommender):
         row = self.user_row(question)
         if row.nnz == 0:
             return self._popular(question, n_songs, n_tags)
-        with self._threadpoolctl.threadpool_limits(1, "blas"):
+        with self._blas.limit(limits=1, user_api="blas"):
             user = np.asarray(self._model.recalculate_user(0, row))
-        song_scores = self._song_factors @ user
+            song_scores = self._song_factors @ user
+            tag_scores = self._tag_factors @ user
         drop = self._unseen.copy()
         seeds = row.indices[row.indices < self._tag_offset]
         drop[seeds] = True
@@ -161,7 +164,6 @@ class ALSRecommender(Recommender):
         song_scores[drop] = -np.inf
         best = top_k(song_scores, n_songs)
         best = best[np.isfinite(song_scores[best])]
-        tag_scores = self._tag_factors @ user
         seed_tags = [self._tag_index[t] for t in question.tags if t in self._tag_index]
         tag_scores[self._unseen_tags] = -np.inf
         tag_scores[seed_tags] = -np.inf

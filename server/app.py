@@ -1,0 +1,485 @@
+"""The songrec gRPC server (grpc.aio): pure response builders, the serving state, the
+``Recommender`` and ``Admin`` servicers, then ``create_server``, ``serve`` and ``main``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from protos.songrec.v1 import songrec_pb2 as pb2
+from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
+from server import validation
+from server.batching import SimilarBatcher
+from server.bundle import BundleError, IndexParams
+from server.config import ConfigError, ServerConfig, load_config
+from server.errors import FailedPrecondition
+from server.interceptors import Gate, Tokens
+from server.live import Continuation, Encoded, LiveModel, Neighbours
+from server.logs import setup_logging
+from server.metrics import Metrics
+from server.strategies import (
+    DEFAULT_STRATEGY,
+    REASON_PLAYLIST,
+    REASON_POPULAR,
+    REASON_SEED,
+    REASON_TAG,
+    REASON_TITLE,
+    STRATEGIES,
+)
+from server.validation import NewSong
+from server.wal import SongLog, WalError
+from server.workers import Workers, deadline_of
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RECOMMENDER = pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+ADMIN = pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+_REASON_KINDS = {REASON_SEED: pb2.Reason.SEED_NEIGHBOUR,
+                 REASON_PLAYLIST: pb2.Reason.PLAYLIST_NEIGHBOUR,
+                 REASON_TAG: pb2.Reason.TAG, REASON_TITLE: pb2.Reason.TITLE,
+                 REASON_POPULAR: pb2.Reason.POPULAR}
+
+
+# ---------------------------------------------------------------- pure response builders
+
+
+def reason_pb(kind: str, source: int | str | None) -> pb2.Reason:
+    """A strategy's (kind, source) as a ``Reason`` message."""
+    reason = pb2.Reason(kind=_REASON_KINDS.get(kind, pb2.Reason.KIND_UNSPECIFIED))
+    if kind == REASON_SEED and isinstance(source, int):
+        reason.seed_song_id = source
+    elif kind == REASON_PLAYLIST and isinstance(source, int):
+        reason.playlist_id = source
+    elif kind == REASON_TAG and isinstance(source, str):
+        reason.tag = source
+    return reason
+
+
+def continuation_pb(answer: Continuation, version: str) -> pb2.ContinuePlaylistResponse:
+    """A ``ContinuePlaylist`` answer as its response message."""
+    response = pb2.ContinuePlaylistResponse(unknown_seed_ids=answer.unknown_seed_ids,
+                                            unknown_tags=answer.unknown_tags,
+                                            strategy=answer.strategy, model_version=version)
+    names = answer.names or [("", "")] * len(answer.song_ids)
+    for song_id, score, (kind, source), (name, artists) in zip(
+            answer.song_ids, answer.song_scores, answer.reasons, names, strict=True):
+        response.songs.add(song_id=song_id, score=score, reason=reason_pb(kind, source),
+                           name=name, artists=artists)
+    for tag, score in zip(answer.tags, answer.tag_scores, strict=True):
+        response.tags.add(tag=tag, score=score)
+    return response
+
+
+def fill_neighbours(target: Any, found: Neighbours) -> None:
+    """Append ``found`` to a repeated ``Neighbour`` field."""
+    names = found.names or [("", "")] * len(found.ids)
+    for song_id, similarity, (name, artists) in zip(found.ids, found.similarities, names,
+                                                    strict=True):
+        target.add(song_id=song_id, similarity=similarity, name=name, artists=artists)
+
+
+def neighbours_pb(found: Neighbours, version: str) -> pb2.SimilarSongsResponse:
+    """One song's neighbours as a ``SimilarSongsResponse``."""
+    response = pb2.SimilarSongsResponse(song_id=found.song_id, model_version=version)
+    fill_neighbours(response.neighbours, found)
+    return response
+
+
+def batch_pb(results: Sequence[Neighbours], unknown: Sequence[int],
+             version: str) -> pb2.SimilarSongsBatchResponse:
+    """Many songs' neighbours as a ``SimilarSongsBatchResponse``."""
+    response = pb2.SimilarSongsBatchResponse(unknown_song_ids=unknown, model_version=version)
+    for found in results:
+        item = response.results.add(song_id=found.song_id, model_version=version)
+        fill_neighbours(item.neighbours, found)
+    return response
+
+
+def encoded_pb(encoded: Encoded, version: str) -> pb2.EncodeSongResponse:
+    """An unseen song's code and neighbours as an ``EncodeSongResponse``."""
+    response = pb2.EncodeSongResponse(code=encoded.code, known_columns=encoded.known_columns,
+                                      model_version=version)
+    fill_neighbours(response.neighbours, encoded.neighbours)
+    return response
+
+
+def index_params_pb(params: IndexParams) -> pb2.IndexParams:
+    return pb2.IndexParams(space=params.space, dim=params.dim, m=params.m,
+                           ef_construction=params.ef_construction, ef=params.ef,
+                           count=params.count)
+
+
+def model_info_pb(model: LiveModel | None) -> pb2.ModelInfo:
+    """What is served; ``loaded=False`` (with the strategies) when nothing is."""
+    if model is None:
+        return pb2.ModelInfo(loaded=False, strategies=STRATEGIES,
+                             default_strategy=DEFAULT_STRATEGY)
+    info = model.info()
+    return pb2.ModelInfo(
+        loaded=True, model_version=info["model_version"], created=info["created"],
+        data_fingerprint=info["data_fingerprint"], code_dim=info["code_dim"],
+        input_dim=info["input_dim"], column_groups=info["column_groups"],
+        bundle_songs=info["bundle_songs"], added_songs=info["added_songs"],
+        indexed_songs=info["indexed_songs"], playlists=info["playlists"], tags=info["tags"],
+        strategies=info["strategies"], default_strategy=DEFAULT_STRATEGY,
+        song_index=index_params_pb(info["song_index"]),
+        playlist_index=index_params_pb(info["playlist_index"]))
+
+
+def metadata_fields(songs: Sequence[NewSong], request_order: Sequence[NewSong]) -> list[str]:
+    """Request field names (``songs[i].metadata``) of a subset of a request's songs."""
+    position = {song.song_id: pos for pos, song in enumerate(request_order)}
+    return [f"songs[{position[song.song_id]}].metadata" for song in songs]
+
+
+# ---------------------------------------------------------------- serving state
+
+
+class ServingState:
+    """What the servicers share: the model (swapped whole on reload), the log of added
+    songs, the worker pool, health and metrics. Index writes and reloads run one at a time,
+    each in a shielded task, so a caller that gives up cannot leave one half done."""
+
+    def __init__(self, config: ServerConfig, workers: Workers, metrics: Metrics,
+                 health: health_aio.HealthServicer, wal: SongLog | None) -> None:
+        self.config = config
+        self.workers = workers
+        self.metrics = metrics
+        self.health = health
+        self.wal = wal
+        self.batcher = (SimilarBatcher(workers, metrics, neighbours_pb, config.similar_batch)
+                        if config.similar_batch else None)
+        self.model: LiveModel | None = None
+        self.bundle = config.bundle
+        self._write_lock = asyncio.Lock()
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    def require_model(self) -> LiveModel:
+        """The served model; :class:`FailedPrecondition` when none is loaded."""
+        model = self.model
+        if model is None:
+            raise FailedPrecondition("no model loaded: start the server with --bundle or "
+                                     "load one with Admin.ReloadModel")
+        return model
+
+    async def exclusive(self, fn: Callable[[], T], deadline: float | None,
+                        after: Callable[[T], Awaitable[None]] | None = None) -> T:
+        """Run ``fn`` in a worker with no other write or reload running, then ``after`` on
+        the loop. Shielded: once started it finishes even if the caller is cancelled."""
+
+        async def critical() -> T:
+            async with self._write_lock:
+                result = await self.workers.run(fn, deadline)
+                if after is not None:
+                    await after(result)
+                return result
+
+        task = asyncio.ensure_future(critical())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return await asyncio.shield(task)
+
+    async def settle(self, timeout: float) -> None:
+        """Wait (bounded) for shielded writes still running, e.g. during shutdown."""
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=timeout)
+
+    def build(self, path: Path, verify: bool) -> tuple[LiveModel, int]:
+        """Load a bundle and re-add the logged songs to it (blocking)."""
+        model = LiveModel.load(path, verify=verify, capacity=self.config.capacity,
+                               threads=self.config.threads)
+        replayed = 0
+        if self.wal is not None and len(self.wal):
+            replayed, _ = model.replay(self.wal.songs())
+            log.info("re-added %d songs from the write-ahead log to model %s", replayed,
+                     model.version)
+        return model, replayed
+
+    async def install(self, built: tuple[LiveModel, int]) -> None:
+        """Serve a freshly built model (runs on the loop, after :meth:`build`)."""
+        model, _ = built
+        self.model = model
+        self.bundle = model.source
+        self.publish()
+        await self.health.set("", SERVING)
+        await self.health.set(RECOMMENDER, SERVING)
+
+    def publish(self) -> None:
+        """Refresh the model and index gauges."""
+        model = self.model
+        if model is None:
+            self.metrics.set_model(None, 0, 0)
+        else:
+            self.metrics.set_model(model.version, model.n_bundle + model.n_added,
+                                   model.n_added)
+
+
+# ---------------------------------------------------------------- servicers
+
+
+class RecommenderServicer(pb2_grpc.RecommenderServicer):
+    """Inference: every method validates, then runs the model work in the worker pool."""
+
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+
+    async def ContinuePlaylist(self, request: pb2.ContinuePlaylistRequest,
+                               context: grpc.aio.ServicerContext
+                               ) -> pb2.ContinuePlaylistResponse:
+        params = validation.continue_params(request)
+        model = self.state.require_model()
+        return await self.state.workers.run(
+            lambda: continuation_pb(model.continue_playlist(params), model.version),
+            deadline_of(context))
+
+    async def SimilarSongs(self, request: pb2.SimilarSongsRequest,
+                           context: grpc.aio.ServicerContext) -> pb2.SimilarSongsResponse:
+        params = validation.similar_params(request)
+        model = self.state.require_model()
+        if self.state.batcher is not None:
+            return await self.state.batcher.similar(model, params, deadline_of(context))
+        return await self.state.workers.run(
+            lambda: neighbours_pb(model.similar_one(params), model.version),
+            deadline_of(context))
+
+    async def SimilarSongsBatch(self, request: pb2.SimilarSongsBatchRequest,
+                                context: grpc.aio.ServicerContext
+                                ) -> pb2.SimilarSongsBatchResponse:
+        params = validation.similar_batch_params(request)
+        model = self.state.require_model()
+
+        def work() -> pb2.SimilarSongsBatchResponse:
+            results, unknown = model.similar(params)
+            return batch_pb(results, unknown, model.version)
+
+        return await self.state.workers.run(work, deadline_of(context))
+
+    async def EncodeSong(self, request: pb2.EncodeSongRequest,
+                         context: grpc.aio.ServicerContext) -> pb2.EncodeSongResponse:
+        params = validation.encode_params(request)
+        model = self.state.require_model()
+        return await self.state.workers.run(
+            lambda: encoded_pb(model.encode(params), model.version), deadline_of(context))
+
+    async def GetModelInfo(self, request: pb2.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> pb2.ModelInfo:
+        return model_info_pb(self.state.model)
+
+
+class AdminServicer(pb2_grpc.AdminServicer):
+    """Index writes and model reloads, one at a time."""
+
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+
+    async def AddSongs(self, request: pb2.AddSongsRequest,
+                       context: grpc.aio.ServicerContext) -> pb2.AddSongsResponse:
+        songs = validation.new_songs(request)
+        state = self.state
+        state.require_model()
+        wal = state.wal
+        if wal is None:
+            raise FailedPrecondition("AddSongs needs a write-ahead log: start the server "
+                                     "with --data-dir")
+
+        def add() -> pb2.AddSongsResponse:
+            model = state.require_model()  # the one served now, after any reload
+            fresh, existing = model.absent(songs)
+            if fresh:
+                codes = model.encode_new(fresh, metadata_fields(fresh, songs))
+                wal.append(fresh)  # durable before it is visible or acknowledged
+                model.insert(fresh, codes)
+                log.info("added %d songs to model %s (%d already served)", len(fresh),
+                         model.version, len(existing))
+            return pb2.AddSongsResponse(added_song_ids=[s.song_id for s in fresh],
+                                        existing_song_ids=existing,
+                                        indexed_songs=model.n_bundle + model.n_added,
+                                        model_version=model.version)
+
+        async def after(_: pb2.AddSongsResponse) -> None:
+            state.publish()
+
+        return await state.exclusive(add, deadline_of(context), after)
+
+    async def ReloadModel(self, request: pb2.ReloadModelRequest,
+                          context: grpc.aio.ServicerContext) -> pb2.ReloadModelResponse:
+        params = validation.reload_params(request)
+        state = self.state
+        path = params.path or state.bundle
+        if path is None:
+            raise FailedPrecondition("bundle_path: empty and no bundle is loaded; name the "
+                                     "bundle directory to load")
+        previous = state.model
+        start = time.perf_counter()
+        try:
+            model, replayed = await state.exclusive(lambda: state.build(path, params.verify),
+                                                    deadline_of(context), state.install)
+        except BundleError as exc:
+            state.metrics.reloads.labels("failed").inc()
+            serving = previous.version if previous is not None else "no model"
+            log.error("reload of %s failed, still serving %s: %s", path, serving, exc)
+            raise FailedPrecondition(f"reload failed, still serving {serving}: {exc}") \
+                from None
+        state.metrics.reloads.labels("ok").inc()
+        seconds = time.perf_counter() - start
+        log.info("reloaded: model %s from %s in %.1fs (was %s)", model.version, path, seconds,
+                 previous.version if previous is not None else "none")
+        return pb2.ReloadModelResponse(previous=model_info_pb(previous),
+                                       current=model_info_pb(model), replayed_songs=replayed,
+                                       seconds=seconds)
+
+
+# ---------------------------------------------------------------- the server
+
+
+class Server:
+    """A configured grpc.aio server and its state; :meth:`start` begins serving and loads
+    the configured bundle, :meth:`stop` drains."""
+
+    def __init__(self, grpc_server: grpc.aio.Server, state: ServingState, port: int) -> None:
+        self.grpc = grpc_server
+        self.state = state
+        self.port = port
+        self.metrics_port = 0
+
+    async def start(self) -> None:
+        """Accept calls (health NOT_SERVING), then load ``--bundle`` if given; returns once
+        SERVING. Raises :class:`~server.bundle.BundleError` when the bundle is refused."""
+        state = self.state
+        await state.health.set("", NOT_SERVING)
+        await state.health.set(RECOMMENDER, NOT_SERVING)
+        await state.health.set(ADMIN, SERVING)
+        await self.grpc.start()
+        if state.config.metrics_port:
+            self.metrics_port = state.metrics.serve(state.config.host,
+                                                    state.config.metrics_port)
+        if state.config.bundle is not None:
+            bundle, verify = state.config.bundle, state.config.verify
+            await state.exclusive(lambda: state.build(bundle, verify), None, state.install)
+            model = state.require_model()
+            log.info("serving model %s (%d songs) on %s", model.version,
+                     model.n_bundle + model.n_added, state.config.target)
+        else:
+            log.info("no --bundle: NOT_SERVING on %s until Admin.ReloadModel",
+                     state.config.target)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new calls, let in-flight ones finish within
+        ``grace`` seconds, finish index writes, release everything."""
+        state = self.state
+        grace = state.config.grace_s if grace is None else grace
+        await state.health.enter_graceful_shutdown()
+        await self.grpc.stop(grace)
+        await state.settle(timeout=max(grace, 1.0))
+        await asyncio.to_thread(state.workers.shutdown)
+        if state.wal is not None:
+            state.wal.close()
+        state.metrics.close()
+
+
+def _credentials(config: ServerConfig) -> Any:
+    assert config.tls_cert is not None and config.tls_key is not None
+    try:
+        return grpc.ssl_server_credentials([(config.tls_key.read_bytes(),
+                                             config.tls_cert.read_bytes())])
+    except OSError as exc:
+        raise ConfigError(f"TLS files unreadable ({exc})") from None
+
+
+async def create_server(config: ServerConfig) -> tuple[Server, int]:
+    """Build the server for ``config`` and bind its port (0 picks one); not started yet.
+
+    Opens (and replays) the write-ahead log, so a corrupt log fails here.
+    """
+    wal = None
+    if config.data_dir is not None:
+        wal = SongLog.open(config.data_dir)
+        if wal.replay.records:
+            log.info("write-ahead log %s: %d songs in %d records", wal.path, len(wal),
+                     wal.replay.records)
+    metrics = Metrics()
+    if wal is not None and wal.replay.torn_bytes:
+        metrics.wal_torn.inc()
+    health = health_aio.HealthServicer()
+    state = ServingState(config, Workers(config.workers), metrics, health, wal)
+    gate = Gate(metrics, config.max_concurrent_rpcs, Tokens(config.admin_token, config.token))
+    server = grpc.aio.server(
+        interceptors=[gate],
+        options=[("grpc.max_receive_message_length", config.max_message_bytes),
+                 ("grpc.max_send_message_length", config.max_message_bytes),
+                 ("grpc.so_reuseport", 0)])
+    pb2_grpc.add_RecommenderServicer_to_server(  # type: ignore[no-untyped-call]
+        RecommenderServicer(state), server)
+    pb2_grpc.add_AdminServicer_to_server(AdminServicer(state), server)  # type: ignore[no-untyped-call]
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [RECOMMENDER, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    address = config.target
+    try:
+        if config.tls_cert is not None:
+            port = server.add_secure_port(address, _credentials(config))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot bind {address} ({exc})") from None
+    return Server(server, state, port), port
+
+
+async def serve(config: ServerConfig, ready: Callable[[Server], None] | None = None) -> int:
+    """Run until SIGTERM or SIGINT, then drain gracefully. Returns the exit status."""
+    server, port = await create_server(config)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await server.start()
+    except (BundleError, WalError) as exc:
+        log.error("cannot serve: %s", exc)
+        await server.stop(0)
+        return 2
+    log.info("listening on %s:%d (tls %s, admin %s, inference token %s)", config.host, port,
+             "on" if config.tls_cert else "off",
+             "enabled" if config.admin_token else "disabled",
+             "required" if config.token else "not required")
+    if ready is not None:
+        ready(server)
+    await stopping.wait()
+    log.info("shutting down: draining in-flight calls (grace %.1fs)", config.grace_s)
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m server``: flags and environment -> config -> serve."""
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        print(f"python -m server: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_format)
+    log.info("config: %s", config)
+    try:
+        return asyncio.run(serve(config))
+    except (ConfigError, WalError, BundleError) as exc:
+        log.error("cannot start: %s", exc)
+        print(f"python -m server: {exc}", file=sys.stderr)
+        return 2

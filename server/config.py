@@ -1,0 +1,185 @@
+"""Server configuration: command-line flags over ``SONGREC_*`` environment variables over
+defaults, turned into one frozen :class:`ServerConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ENV_PREFIX = "SONGREC_"
+
+
+class ConfigError(ValueError):
+    """A flag, environment variable or file named by one is unusable."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs to start. Tokens are kept out of ``repr`` (and so out of
+    every log line that prints the config)."""
+
+    bundle: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    admin_token: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    metrics_port: int = 0  # 0: no metrics endpoint
+    max_concurrent_rpcs: int = 128
+    max_message_bytes: int = 4 << 20
+    workers: int = 4  # threads running model work (ONNX, hnswlib, strategies)
+    threads: int = 1  # threads per ONNX Runtime / hnswlib call inside one worker
+    capacity: int = 100_000  # index room for added songs before it must grow
+    similar_batch: int = 256  # most SimilarSongs lookups per index query; 0: no batching
+    verify: bool = True  # sha256 of every bundle file at load
+    grace_s: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+    @property
+    def target(self) -> str:
+        """host:port as a client would write it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _env(environ: Mapping[str, str], name: str, convert: Callable[[str], T],
+         default: T) -> T:
+    raw = environ.get(ENV_PREFIX + name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return convert(raw)
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{name}={raw!r}: not a valid value") from None
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def read_token(path: Path, what: str) -> str:
+    """A token from a file (surrounding whitespace stripped); never echoes the content."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} file {path}: unreadable ({exc.__class__.__name__})") from None
+    if not token:
+        raise ConfigError(f"{what} file {path}: empty")
+    if any(c.isspace() for c in token):
+        raise ConfigError(f"{what} file {path}: the token contains whitespace")
+    return token
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """Flags whose defaults come from the environment, so a flag beats its variable."""
+    d = ServerConfig()
+    path = Path
+    p = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve a songrec bundle over gRPC (similar songs, playlist continuation, "
+                    "unseen songs). Every flag also reads SONGREC_<FLAG> from the "
+                    "environment, e.g. SONGREC_PORT=50052.")
+    p.add_argument("--bundle", type=path, default=_env(environ, "BUNDLE", path, None),
+                   help="bundle directory; without it the server starts NOT_SERVING and "
+                        "waits for ReloadModel")
+    p.add_argument("--host", default=_env(environ, "HOST", str, d.host),
+                   help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=_env(environ, "PORT", int, d.port),
+                   help="0 picks a free port")
+    p.add_argument("--data-dir", type=path, default=_env(environ, "DATA_DIR", path, None),
+                   help="directory of the write-ahead log of added songs (AddSongs needs it)")
+    p.add_argument("--tls-cert", type=path, default=_env(environ, "TLS_CERT", path, None))
+    p.add_argument("--tls-key", type=path, default=_env(environ, "TLS_KEY", path, None))
+    p.add_argument("--admin-token-file", type=path,
+                   default=_env(environ, "ADMIN_TOKEN_FILE", path, None),
+                   help="file holding the admin bearer token (or set SONGREC_ADMIN_TOKEN); "
+                        "without one, admin RPCs are refused")
+    p.add_argument("--token-file", type=path, default=_env(environ, "TOKEN_FILE", path, None),
+                   help="file holding a bearer token every inference call must carry (or set "
+                        "SONGREC_TOKEN); default: inference is open")
+    p.add_argument("--metrics-port", type=int,
+                   default=_env(environ, "METRICS_PORT", int, d.metrics_port),
+                   help="Prometheus endpoint port on --host (0: off)")
+    p.add_argument("--max-concurrent-rpcs", type=int,
+                   default=_env(environ, "MAX_CONCURRENT_RPCS", int, d.max_concurrent_rpcs),
+                   help="calls past this many in flight get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-message-bytes", type=int,
+                   default=_env(environ, "MAX_MESSAGE_BYTES", int, d.max_message_bytes))
+    p.add_argument("--workers", type=int, default=_env(environ, "WORKERS", int, d.workers),
+                   help="worker threads for model work")
+    p.add_argument("--threads", type=int, default=_env(environ, "THREADS", int, d.threads),
+                   help="threads per ONNX Runtime / hnswlib call")
+    p.add_argument("--similar-batch", type=int,
+                   default=_env(environ, "SIMILAR_BATCH", int, d.similar_batch),
+                   help="most concurrent SimilarSongs lookups answered by one index query "
+                        "(0: one worker call per lookup)")
+    p.add_argument("--capacity", type=int, default=_env(environ, "CAPACITY", int, d.capacity),
+                   help="room in the index for added songs before it is grown")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   default=_env(environ, "VERIFY", _bool, d.verify),
+                   help="skip the sha256 check of the bundle's files at start-up")
+    p.add_argument("--grace", dest="grace_s", type=float,
+                   default=_env(environ, "GRACE", float, d.grace_s),
+                   help="seconds in-flight calls get to finish after SIGTERM")
+    p.add_argument("--log-format", choices=["text", "json"],
+                   default=_env(environ, "LOG_FORMAT", str, d.log_format),
+                   help="json: one JSON object per line")
+    p.add_argument("--log-level", default=_env(environ, "LOG_LEVEL", str, d.log_level),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def load_config(argv: Sequence[str] | None = None,
+                environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Parse flags (and ``SONGREC_*`` variables) into a checked :class:`ServerConfig`.
+
+    Raises :class:`ConfigError` with a one-line message; argparse exits on unknown flags.
+    """
+    environ = os.environ if environ is None else environ
+    args = build_parser(environ).parse_args(argv)
+    return check_config(vars(args), environ)
+
+
+def check_config(values: dict[str, Any], environ: Mapping[str, str]) -> ServerConfig:
+    """Resolve token sources and range-check numbers."""
+    admin_file = values.pop("admin_token_file")
+    token_file = values.pop("token_file")
+    admin = read_token(admin_file, "admin token") if admin_file else None
+    admin = admin or environ.get(ENV_PREFIX + "ADMIN_TOKEN") or None
+    token = read_token(token_file, "token") if token_file else None
+    token = token or environ.get(ENV_PREFIX + "TOKEN") or None
+    config = ServerConfig(admin_token=admin, token=token, **values)
+    limits = {"port": (0, 65535), "metrics_port": (0, 65535),
+              "max_concurrent_rpcs": (1, 100_000), "max_message_bytes": (1024, 1 << 30),
+              "workers": (1, 256), "threads": (1, 256), "similar_batch": (0, 4096),
+              "capacity": (0, 100_000_000)}
+    for name, (low, high) in limits.items():
+        value = getattr(config, name)
+        if not low <= value <= high:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag}: {value} is out of range {low}..{high}")
+    if config.grace_s < 0:
+        raise ConfigError(f"--grace: {config.grace_s} is negative")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    for name in ("tls_cert", "tls_key"):
+        file = getattr(config, name)
+        if file is not None and not file.is_file():
+            raise ConfigError(f"--{name.replace('_', '-')} {file}: no such file")
+    if config.bundle is not None and not config.bundle.is_dir():
+        raise ConfigError(f"--bundle {config.bundle}: no such directory")
+    return config

@@ -1,0 +1,155 @@
+"""The asyncio server interceptor in front of every songrec RPC: load shedding, bearer-token
+checks, the mapping of errors to status codes, metrics and access logs."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from server.errors import (
+    PermissionDenied,
+    ResourceExhausted,
+    ServingError,
+    Unauthenticated,
+    status_for,
+)
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_PREFIX = "/songrec.v1."
+ADMIN_PREFIX = "/songrec.v1.Admin/"
+
+Behaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Bearer tokens. Admin RPCs need ``admin`` (refused when it is None); inference RPCs
+    need ``inference`` or ``admin`` when ``inference`` is set, nothing otherwise."""
+
+    admin: str | None = field(default=None, repr=False)
+    inference: str | None = field(default=None, repr=False)
+
+
+def bearer(metadata: Any) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` header, None when there is none.
+
+    Raises :class:`Unauthenticated` for an authorization header of another form.
+    """
+    for key, value in metadata or ():
+        if key.lower() != "authorization":
+            continue
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        scheme, _, token = text.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("authorization: expected 'Bearer <token>'")
+        return token.strip()
+    return None
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def authorize(method: str, metadata: Any, tokens: Tokens) -> None:
+    """Raise :class:`Unauthenticated` / :class:`PermissionDenied` unless the call's token
+    grants ``method``. Never puts a token in a message."""
+    admin = method.startswith(ADMIN_PREFIX)
+    if admin and tokens.admin is None:
+        raise PermissionDenied("admin RPCs are disabled: the server has no admin token "
+                               "(set SONGREC_ADMIN_TOKEN or --admin-token-file)")
+    if not admin and tokens.inference is None:
+        return
+    given = bearer(metadata)
+    if given is None:
+        raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
+    if tokens.admin is not None and _same(given, tokens.admin):
+        return
+    if not admin and tokens.inference is not None and _same(given, tokens.inference):
+        return
+    raise PermissionDenied("the bearer token does not grant "
+                           + ("admin RPCs" if admin else "this RPC"))
+
+
+class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Wraps each unary songrec RPC: shed load past ``limit`` concurrent calls, check the
+    token, run, map any error to its status code (``status_for``, the one mapping), record
+    metrics. Health checks and reflection pass through untouched (probes must never be
+    shed or need a token)."""
+
+    def __init__(self, metrics: Metrics, limit: int, tokens: Tokens) -> None:
+        self.metrics = metrics
+        self.limit = limit
+        self.tokens = tokens
+        self.in_flight = 0
+        self._wrapped: dict[str, Any] = {}
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: Any) -> Any:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX) \
+                or handler.unary_unary is None:
+            return handler
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._guard(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+            self._wrapped[method] = wrapped
+        return wrapped
+
+    def _guard(self, method: str, behaviour: Behaviour) -> Behaviour:
+        name = method.rsplit("/", 1)[-1]
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            admitted = False
+            try:
+                if self.in_flight >= self.limit:
+                    raise ResourceExhausted(f"server busy: {self.in_flight} calls in flight "
+                                            f"(limit {self.limit}); retry with backoff")
+                self.in_flight += 1
+                admitted = True
+                self.metrics.in_flight.inc()
+                authorize(method, context.invocation_metadata(), self.tokens)
+                return await behaviour(request, context)
+            except asyncio.CancelledError:
+                # The client went away or its deadline passed; gRPC has already answered.
+                remaining = context.time_remaining()
+                code = (grpc.StatusCode.DEADLINE_EXCEEDED
+                        if remaining is not None and remaining <= 0
+                        else grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as exc:
+                if _is_abort(exc):  # the behaviour aborted on its own: keep its status
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                code, message = status_for(exc)
+                if not isinstance(exc, ServingError) and code is grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", name)
+                await context.abort(code, message)
+                raise  # abort() raises; this keeps type checkers content
+            finally:
+                if admitted:
+                    self.in_flight -= 1
+                    self.metrics.in_flight.dec()
+                seconds = time.perf_counter() - start
+                self.metrics.observe(name, code.name, seconds)
+                log.debug("rpc %s %s %.2fms", name, code.name, seconds * 1000)
+
+        return guarded
+
+
+def _is_abort(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AbortError)

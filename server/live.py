@@ -1,0 +1,307 @@
+"""One served model: a loaded bundle plus the songs added at run time, behind a readers-writer
+lock, answering in external ids. Every method blocks: call them from worker threads."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.engine import Engine
+from server.errors import InvalidArgument, NotFound
+from server.locks import RWLock
+from server.strategies import (
+    REASON_PLAYLIST,
+    REASON_SEED,
+    REASON_TAG,
+    STRATEGIES,
+    Query,
+)
+from server.validation import ContinueParams, EncodeParams, NewSong, SimilarParams
+
+log = logging.getLogger(__name__)
+
+ENCODE_CHUNK = 1000  # songs per encoder call when replaying the log
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """A ``ContinuePlaylist`` answer in external ids. ``reasons`` hold (kind, source): the
+    seed song id, neighbour playlist id or question tag it came from, or None."""
+
+    song_ids: list[int]
+    song_scores: list[float]
+    reasons: list[tuple[str, int | str | None]]
+    names: list[tuple[str, str]] | None
+    tags: list[str]
+    tag_scores: list[float]
+    unknown_seed_ids: list[int]
+    unknown_tags: list[str]
+    strategy: str
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Nearest songs of one song (or code), best first."""
+
+    song_id: int
+    ids: list[int]
+    similarities: list[float]
+    names: list[tuple[str, str]] | None
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An unseen song's code and its nearest songs."""
+
+    code: list[float]
+    known_columns: int
+    neighbours: Neighbours
+
+
+class LiveModel:
+    """An :class:`Engine` and the songs added to its index since it was loaded.
+
+    Rows ``0..n-1`` are the bundle's songs; added songs get rows ``n, n+1, ...`` in the order
+    they were added. Queries hold the lock shared; inserts hold it exclusively, because
+    hnswlib must not be searched while ``add_items`` or ``resize_index`` runs.
+    """
+
+    def __init__(self, engine: Engine, source: Path) -> None:
+        self.engine = engine
+        self.source = source
+        self.lock = RWLock()
+        self._added_ids: list[int] = []
+        self._row_of_added: dict[int, int] = {}
+        self._added_names: list[tuple[str, str]] = []
+
+    @staticmethod
+    def load(path: Path, *, verify: bool, capacity: int, threads: int) -> LiveModel:
+        """Load and verify a bundle (raises :class:`~server.bundle.BundleError`)."""
+        return LiveModel(Engine.load(path, verify=verify, capacity=capacity, threads=threads),
+                         path)
+
+    # ------------------------------------------------------------ ids and rows
+
+    @property
+    def version(self) -> str:
+        return self.engine.model_version
+
+    @property
+    def n_bundle(self) -> int:
+        return self.engine.catalog.n_songs
+
+    @property
+    def n_added(self) -> int:
+        return len(self._added_ids)
+
+    def row_of(self, song_id: int) -> int:
+        """The row of a served song id, -1 when unknown (call under the lock)."""
+        row = self.engine.catalog.row_of_id.get(song_id)
+        if row is not None:
+            return row
+        return self._row_of_added.get(song_id, -1)
+
+    def rows_of(self, song_ids: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+        """Rows of the known ids (in order) and the unknown ids (call under the lock)."""
+        rows, unknown = [], []
+        for song_id in song_ids:
+            row = self.row_of(song_id)
+            if row >= 0:
+                rows.append(row)
+            else:
+                unknown.append(song_id)
+        return np.asarray(rows, dtype=np.int64), unknown
+
+    def ids_of(self, rows: Sequence[int]) -> list[int]:
+        """External ids of rows (call under the lock)."""
+        song_ids = self.engine.catalog.song_ids
+        n = len(song_ids)
+        return [int(song_ids[r]) if r < n else self._added_ids[r - n] for r in rows]
+
+    def names_of(self, rows: Sequence[int]) -> list[tuple[str, str]]:
+        """(name, artists) of rows; empty strings when unknown (call under the lock)."""
+        n = self.n_bundle
+        return [self.engine.song_name(r) if r < n else self._added_names[r - n] for r in rows]
+
+    # ------------------------------------------------------------ queries
+
+    def continue_playlist(self, params: ContinueParams) -> Continuation:
+        """Run a strategy on a question given in external ids."""
+        catalog = self.engine.catalog
+        tag_rows, unknown_tags = [], []
+        for tag in params.tags:
+            index = catalog.tag_index.get(tag)
+            if index is None:
+                unknown_tags.append(tag)
+            else:
+                tag_rows.append(index)
+        with self.lock.read():
+            seeds, unknown = self.rows_of(params.seed_ids)
+            query = Query(seeds, np.asarray(tag_rows, dtype=np.int32), params.title,
+                          params.updt_date, params.n_songs, params.n_tags, params.drop_future)
+            answer = self.engine.continue_playlist(params.strategy, query)
+            rows = answer.songs.tolist()
+            song_ids = self.ids_of(rows)
+            reasons: list[tuple[str, int | str | None]] = []
+            for kind, source in answer.reasons:
+                if kind == REASON_SEED:
+                    reasons.append((kind, self.ids_of([source])[0]))
+                elif kind == REASON_PLAYLIST:
+                    reasons.append((kind, source))
+                elif kind == REASON_TAG:
+                    reasons.append((kind, catalog.tags[source]))
+                else:
+                    reasons.append((kind, None))
+            names = self.names_of(rows) if params.include_names else None
+        return Continuation(song_ids, answer.song_scores.tolist(), reasons, names,
+                            [catalog.tags[t] for t in answer.tags.tolist()],
+                            answer.tag_scores.tolist(), unknown, unknown_tags,
+                            params.strategy)
+
+    def similar(self, params: SimilarParams) -> tuple[list[Neighbours], list[int]]:
+        """Nearest songs of each known id (in request order), and the unknown ids."""
+        with self.lock.read():
+            rows, unknown = self.rows_of(params.song_ids)
+            missing = set(unknown)
+            known_ids = [i for i in params.song_ids if i not in missing]
+            exclude_rows, _ = self.rows_of(sorted(params.exclude))
+            found = (self.engine.similar(rows, params.k, set(exclude_rows.tolist()))
+                     if len(rows) else [])
+            results = [self._neighbours(song_id, labels.tolist(), sims.tolist(),
+                                        params.include_names)
+                       for song_id, (labels, sims) in zip(known_ids, found, strict=True)]
+        return results, unknown
+
+    def similar_one(self, params: SimilarParams) -> Neighbours:
+        """``similar`` for a single id; :class:`NotFound` when the index lacks it."""
+        (found,) = self.similar_each([params])
+        if isinstance(found, NotFound):
+            raise found
+        return found
+
+    def similar_each(self, requests: Sequence[SimilarParams]) -> list[Neighbours | NotFound]:
+        """Many single-song requests (each with its own k and exclusions) answered by one
+        index query; an unknown song gives a :class:`NotFound` in its place."""
+        out: list[Neighbours | NotFound] = []
+        with self.lock.read():
+            rows = [self.row_of(p.song_ids[0]) for p in requests]
+            known = [i for i, row in enumerate(rows) if row >= 0]
+            found: dict[int, Neighbours] = {}
+            if known:
+                excluded = {i: self.rows_of(sorted(requests[i].exclude))[0] for i in known}
+                # One query for all: deep enough for the most demanding request.
+                depth = max(requests[i].k + 1 + len(excluded[i]) for i in known)
+                songs = self.engine.songs
+                labels, sims = songs.search(songs.vectors(np.asarray([rows[i] for i in known],
+                                                                     dtype=np.int64)), depth)
+                for j, i in enumerate(known):
+                    keep = labels[j] != rows[i]
+                    if len(excluded[i]):
+                        keep &= ~np.isin(labels[j], excluded[i])
+                    k = requests[i].k
+                    found[i] = self._neighbours(requests[i].song_ids[0],
+                                                labels[j][keep][:k].tolist(),
+                                                sims[j][keep][:k].tolist(),
+                                                requests[i].include_names)
+            for i, params in enumerate(requests):
+                out.append(found[i] if i in found else NotFound(
+                    f"song_id: {params.song_ids[0]} is not in the index of model "
+                    f"{self.version} ({self.n_bundle + self.n_added} songs)"))
+        return out
+
+    def encode(self, params: EncodeParams) -> Encoded:
+        """Code of an unseen song and its nearest songs."""
+        codes, known = self.engine.encoder.encode([params.song])
+        self._check_known(known, ["song"])
+        neighbours = Neighbours(-1, [], [], [] if params.include_names else None)
+        if params.k:
+            with self.lock.read():
+                labels, sims = self.engine.nearest_to(codes, params.k)
+                neighbours = self._neighbours(-1, labels[0].tolist(), sims[0].tolist(),
+                                              params.include_names)
+        return Encoded(codes[0].tolist(), known[0], neighbours)
+
+    def _neighbours(self, song_id: int, rows: list[int], sims: list[float],
+                    include_names: bool) -> Neighbours:
+        return Neighbours(song_id, self.ids_of(rows), sims,
+                          self.names_of(rows) if include_names else None)
+
+    def _check_known(self, known: Sequence[int], fields: Sequence[str]) -> None:
+        for count, field in zip(known, fields, strict=True):
+            if count == 0:
+                groups = ", ".join(self.engine.manifest.column_groups)
+                raise InvalidArgument(f"{field}: none of its metadata is known to model "
+                                      f"{self.version} (its input columns: {groups}); the "
+                                      f"song cannot be placed")
+
+    # ------------------------------------------------------------ inserts
+
+    def absent(self, songs: Sequence[NewSong]) -> tuple[list[NewSong], list[int]]:
+        """Split songs into those not yet served and the ids already served."""
+        fresh, existing = [], []
+        with self.lock.read():
+            for song in songs:
+                if self.row_of(song.song_id) >= 0:
+                    existing.append(song.song_id)
+                else:
+                    fresh.append(song)
+        return fresh, existing
+
+    def encode_new(self, songs: Sequence[NewSong], fields: Sequence[str]) -> np.ndarray:
+        """Codes of songs to add; :class:`InvalidArgument` naming the first unplaceable one."""
+        codes, known = self.engine.encoder.encode([s.meta for s in songs])
+        self._check_known(known, fields)
+        return codes
+
+    def insert(self, songs: Sequence[NewSong], codes: np.ndarray) -> None:
+        """Add encoded songs to the index (exclusive lock; grows the index when full)."""
+        if not songs:
+            return
+        index: Any = self.engine.songs.index
+        with self.lock.write():
+            start = self.n_bundle + len(self._added_ids)
+            needed = start + len(songs)
+            if needed > index.get_max_elements():
+                # Grow geometrically: resizing copies the whole graph.
+                index.resize_index(max(needed, 2 * index.get_max_elements()))
+            index.add_items(codes, np.arange(start, needed, dtype=np.int64))
+            for offset, song in enumerate(songs):
+                self._row_of_added[song.song_id] = start + offset
+                self._added_ids.append(song.song_id)
+                self._added_names.append((song.name, song.artists))
+
+    def replay(self, songs: Sequence[NewSong]) -> tuple[int, int]:
+        """Re-add logged songs (skipping served ones and, with a warning, ones this model
+        cannot place). Returns (added, skipped as unplaceable)."""
+        fresh, _ = self.absent(songs)
+        added = skipped = 0
+        for start in range(0, len(fresh), ENCODE_CHUNK):
+            chunk = fresh[start : start + ENCODE_CHUNK]
+            codes, known = self.engine.encoder.encode([s.meta for s in chunk])
+            keep = [i for i, n in enumerate(known) if n > 0]
+            skipped += len(chunk) - len(keep)
+            self.insert([chunk[i] for i in keep], codes[keep])
+            added += len(keep)
+        if skipped:
+            log.warning("model %s knows none of the metadata of %d logged songs; they stay "
+                        "in the log but are not served by this model", self.version, skipped)
+        return added, skipped
+
+    # ------------------------------------------------------------ metadata
+
+    def info(self) -> dict[str, Any]:
+        """Version, counts, dims, strategies and index parameters."""
+        m = self.engine.manifest
+        return {"model_version": m.model_version, "created": m.created,
+                "data_fingerprint": m.data_fingerprint, "code_dim": m.code_dim,
+                "input_dim": m.input_dim, "column_groups": dict(m.column_groups),
+                "bundle_songs": self.n_bundle, "added_songs": self.n_added,
+                "indexed_songs": self.n_bundle + self.n_added,
+                "playlists": len(self.engine.catalog.playlist_ids),
+                "tags": len(self.engine.catalog.tags), "strategies": list(STRATEGIES),
+                "song_index": m.song_index, "playlist_index": m.playlist_index}

@@ -1,0 +1,69 @@
+"""Prometheus metrics of one server: requests and latency by method and status code, the
+index size, the model version, reloads. Each server has its own registry (tests run many)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+# From a sub-millisecond similar-songs lookup to a multi-second model reload.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """The server's collectors, registered in a private :class:`CollectorRegistry`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("songrec_requests", "RPCs finished, by method and status code",
+                                ["method", "code"], registry=r)
+        self.latency = Histogram("songrec_request_seconds",
+                                 "RPC latency in seconds, by method and status code",
+                                 ["method", "code"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("songrec_in_flight_requests", "RPCs being handled", registry=r)
+        self.indexed_songs = Gauge("songrec_indexed_songs",
+                                   "songs in the served index (bundle + added)", registry=r)
+        self.added_songs = Gauge("songrec_added_songs", "songs added at run time", registry=r)
+        self.model = Gauge("songrec_model_info", "1 for the model version being served",
+                           ["model_version"], registry=r)
+        self.reloads = Counter("songrec_reloads", "ReloadModel attempts by result",
+                               ["result"], registry=r)
+        self.wal_torn = Counter("songrec_wal_torn_records",
+                                "torn last records dropped from the write-ahead log",
+                                registry=r)
+        self.similar_batch = Histogram("songrec_similar_batch_size",
+                                       "SimilarSongs lookups answered per index query",
+                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self._http: Any = None
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        """Count one finished RPC."""
+        self.requests.labels(method, code).inc()
+        self.latency.labels(method, code).observe(seconds)
+
+    def set_model(self, version: str | None, indexed: int, added: int) -> None:
+        """Publish what is being served (``version`` None: nothing)."""
+        self.model.clear()
+        if version is not None:
+            self.model.labels(version).set(1)
+        self.indexed_songs.set(indexed)
+        self.added_songs.set(added)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint in a daemon thread; returns the bound port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(self._http.server_port)
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,285 @@
+"""Pure request checks: each turns one protobuf request into a validated domain object or
+raises :class:`~server.errors.InvalidArgument` naming the field, the value and the range."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from protos.songrec.v1 import songrec_pb2 as pb2
+from server.engine import SongMeta
+from server.errors import InvalidArgument
+from server.strategies import DEFAULT_STRATEGY, STRATEGIES
+
+# Limits. They bound the work and the answer size of one call; the message-size limit of
+# the transport bounds the rest.
+MAX_SEEDS = 1000
+MAX_TAGS = 256
+MAX_TAG_CHARS = 256
+MAX_TITLE_CHARS = 1000
+MAX_SONGS = 1000
+DEFAULT_SONGS = 100
+MAX_TAGS_OUT = 100
+DEFAULT_TAGS = 10
+MAX_K = 1000
+DEFAULT_K = 10
+MAX_EXCLUDE = 1000
+MAX_BATCH = 1000
+MAX_BATCH_RESULTS = 100_000  # len(song_ids) * k
+MAX_NEW_SONGS = 1000
+MAX_META_VALUES = 256  # per metadata list
+MAX_NAME_CHARS = 1000
+MAX_PATH_CHARS = 4096
+
+V = TypeVar("V")
+
+_UPDT_DATE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})(?:[ T](\d{2}):(\d{2}):(\d{2})(?:\.\d{1,9})?)?")
+_ISSUE_DATE = re.compile(r"\d{8}")
+_GENRE = re.compile(r"GN\d{4}")
+
+
+@dataclass(frozen=True)
+class ContinueParams:
+    """A playlist question in external ids; ``updt_date`` is YYYYMMDD (0 unknown)."""
+
+    seed_ids: tuple[int, ...]
+    tags: tuple[str, ...]
+    title: str
+    updt_date: int
+    n_songs: int
+    n_tags: int
+    strategy: str
+    drop_future: bool
+    include_names: bool
+
+
+@dataclass(frozen=True)
+class SimilarParams:
+    """One or many songs to find neighbours of."""
+
+    song_ids: tuple[int, ...]
+    k: int
+    exclude: frozenset[int]
+    include_names: bool
+
+
+@dataclass(frozen=True)
+class EncodeParams:
+    """An unseen song's metadata and how many of its nearest songs to return."""
+
+    song: SongMeta
+    k: int
+    include_names: bool
+
+
+@dataclass(frozen=True)
+class NewSong:
+    """A song to add to the live index (also the write-ahead log's record of it)."""
+
+    song_id: int
+    meta: SongMeta
+    name: str = ""
+    artists: str = ""
+
+
+@dataclass(frozen=True)
+class ReloadParams:
+    """Which bundle to load (``None``: the one served now) and whether to checksum it."""
+
+    path: Path | None
+    verify: bool
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def check_range(field: str, value: int, low: int, high: int) -> int:
+    """``value`` if ``low <= value <= high``, else :class:`InvalidArgument` naming ``field``."""
+    if not low <= value <= high:
+        raise InvalidArgument(f"{field}: {value} is out of range {low}..{high}")
+    return value
+
+
+def optional_count(field: str, message: object, default: int, low: int, high: int) -> int:
+    """An ``optional uint32`` field: its default when unset, else range-checked."""
+    if not message.HasField(field):  # type: ignore[attr-defined]
+        return default
+    return check_range(field, int(getattr(message, field)), low, high)
+
+
+def check_length(field: str, values: Sequence[object], high: int, low: int = 0) -> None:
+    """Refuse a repeated field with fewer than ``low`` or more than ``high`` entries."""
+    if not low <= len(values) <= high:
+        raise InvalidArgument(f"{field}: {len(values)} entries, allowed {low}..{high}")
+
+
+def check_ids(field: str, ids: Iterable[int]) -> tuple[int, ...]:
+    """Song/playlist/artist ids are non-negative (Melon's ids start at 0)."""
+    out = tuple(int(i) for i in ids)
+    for pos, value in enumerate(out):
+        if value < 0:
+            raise InvalidArgument(f"{field}[{pos}]: {value} is negative; ids are >= 0")
+    return out
+
+
+def unique(values: Iterable[V]) -> tuple[V, ...]:
+    """Values without repeats, first occurrence kept, order kept."""
+    return tuple(dict.fromkeys(values))
+
+
+def parse_updt_date(value: str, field: str = "updt_date") -> int:
+    """Melon's ``updt_date`` ("YYYY-MM-DD[ hh:mm:ss[.fff]]") as YYYYMMDD; "" -> 0 (unknown)."""
+    text = value.strip()
+    if not text:
+        return 0
+    match = _UPDT_DATE.fullmatch(text)
+    try:
+        if match is None:
+            raise ValueError("bad format")
+        year, month, day = (int(g) for g in match.group(1, 2, 3))
+        dt.date(year, month, day)
+        if match.group(4) is not None:
+            hour, minute, second = (int(g) for g in match.group(4, 5, 6))
+            dt.time(hour, minute, second)
+    except ValueError:
+        raise InvalidArgument(f"{field}: {value[:40]!r} is not a date; expected "
+                              f"YYYY-MM-DD, YYYY-MM-DD hh:mm:ss or "
+                              f"YYYY-MM-DD hh:mm:ss.fff") from None
+    return year * 10000 + month * 100 + day
+
+
+def parse_issue_date(value: str, field: str) -> int:
+    """Melon's ``issue_date`` "YYYYMMDD" as an int; month or day "00" mean unknown parts
+    (as in song_meta.json); "" and "00000000" mean unknown (0)."""
+    text = value.strip()
+    if not text:
+        return 0
+    if _ISSUE_DATE.fullmatch(text) is None:
+        raise InvalidArgument(f"{field}: {value[:40]!r} is not YYYYMMDD (8 digits)")
+    number = int(text)
+    month, day = number // 100 % 100, number % 100
+    if month > 12 or day > 31:
+        raise InvalidArgument(f"{field}: {text!r} has month {month:02d} or day {day:02d} "
+                              f"out of range (month 00..12, day 00..31)")
+    return number
+
+
+def check_text(field: str, value: str, high: int) -> str:
+    """Refuse a string longer than ``high`` characters."""
+    if len(value) > high:
+        raise InvalidArgument(f"{field}: {len(value)} characters, at most {high} allowed")
+    return value
+
+
+def check_metadata(meta: pb2.SongMetadata, field: str) -> SongMeta:
+    """A ``SongMetadata`` message as the encoder's :class:`SongMeta`, every code checked."""
+    for name in ("genres", "detail_genres", "artist_ids", "playlist_ids", "tags"):
+        check_length(f"{field}.{name}", getattr(meta, name), MAX_META_VALUES)
+    for pos, code in enumerate(meta.genres):
+        if _GENRE.fullmatch(code) is None or not code.endswith("00"):
+            raise InvalidArgument(f"{field}.genres[{pos}]: {code[:40]!r} is not a major "
+                                  f"genre code (GN followed by 4 digits ending in 00, "
+                                  f"e.g. GN0100)")
+    for pos, code in enumerate(meta.detail_genres):
+        if _GENRE.fullmatch(code) is None:
+            raise InvalidArgument(f"{field}.detail_genres[{pos}]: {code[:40]!r} is not a "
+                                  f"genre code (GN followed by 4 digits, e.g. GN0105)")
+    for pos, tag in enumerate(meta.tags):
+        check_text(f"{field}.tags[{pos}]", tag, MAX_TAG_CHARS)
+    return SongMeta(genres=tuple(meta.genres), detail_genres=tuple(meta.detail_genres),
+                    artists=check_ids(f"{field}.artist_ids", meta.artist_ids),
+                    issue_date=parse_issue_date(meta.issue_date, f"{field}.issue_date"),
+                    playlists=check_ids(f"{field}.playlist_ids", meta.playlist_ids),
+                    tags=tuple(meta.tags))
+
+
+# ---------------------------------------------------------------- requests
+
+
+def continue_params(request: pb2.ContinuePlaylistRequest) -> ContinueParams:
+    """Check a ``ContinuePlaylist`` request; repeated seeds and tags are folded."""
+    check_length("seed_song_ids", request.seed_song_ids, MAX_SEEDS)
+    check_length("tags", request.tags, MAX_TAGS)
+    for pos, tag in enumerate(request.tags):
+        check_text(f"tags[{pos}]", tag, MAX_TAG_CHARS)
+    strategy = request.strategy or DEFAULT_STRATEGY
+    if strategy not in STRATEGIES:
+        raise InvalidArgument(f"strategy: {request.strategy[:40]!r} is unknown; known: "
+                              f"{', '.join(STRATEGIES)} (empty = {DEFAULT_STRATEGY})")
+    return ContinueParams(
+        seed_ids=unique(check_ids("seed_song_ids", request.seed_song_ids)),
+        tags=unique(request.tags),
+        title=check_text("title", request.title, MAX_TITLE_CHARS),
+        updt_date=parse_updt_date(request.updt_date),
+        n_songs=optional_count("n_songs", request, DEFAULT_SONGS, 1, MAX_SONGS),
+        n_tags=optional_count("n_tags", request, DEFAULT_TAGS, 0, MAX_TAGS_OUT),
+        strategy=strategy,
+        drop_future=request.drop_future,
+        include_names=request.include_names,
+    )
+
+
+def similar_params(request: pb2.SimilarSongsRequest) -> SimilarParams:
+    """Check a ``SimilarSongs`` request."""
+    check_length("exclude_song_ids", request.exclude_song_ids, MAX_EXCLUDE)
+    (song_id,) = check_ids("song_id", [request.song_id])
+    return SimilarParams((song_id,), optional_count("k", request, DEFAULT_K, 1, MAX_K),
+                         frozenset(check_ids("exclude_song_ids", request.exclude_song_ids)),
+                         request.include_names)
+
+
+def similar_batch_params(request: pb2.SimilarSongsBatchRequest) -> SimilarParams:
+    """Check a ``SimilarSongsBatch`` request; repeated ids are answered once."""
+    check_length("song_ids", request.song_ids, MAX_BATCH, low=1)
+    check_length("exclude_song_ids", request.exclude_song_ids, MAX_EXCLUDE)
+    k = optional_count("k", request, DEFAULT_K, 1, MAX_K)
+    ids = unique(check_ids("song_ids", request.song_ids))
+    if len(ids) * k > MAX_BATCH_RESULTS:
+        raise InvalidArgument(f"song_ids x k: {len(ids)} x {k} = {len(ids) * k} neighbours, "
+                              f"at most {MAX_BATCH_RESULTS} per call; split the batch")
+    return SimilarParams(ids, k, frozenset(check_ids("exclude_song_ids",
+                                                     request.exclude_song_ids)),
+                         request.include_names)
+
+
+def encode_params(request: pb2.EncodeSongRequest) -> EncodeParams:
+    """Check an ``EncodeSong`` request."""
+    if not request.HasField("song"):
+        raise InvalidArgument("song: missing; give at least one of genres, detail_genres, "
+                              "artist_ids, issue_date, playlist_ids, tags")
+    return EncodeParams(check_metadata(request.song, "song"),
+                        optional_count("k", request, DEFAULT_K, 0, MAX_K),
+                        request.include_names)
+
+
+def new_songs(request: pb2.AddSongsRequest) -> list[NewSong]:
+    """Check an ``AddSongs`` request: 1..1000 songs, each id once, metadata well formed."""
+    check_length("songs", request.songs, MAX_NEW_SONGS, low=1)
+    out: list[NewSong] = []
+    seen: dict[int, int] = {}
+    for pos, song in enumerate(request.songs):
+        (song_id,) = check_ids(f"songs[{pos}].song_id", [song.song_id])
+        if song_id in seen:
+            raise InvalidArgument(f"songs[{pos}].song_id: {song_id} repeats songs"
+                                  f"[{seen[song_id]}]; each id may appear once per call")
+        seen[song_id] = pos
+        if not song.HasField("metadata"):
+            raise InvalidArgument(f"songs[{pos}].metadata: missing")
+        out.append(NewSong(song_id, check_metadata(song.metadata, f"songs[{pos}].metadata"),
+                           check_text(f"songs[{pos}].name", song.name, MAX_NAME_CHARS),
+                           check_text(f"songs[{pos}].artists", song.artists,
+                                      MAX_NAME_CHARS)))
+    return out
+
+
+def reload_params(request: pb2.ReloadModelRequest) -> ReloadParams:
+    """Check a ``ReloadModel`` request (the path itself is checked by loading it)."""
+    path = check_text("bundle_path", request.bundle_path, MAX_PATH_CHARS).strip()
+    if "\x00" in path:
+        raise InvalidArgument("bundle_path: contains a NUL character")
+    return ReloadParams(Path(path) if path else None, not request.skip_verify)

@@ -1,0 +1,216 @@
+"""The write-ahead log of songs added at run time: framed, checksummed, fsynced records.
+
+File layout: an 8-byte magic, then records. Each record is a little-endian uint32 payload
+length, a uint32 CRC-32 of the payload, and the payload (UTF-8 JSON: ``{"songs": [...]}``,
+one record per acknowledged ``AddSongs`` call). A crash can leave the last record torn
+(short, or with a bad checksum); opening the log detects that, reports it, truncates the
+tail and keeps every complete record. A bad record *followed by* good data is corruption,
+not a torn write, and is refused rather than silently dropping acknowledged songs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.engine import SongMeta
+from server.validation import NewSong
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"SRWAL01\n"
+HEADER = struct.Struct("<II")  # payload length, crc32(payload)
+MAX_RECORD = 256 << 20  # a larger length field can only be garbage
+FILE_NAME = "songs.wal"
+
+
+class WalError(RuntimeError):
+    """The log is unreadable or corrupt somewhere other than its tail."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What opening a log found."""
+
+    records: int
+    songs: list[NewSong]
+    torn_bytes: int  # bytes of a torn last record that were dropped (0: none)
+
+
+def encode_song(song: NewSong) -> dict[str, Any]:
+    """A song as a JSON-able record entry."""
+    m = song.meta
+    return {"id": song.song_id, "genres": list(m.genres),
+            "detail_genres": list(m.detail_genres), "artists": list(m.artists),
+            "issue_date": m.issue_date, "playlists": list(m.playlists), "tags": list(m.tags),
+            "name": song.name, "artist_names": song.artists}
+
+
+def decode_song(raw: dict[str, Any]) -> NewSong:
+    """The inverse of :func:`encode_song` (raises KeyError/TypeError/ValueError if malformed)."""
+    meta = SongMeta(genres=tuple(str(g) for g in raw["genres"]),
+                    detail_genres=tuple(str(g) for g in raw["detail_genres"]),
+                    artists=tuple(int(a) for a in raw["artists"]),
+                    issue_date=int(raw["issue_date"]),
+                    playlists=tuple(int(p) for p in raw["playlists"]),
+                    tags=tuple(str(t) for t in raw["tags"]))
+    return NewSong(int(raw["id"]), meta, str(raw.get("name", "")),
+                   str(raw.get("artist_names", "")))
+
+
+def frame(payload: bytes) -> bytes:
+    """One record: header + payload."""
+    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def scan(data: bytes, where: Path) -> tuple[list[bytes], int]:
+    """Payloads of the complete records in ``data`` (the file after the magic), and the
+    length of the valid prefix. A bad record is tolerated only as the torn tail."""
+    payloads: list[bytes] = []
+    pos = 0
+    while pos < len(data):
+        problem = None
+        if len(data) - pos < HEADER.size:
+            problem = "short header"
+            end = len(data)
+        else:
+            length, crc = HEADER.unpack_from(data, pos)
+            end = pos + HEADER.size + length
+            if length == 0 or length > MAX_RECORD:
+                problem = f"impossible length {length}"
+                end = len(data)
+            elif end > len(data):
+                problem = f"record of {length} bytes runs past the end"
+                end = len(data)
+            elif zlib.crc32(data[pos + HEADER.size : end]) != crc:
+                problem = "checksum mismatch"
+        if problem is None:
+            payloads.append(data[pos + HEADER.size : end])
+            pos = end
+            continue
+        if end >= len(data) or not any(data[pos:]):
+            return payloads, pos  # the torn tail of an interrupted append
+        offset = len(MAGIC) + pos
+        raise WalError(f"{where}: corrupt record at byte {offset} ({problem}) followed by "
+                       f"{len(data) - end} more bytes; refusing to drop acknowledged songs. "
+                       f"Keep a copy, then truncate the file at byte {offset} to start")
+    return payloads, pos
+
+
+class SongLog:
+    """Append-only, fsynced log of added songs in ``data_dir``.
+
+    Open with :meth:`open`, which replays it; :meth:`append` returns only after the record
+    and (for a new file) its directory entry are on disk.
+    """
+
+    def __init__(self, path: Path, fh: Any, replay: Replay) -> None:
+        self.path = path
+        self._fh = fh
+        self._lock = threading.Lock()
+        self.replay = replay
+        self._songs: list[NewSong] = list(replay.songs)
+
+    @staticmethod
+    def open(data_dir: Path) -> SongLog:
+        """Open (creating if needed) the log in ``data_dir``, drop a torn tail, replay it."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / FILE_NAME
+        created = not path.exists()
+        try:
+            fh = open(path, "a+b")  # noqa: SIM115 - kept open for the server's lifetime
+        except OSError as exc:
+            raise WalError(f"{path}: cannot open ({exc.strerror})") from None
+        try:
+            replay = SongLog._recover(path, fh, created)
+        except BaseException:
+            fh.close()
+            raise
+        if created:
+            _fsync_dir(data_dir)
+        return SongLog(path, fh, replay)
+
+    @staticmethod
+    def _recover(path: Path, fh: Any, created: bool) -> Replay:
+        fh.seek(0)
+        raw = fh.read()
+        if not raw:
+            fh.write(MAGIC)
+            fh.flush()
+            os.fsync(fh.fileno())
+            return Replay(0, [], 0)
+        if not raw.startswith(MAGIC):
+            if MAGIC.startswith(raw):  # torn while writing the magic itself
+                fh.truncate(0)
+                return SongLog._recover(path, fh, created)
+            raise WalError(f"{path}: not a songrec write-ahead log (bad magic)")
+        payloads, valid = scan(raw[len(MAGIC) :], path)
+        songs: list[NewSong] = []
+        for number, payload in enumerate(payloads):
+            try:
+                record = json.loads(payload.decode("utf-8"))
+                songs.extend(decode_song(s) for s in record["songs"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise WalError(f"{path}: record {number} has a valid checksum but bad "
+                               f"content ({exc!r})") from None
+        torn = len(raw) - len(MAGIC) - valid
+        if torn:
+            log.warning("write-ahead log %s: dropped a torn last record (%d bytes) left by "
+                        "an interrupted write; %d complete records kept", path, torn,
+                        len(payloads))
+            fh.truncate(len(MAGIC) + valid)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return Replay(len(payloads), songs, torn)
+
+    def songs(self) -> list[NewSong]:
+        """Every song logged so far, in order (replayed ones first)."""
+        with self._lock:
+            return list(self._songs)
+
+    def __len__(self) -> int:
+        return len(self._songs)
+
+    def append(self, songs: Sequence[NewSong]) -> None:
+        """Write one record holding ``songs`` and fsync it (blocking: call off the loop)."""
+        payload = json.dumps({"songs": [encode_song(s) for s in songs]},
+                             ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        with self._lock:
+            start = os.fstat(self._fh.fileno()).st_size
+            try:
+                self._fh.write(frame(payload))
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            except OSError as exc:
+                # Cut the half-written record, so later appends do not follow garbage
+                # (which the next start-up would have to refuse as corruption).
+                try:
+                    self._fh.truncate(start)
+                except OSError:
+                    pass
+                raise WalError(f"{self.path}: append failed ({exc.strerror})") from None
+            self._songs.extend(songs)
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a directory entry (a new file is not durable until its directory is)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # platforms without directory fds
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
