@@ -45,3 +45,6 @@ bench-quality: $(STAMP)
 
 clean:
 	rm -rf $(VENV) data
+
+bench-train: $(STAMP)
+	$(BIN)/python -m trainer.bench_train --bundle-out bundles/melon --out docs/BENCHMARKS.md

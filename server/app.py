@@ -148,6 +148,38 @@ def metadata_fields(songs: Sequence[NewSong], request_order: Sequence[NewSong]) 
     return [f"songs[{position[song.song_id]}].metadata" for song in songs]
 
 
+# ---------------------------------------------------------------- health
+
+
+class Health(health_aio.HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 whose ``Watch`` streams end once a drain begins (after telling the
+    watcher NOT_SERVING): the stock servicer keeps them open, and an open stream holds
+    ``server.stop(grace)`` for the whole grace period. Otherwise the stock ``Watch``."""
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> None:
+        service = request.service
+        condition = self._server_watchers[service]
+        self._watcher_count_by_service[service] += 1
+        last = None
+        try:
+            async with condition:
+                while True:
+                    status = self._server_status.get(
+                        service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                    if status != last:
+                        await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                    if self._gracefully_shutting_down:
+                        return
+                    await condition.wait()
+        finally:
+            self._watcher_count_by_service[service] -= 1
+            if self._watcher_count_by_service[service] == 0:
+                del self._server_watchers[service]
+                del self._watcher_count_by_service[service]
+
+
 # ---------------------------------------------------------------- serving state
 
 
@@ -157,7 +189,7 @@ class ServingState:
     each in a shielded task, so a caller that gives up cannot leave one half done."""
 
     def __init__(self, config: ServerConfig, workers: Workers, metrics: Metrics,
-                 health: health_aio.HealthServicer, wal: SongLog | None) -> None:
+                 health: Health, wal: SongLog | None) -> None:
         self.config = config
         self.workers = workers
         self.metrics = metrics
@@ -416,7 +448,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     metrics = Metrics()
     if wal is not None and wal.replay.torn_bytes:
         metrics.wal_torn.inc()
-    health = health_aio.HealthServicer()
+    health = Health()
     state = ServingState(config, Workers(config.workers), metrics, health, wal)
     gate = Gate(metrics, config.max_concurrent_rpcs, Tokens(config.admin_token, config.token))
     server = grpc.aio.server(

@@ -99,8 +99,13 @@ class Engine:
         if columns.dim != manifest.input_dim:
             raise bundle_files.BundleError(f"{root}: columns.json has {columns.dim} columns, "
                                            f"manifest input_dim is {manifest.input_dim}")
-        if catalog.n_songs != manifest.song_index.count:
-            raise bundle_files.BundleError(f"{root}: {catalog.n_songs} songs in arrays, "
+        rep_of = arrays.get("rep_of")
+        if rep_of is None or len(rep_of) != catalog.n_songs:
+            raise bundle_files.BundleError(f"{root}: arrays.npz lacks rep_of for its "
+                                           f"{catalog.n_songs} songs")
+        n_reps = int((rep_of == np.arange(len(rep_of))).sum())
+        if n_reps != manifest.song_index.count:
+            raise bundle_files.BundleError(f"{root}: {n_reps} distinct songs in arrays, "
                                            f"{manifest.song_index.count} in the index")
         if manifest.song_index.dim != manifest.code_dim:
             raise bundle_files.BundleError(f"{root}: index dim {manifest.song_index.dim} "
@@ -119,7 +124,7 @@ class Engine:
                                            f"({exc})") from None
         log.info("loaded bundle %s (model %s, %d songs, %d playlists)", root,
                  manifest.model_version, catalog.n_songs, len(catalog.playlist_ids))
-        return Engine(root, manifest, catalog, HnswSearch(songs), HnswSearch(playlists),
+        return Engine(root, manifest, catalog, HnswSearch(songs, rep_of), HnswSearch(playlists),
                       encoder, arrays)
 
     @property

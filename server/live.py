@@ -265,11 +265,11 @@ class LiveModel:
         index: Any = self.engine.songs.index
         with self.lock.write():
             start = self.n_bundle + len(self._added_ids)
-            needed = start + len(songs)
+            needed = index.get_current_count() + len(songs)
             if needed > index.get_max_elements():
                 # Grow geometrically: resizing copies the whole graph.
                 index.resize_index(max(needed, 2 * index.get_max_elements()))
-            index.add_items(codes, np.arange(start, needed, dtype=np.int64))
+            index.add_items(codes, np.arange(start, start + len(songs), dtype=np.int64))
             for offset, song in enumerate(songs):
                 self._row_of_added[song.song_id] = start + offset
                 self._added_ids.append(song.song_id)

@@ -205,22 +205,92 @@ class ExactSearch:
 
 
 class HnswSearch:
-    """hnswlib cosine index (space 'cosine': similarity = 1 - distance)."""
+    """hnswlib cosine index (space 'cosine': similarity = 1 - distance) over song rows.
 
-    def __init__(self, index: object) -> None:
+    Songs with identical input rows have identical codes, and exact duplicates break HNSW's
+    graph (its neighbour heuristic prunes everything but the twin, leaving islands). The
+    index therefore holds one representative per group of duplicates (``rep_of[row]`` is
+    the representative of a bundle row) and searches expand each hit to its whole group.
+    Rows at or past ``len(rep_of)`` (songs added at run time) are their own group.
+    """
+
+    def __init__(self, index: object, rep_of: np.ndarray | None = None) -> None:
         self.index = index
+        self.rep_of = rep_of
+        self._members: dict[int, np.ndarray] = {}
+        if rep_of is not None:
+            rows = np.arange(len(rep_of))
+            dup = np.nonzero(rep_of != rows)[0]
+            if len(dup):
+                reps, starts = np.unique(rep_of[dup], return_index=True)
+                order = np.argsort(rep_of[dup], kind="stable")
+                groups = np.split(dup[order], np.searchsorted(rep_of[dup][order], reps)[1:])
+                for rep, members in zip(reps.tolist(), groups, strict=True):
+                    self._members[rep] = np.concatenate([[rep], members]).astype(np.int64)
+        self._hidden = 0 if rep_of is None else int((rep_of != np.arange(len(rep_of))).sum())
 
     def count(self) -> int:
-        return int(self.index.get_current_count())  # type: ignore[attr-defined]
+        """Song rows searchable (duplicates included)."""
+        return int(self.index.get_current_count()) + self._hidden  # type: ignore[attr-defined]
+
+    def _labels(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.rep_of is None:
+            return rows
+        out = rows.copy()
+        inside = rows < len(self.rep_of)
+        out[inside] = self.rep_of[rows[inside]]
+        return out
 
     def vectors(self, labels: np.ndarray) -> np.ndarray:
-        got = self.index.get_items(np.asarray(labels, dtype=np.int64))  # type: ignore[attr-defined]
+        got = self.index.get_items(self._labels(labels))  # type: ignore[attr-defined]
         return np.asarray(got, dtype=np.float32).reshape(len(labels), -1)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = min(k, self.count())
-        labels, dist = self.index.knn_query(np.atleast_2d(vectors), k=k)  # type: ignore[attr-defined]
-        return labels.astype(np.int64), (1.0 - dist).astype(np.float32)
+        queries = np.atleast_2d(vectors)
+        k = min(k, int(self.index.get_current_count()))  # type: ignore[attr-defined]
+        while True:
+            try:
+                labels, dist = self.index.knn_query(queries, k=k)  # type: ignore[attr-defined]
+                break
+            except RuntimeError:
+                # The graph could not reach k items from one of the queries: answer with
+                # fewer rather than fail (callers already handle short lists).
+                if k <= 1:
+                    raise
+                k //= 2
+        labels = labels.astype(np.int64)
+        sims = (1.0 - dist).astype(np.float32)
+        if not self._members:
+            return labels, sims
+        out_labels = np.empty_like(labels)
+        out_sims = np.empty_like(sims)
+        for i in range(len(labels)):
+            expanded, expanded_sims = [], []
+            for label, sim in zip(labels[i].tolist(), sims[i].tolist(), strict=True):
+                members = self._members.get(label)
+                if members is None:
+                    expanded.append(label)
+                    expanded_sims.append(sim)
+                else:
+                    expanded.extend(members.tolist())
+                    expanded_sims.extend([sim] * len(members))
+                if len(expanded) >= k:
+                    break
+            out_labels[i] = expanded[:k]
+            out_sims[i] = expanded_sims[:k]
+        return out_labels, out_sims
+
+
+def representatives(rows_indptr: np.ndarray, rows_indices: np.ndarray) -> np.ndarray:
+    """``rep_of``: for each row of a CSR matrix, the first row with the same columns."""
+    first: dict[bytes, int] = {}
+    rep_of = np.empty(len(rows_indptr) - 1, dtype=np.int64)
+    bounds = rows_indptr.tolist()
+    for i in range(len(rep_of)):
+        key = rows_indices[bounds[i] : bounds[i + 1]].tobytes()
+        rep_of[i] = first.setdefault(key, i)
+    return rep_of
 
 
 @dataclass(frozen=True)

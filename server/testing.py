@@ -1,8 +1,8 @@
 """A real server in a background thread, for tests of the server and of its clients.
 
-``ServerThread(ServerConfig(bundle=..., port=0))`` runs :func:`server.app.create_server` on its own event loop, starts
-it (loading ``config.bundle`` if set) and exposes the bound port; tests talk to it through
-real channels. No part of gRPC is mocked.
+``ServerThread(ServerConfig(bundle=..., port=0))`` runs :func:`server.app.create_server` on
+its own event loop, starts it (loading ``config.bundle`` if set) and exposes the bound port;
+tests talk to it through real channels. No part of gRPC is mocked.
 """
 
 from __future__ import annotations

@@ -31,16 +31,19 @@ MAX_EXCLUDE = 1000
 MAX_BATCH = 1000
 MAX_BATCH_RESULTS = 100_000  # len(song_ids) * k
 MAX_NEW_SONGS = 1000
-MAX_META_VALUES = 256  # per metadata list
+# Per metadata list. A popular song is in thousands of playlists, and carries their tags.
+MAX_META_VALUES = {"genres": 64, "detail_genres": 64, "artist_ids": 64, "playlist_ids": 20_000,
+                   "tags": 5_000}
 MAX_NAME_CHARS = 1000
 MAX_PATH_CHARS = 4096
 
 V = TypeVar("V")
 
+# re.ASCII: \d would otherwise accept any Unicode digit ("٢٠١٩").
 _UPDT_DATE = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})(?:[ T](\d{2}):(\d{2}):(\d{2})(?:\.\d{1,9})?)?")
-_ISSUE_DATE = re.compile(r"\d{8}")
-_GENRE = re.compile(r"GN\d{4}")
+    r"(\d{4})-(\d{2})-(\d{2})(?:[ T](\d{2}):(\d{2}):(\d{2})(?:\.\d{1,9})?)?", re.ASCII)
+_ISSUE_DATE = re.compile(r"\d{8}", re.ASCII)
+_GENRE = re.compile(r"GN\d{4}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -178,8 +181,8 @@ def check_text(field: str, value: str, high: int) -> str:
 
 def check_metadata(meta: pb2.SongMetadata, field: str) -> SongMeta:
     """A ``SongMetadata`` message as the encoder's :class:`SongMeta`, every code checked."""
-    for name in ("genres", "detail_genres", "artist_ids", "playlist_ids", "tags"):
-        check_length(f"{field}.{name}", getattr(meta, name), MAX_META_VALUES)
+    for name, most in MAX_META_VALUES.items():
+        check_length(f"{field}.{name}", getattr(meta, name), most)
     for pos, code in enumerate(meta.genres):
         if _GENRE.fullmatch(code) is None or not code.endswith("00"):
             raise InvalidArgument(f"{field}.genres[{pos}]: {code[:40]!r} is not a major "

@@ -80,20 +80,23 @@ def time_als(matrix: Any, threads: int) -> float:
         return time.perf_counter() - start
 
 
-def index_quality(codes: np.ndarray, m: int, ef_construction: int, ef: int, threads: int,
-                  n_queries: int = 1000, k: int = 100) -> dict[str, float]:
-    """Build the HNSW index and compare it with exact search on random songs."""
+def index_quality(codes: np.ndarray, reps: np.ndarray, m: int, ef_construction: int,
+                  ef: int, threads: int, n_queries: int = 1000, k: int = 100
+                  ) -> dict[str, Any]:
+    """Build the HNSW index over the distinct songs (``reps``) and compare it with exact
+    search on random ones."""
     from server.strategies import ExactSearch, HnswSearch
     from trainer.export import build_index
 
     start = time.perf_counter()
-    index, _ = build_index(codes, m, ef_construction, ef, threads)
+    index, params = build_index(codes[reps], m, ef_construction, ef, threads, labels=reps)
     build_s = time.perf_counter() - start
     rng = np.random.default_rng(0)
-    queries = codes[rng.choice(len(codes), n_queries, replace=False)]
-    exact = ExactSearch(codes)
+    queries = codes[rng.choice(reps, n_queries, replace=False)]
+    exact = ExactSearch(codes[reps])
     start = time.perf_counter()
     truth, _ = exact.search(queries, k)
+    truth = reps[truth]
     exact_s = (time.perf_counter() - start) / n_queries
     hnsw = HnswSearch(index)
     index.set_num_threads(1)  # per-query latency, as a server thread sees it
@@ -102,8 +105,9 @@ def index_quality(codes: np.ndarray, m: int, ef_construction: int, ef: int, thre
     hnsw_s = (time.perf_counter() - start) / n_queries
     recall = float(np.mean([len(np.intersect1d(g, t)) / k for g, t in zip(got, truth,
                                                                           strict=True)]))
+    index.set_num_threads(threads)
     return {"build_s": build_s, "recall": recall, "hnsw_ms": hnsw_s * 1e3,
-            "exact_ms": exact_s * 1e3, "index": index}
+            "exact_ms": exact_s * 1e3, "index": index, "params": params}
 
 
 def render(rows: list[tuple[str, str]], command: str) -> str:
@@ -180,11 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     codes_start = time.perf_counter()
     codes = trainer.song_codes()
     rows.append(("encode all songs (codes)", f"{time.perf_counter() - codes_start:.1f} s"))
-    quality = index_quality(codes, config.index_m, config.ef_construction, config.ef,
+    from server.strategies import representatives
+
+    rep_of = representatives(trainer.matrix.indptr, trainer.matrix.indices)
+    reps = np.nonzero(rep_of == np.arange(len(rep_of)))[0]
+    quality = index_quality(codes, reps, config.index_m, config.ef_construction, config.ef,
                             args.threads)
     rows += [
+        ("distinct songs indexed (identical inputs share one entry)", f"{len(reps):,}"),
         (f"HNSW build (M={config.index_m}, ef_construction={config.ef_construction}, "
-         f"{len(codes):,} x {codes.shape[1]})", f"{quality['build_s']:.1f} s"),
+         f"{len(reps):,} x {codes.shape[1]})", f"{quality['build_s']:.1f} s"),
         (f"HNSW recall@100 vs exact, 1000 random songs (ef={config.ef})",
          f"{quality['recall']:.4f}"),
         ("query time, HNSW (1 thread) / exact numpy (batched, 2 threads)",
@@ -195,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.export import export_bundle
 
         start = time.perf_counter()
-        export_bundle(trainer, args.bundle_out, codes=codes)
+        export_bundle(trainer, args.bundle_out, codes=codes,
+                      song_index=(quality["index"], quality["params"]))
         rows.append(("bundle export (ONNX, both indexes, arrays)",
                      f"{time.perf_counter() - start:.1f} s"))
     command = " ".join(["python -m trainer.bench_train", *argv])

@@ -20,7 +20,7 @@ import numpy as np
 
 from server import bundle as bundle_files
 from server.bundle import IndexParams, Manifest
-from server.strategies import Catalog, pack_strings
+from server.strategies import Catalog, pack_strings, representatives
 
 if TYPE_CHECKING:
     from trainer.model import SongAutoEncoder
@@ -60,8 +60,9 @@ def export_onnx(model: SongAutoEncoder, path: Path) -> None:
 
 
 def build_index(vectors: np.ndarray, m: int, ef_construction: int, ef: int,
-                threads: int) -> tuple[Any, IndexParams]:
-    """An hnswlib cosine index whose labels are row numbers."""
+                threads: int, labels: np.ndarray | None = None) -> tuple[Any, IndexParams]:
+    """An hnswlib cosine index over ``vectors`` labelled ``labels`` (default: row numbers)."""
+    labels = np.arange(len(vectors)) if labels is None else labels
     import hnswlib
 
     index = hnswlib.Index(space="cosine", dim=vectors.shape[1])
@@ -73,7 +74,7 @@ def build_index(vectors: np.ndarray, m: int, ef_construction: int, ef: int,
     with tqdm(total=len(vectors), desc="hnsw index", unit="vec", disable=None) as bar:
         for start in range(0, len(vectors), step):
             chunk = vectors[start : start + step]
-            index.add_items(chunk, np.arange(start, start + len(chunk)))
+            index.add_items(chunk, labels[start : start + len(chunk)])
             bar.update(len(chunk))
     index.set_ef(ef)
     return index, IndexParams("cosine", vectors.shape[1], m, ef_construction, ef, len(vectors))
@@ -119,8 +120,12 @@ def song_metadata_arrays(trainer: Trainer) -> dict[str, np.ndarray]:
             "song_artist_blob": artist_blob, "song_artist_offsets": artist_off}
 
 
-def export_bundle(trainer: Trainer, out: Path, codes: np.ndarray | None = None) -> Manifest:
-    """Write the bundle for ``trainer``'s current model into ``out`` (atomically)."""
+def export_bundle(trainer: Trainer, out: Path, codes: np.ndarray | None = None,
+                  song_index: tuple[Any, IndexParams] | None = None) -> Manifest:
+    """Write the bundle for ``trainer``'s current model into ``out`` (atomically).
+
+    ``codes`` and ``song_index`` (built over the representatives, as here) may be passed
+    when the caller already computed them."""
     cfg = trainer.config
     out = Path(out)
     staging = out.with_name(out.name + ".staging")
@@ -130,14 +135,21 @@ def export_bundle(trainer: Trainer, out: Path, codes: np.ndarray | None = None) 
     t0 = time.perf_counter()
     export_onnx(trainer.model, staging / bundle_files.ENCODER)
     codes = trainer.song_codes() if codes is None else codes
-    song_index, song_params = build_index(codes, cfg.index_m, cfg.ef_construction, cfg.ef,
-                                          cfg.threads)
-    song_index.save_index(str(staging / bundle_files.SONG_INDEX))
+    # Identical input rows (e.g. songs in no playlist with the same genres) give identical
+    # codes: index one representative of each (see server.strategies.HnswSearch).
+    rep_of = representatives(trainer.matrix.indptr, trainer.matrix.indices)
+    reps = np.nonzero(rep_of == np.arange(len(rep_of)))[0]
+    if song_index is None:
+        song_index = build_index(codes[reps], cfg.index_m, cfg.ef_construction, cfg.ef,
+                                 cfg.threads, labels=reps)
+    index, song_params = song_index
+    index.save_index(str(staging / bundle_files.SONG_INDEX))
     pl_codes = playlist_codes(codes, trainer.catalog)
     pl_index, pl_params = build_index(pl_codes, cfg.index_m, cfg.ef_construction, cfg.ef,
                                       cfg.threads)
     pl_index.save_index(str(staging / bundle_files.PLAYLIST_INDEX))
     arrays = trainer.catalog.to_arrays()
+    arrays["rep_of"] = rep_of
     arrays.update(song_metadata_arrays(trainer))
     bundle_files.save_arrays(staging, arrays)
     bundle_files.save_columns(staging, trainer.space.to_json())
@@ -158,7 +170,8 @@ def export_bundle(trainer: Trainer, out: Path, codes: np.ndarray | None = None) 
         "playlist_index": pl_params,
         "files": {},
         "extra": {"epochs_trained": trainer.epoch, "best_val_score": trainer.best_score,
-                  "n_songs": int(len(codes)), "n_playlists": int(len(pl_codes)),
+                  "n_songs": int(len(codes)), "n_distinct_songs": int(len(reps)),
+                  "n_playlists": int(len(pl_codes)),
                   "n_tags": len(trainer.catalog.tags)},
     })
     bundle_files.replace_bundle(staging, out)

@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
             manifest = export_bundle(trainer, args.out)
             print(f"bundle written: {args.out} (model {manifest.model_version}, "
-                  f"{manifest.song_index.count} songs, code dim {manifest.code_dim})")
+                  f"{manifest.extra['n_songs']} songs, code dim {manifest.code_dim})")
     except (DataError, BundleError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

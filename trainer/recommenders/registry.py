@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from trainer.recommenders.ae import AENeighbours, AEQuota
 from trainer.recommenders.als import ALSRecommender
 from trainer.recommenders.base import Recommender
 from trainer.recommenders.knn import PlaylistKNN
@@ -40,6 +41,8 @@ def register(name: str) -> Callable[[type[Recommender]], type[Recommender]]:
 register("most-popular")(MostPopular)
 register("playlist-knn")(PlaylistKNN)
 register("als")(ALSRecommender)
+register("ae-quota")(AEQuota)
+register("ae-neighbours")(AENeighbours)
 
 
 def _parameters(cls: type[Recommender]) -> dict[str, inspect.Parameter]:
