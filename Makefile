@@ -27,8 +27,18 @@ $(DEMO_DATA)/train.json: | $(STAMP)
 $(DEMO_SPLIT)/val_questions.json: $(DEMO_DATA)/train.json
 	$(BIN)/python -m trainer.split --data $(DEMO_DATA) --out $(DEMO_SPLIT)
 
-serve: $(STAMP) $(DEMO_SPLIT)/val_questions.json
-	$(BIN)/python -m trainer.bench_quality --datasets demo --out -
+DEMO_BUNDLE := bundles/demo
+
+# The demo bundle: synthetic `small` data, trained with the `small` preset (a few minutes).
+$(DEMO_BUNDLE)/manifest.json: $(DEMO_SPLIT)/val_questions.json
+	$(BIN)/python -m trainer.train --data $(DEMO_SPLIT) --out $(DEMO_BUNDLE) --preset small
+
+serve: $(STAMP) $(DEMO_BUNDLE)/manifest.json
+	@echo "songrec: serving $(DEMO_BUNDLE) on localhost:50051 (Ctrl-C to stop)."
+	@echo "  try:  $(BIN)/python -m clients similar 1 -k 10"
+	@echo "        $(BIN)/python -m clients continue --songs 1,2,3"
+	@echo "        $(BIN)/python -m clients info"
+	$(BIN)/python -m server --bundle $(DEMO_BUNDLE) --port 50051 --data-dir data/serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -48,3 +58,6 @@ clean:
 
 bench-train: $(STAMP)
 	$(BIN)/python -m trainer.bench_train --bundle-out bundles/melon --out docs/BENCHMARKS.md
+
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/songrec/v1/songrec.proto

@@ -469,7 +469,9 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
             port = server.add_secure_port(address, _credentials(config))
         else:
             port = server.add_insecure_port(address)
-    except RuntimeError as exc:
+    except (RuntimeError, ConfigError) as exc:
+        if wal is not None:
+            wal.close()
         raise ConfigError(f"cannot bind {address} ({exc})") from None
     return Server(server, state, port), port
 

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/songrec.v1."
 ADMIN_PREFIX = "/songrec.v1.Admin/"
+DEADLINE_SLACK_S = 0.05
 
 Behaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -123,12 +124,20 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 admitted = True
                 self.metrics.in_flight.inc()
                 authorize(method, context.invocation_metadata(), self.tokens)
-                return await behaviour(request, context)
+                response = await behaviour(request, context)
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    # Finished after the deadline: the client has its DEADLINE_EXCEEDED
+                    # already and gRPC drops this response.
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+                return response
             except asyncio.CancelledError:
                 # The client went away or its deadline passed; gRPC has already answered.
+                # The client's own timer usually fires (and cancels the stream) a moment
+                # before the server's copy of the deadline: allow for that.
                 remaining = context.time_remaining()
                 code = (grpc.StatusCode.DEADLINE_EXCEEDED
-                        if remaining is not None and remaining <= 0
+                        if remaining is not None and remaining < DEADLINE_SLACK_S
                         else grpc.StatusCode.CANCELLED)
                 raise
             except Exception as exc:
@@ -141,12 +150,12 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 await context.abort(code, message)
                 raise  # abort() raises; this keeps type checkers content
             finally:
-                if admitted:
-                    self.in_flight -= 1
-                    self.metrics.in_flight.dec()
                 seconds = time.perf_counter() - start
                 self.metrics.observe(name, code.name, seconds)
                 log.debug("rpc %s %s %.2fms", name, code.name, seconds * 1000)
+                if admitted:
+                    self.in_flight -= 1
+                    self.metrics.in_flight.dec()
 
         return guarded
 

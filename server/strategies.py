@@ -10,6 +10,11 @@ Shared by the offline evaluation (``trainer.recommend --model ae-...``) and the 
 * ``ae-neighbours`` (the write-up's later improvement): the seeds' codes are summed, the
   nearest training playlists to that sum are found (a playlist's code is the mean of its
   songs' codes), and their songs and tags are scored by similarity.
+* ``ae-hybrid``: the votes of ``ae-neighbours`` blended with those of neighbour CF (the
+  ``playlist-knn`` baseline's IDF-weighted cosine over songs, tags, title words and
+  artists, fitted by the trainer and stored in the bundle). With weight 0 on the
+  autoencoder it is exactly neighbour CF, which is how the ablation isolates what the
+  autoencoder adds.
 
 Cold starts, for both: tags only -> each tag's most frequent songs (``ae-quota`` fills from
 them, ``ae-neighbours`` uses them as pseudo-seeds); title only -> the title's words mapped to
@@ -25,7 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
-STRATEGIES = ("ae-quota", "ae-neighbours")
+STRATEGIES = ("ae-quota", "ae-neighbours", "ae-hybrid")
 DEFAULT_STRATEGY = "ae-neighbours"
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -92,6 +97,91 @@ class RowLists:
                         arrays[f"{prefix}_weights"].astype(np.float32))
 
 
+def gather_rows(lists: RowLists, items: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                              np.ndarray]:
+    """Concatenated rows ``items`` of ``lists``: (owner position in items, indices, weights)."""
+    items = np.asarray(items, dtype=np.int64)
+    starts = lists.indptr[items]
+    lengths = lists.indptr[items + 1] - starts
+    owner = np.repeat(np.arange(len(items), dtype=np.int64), lengths)
+    within = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(
+        np.cumsum(lengths) - lengths, lengths)
+    idx = np.repeat(starts, lengths) + within
+    return owner, lists.indices[idx], lists.weights[idx]
+
+
+@dataclass
+class NeighbourCF:
+    """Playlist-neighbour CF (the ``playlist-knn`` baseline) as plain arrays.
+
+    Features are laid out songs | tags | title words | artists; ``features`` maps each
+    feature to the training playlists holding it, with the playlist vector's IDF-weighted,
+    L2-normalised value. A question's similarity to every playlist is one scatter-add.
+    """
+
+    features: RowLists
+    feature_weights: np.ndarray  # float32, the question-side weight of each feature
+    offsets: np.ndarray  # int64 [songs, tags, words, artists] block starts
+    words: list[str]
+    song_artists: RowLists  # song row -> artist feature positions (within the block)
+    n_playlists: int
+    k: int = 150
+    alpha: float = 1.5
+    word_index: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.word_index = {w: i for i, w in enumerate(self.words)}
+
+    def question_columns(self, seeds: np.ndarray, tags: np.ndarray, title: str) -> np.ndarray:
+        seeds = seeds[seeds < self.song_artists.n_rows]  # run-time songs have no CF features
+        cols = [seeds + self.offsets[0], tags.astype(np.int64) + self.offsets[1]]
+        words = [self.word_index[w] for w in tokenize(title) if w in self.word_index]
+        cols.append(np.asarray(words, dtype=np.int64) + self.offsets[2])
+        if len(seeds):
+            _, artists, _ = gather_rows(self.song_artists, seeds)
+            cols.append(artists.astype(np.int64) + self.offsets[3])
+        merged: np.ndarray = np.unique(np.concatenate(cols))
+        keep: np.ndarray = merged[self.feature_weights[merged] > 0]
+        return keep
+
+    def neighbours(self, seeds: np.ndarray, tags: np.ndarray, title: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most similar training playlists and their cosine similarities."""
+        cols = self.question_columns(seeds, tags, title)
+        if len(cols) == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        q = self.feature_weights[cols].astype(np.float64)
+        owner, playlists, values = gather_rows(self.features, cols)
+        sims = np.bincount(playlists, weights=values * q[owner],
+                           minlength=self.n_playlists).astype(np.float64)
+        sims = sims / float(np.linalg.norm(q))
+        k = min(self.k, len(sims))
+        top = np.argpartition(-sims, k - 1)[:k]
+        top = top[np.argsort(-sims[top], kind="stable")]
+        top = top[sims[top] > 0]
+        return top.astype(np.int64), sims[top].astype(np.float32)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        blob, offsets = pack_strings(self.words)
+        out = {"cf_feature_weights": self.feature_weights, "cf_offsets": self.offsets,
+               "cf_word_blob": blob, "cf_word_offsets": offsets,
+               "cf_params": np.asarray([self.n_playlists, self.k, self.alpha],
+                                       dtype=np.float64)}
+        out.update(self.features.to_arrays("cf_features"))
+        out.update(self.song_artists.to_arrays("cf_song_artists"))
+        return out
+
+    @staticmethod
+    def from_arrays(arrays: dict[str, np.ndarray]) -> NeighbourCF:
+        n_playlists, k, alpha = arrays["cf_params"].tolist()
+        return NeighbourCF(RowLists.from_arrays(arrays, "cf_features"),
+                           arrays["cf_feature_weights"].astype(np.float32),
+                           arrays["cf_offsets"].astype(np.int64),
+                           unpack_strings(arrays["cf_word_blob"], arrays["cf_word_offsets"]),
+                           RowLists.from_arrays(arrays, "cf_song_artists"),
+                           int(n_playlists), int(k), float(alpha))
+
+
 @dataclass
 class Catalog:
     """Everything the strategies know about songs, tags, playlists and title words.
@@ -113,6 +203,7 @@ class Catalog:
     words: list[str]
     word_songs: RowLists  # title word -> songs of playlists titled with it, best first
     word_tags: RowLists  # title word -> tags of playlists titled with it, best first
+    cf: NeighbourCF | None = None  # neighbour CF over playlists (for ae-hybrid)
     tag_index: dict[str, int] = field(init=False)
     word_index: dict[str, int] = field(init=False)
     popular_songs: np.ndarray = field(init=False)
@@ -140,6 +231,8 @@ class Catalog:
         for name in ("song_tags", "tag_songs", "playlist_songs", "playlist_tags",
                      "word_songs", "word_tags"):
             out.update(getattr(self, name).to_arrays(name))
+        if self.cf is not None:
+            out.update(self.cf.to_arrays())
         return out
 
     @staticmethod
@@ -158,6 +251,7 @@ class Catalog:
             words=unpack_strings(arrays["word_blob"], arrays["word_offsets"]),
             word_songs=RowLists.from_arrays(arrays, "word_songs"),
             word_tags=RowLists.from_arrays(arrays, "word_tags"),
+            cf=NeighbourCF.from_arrays(arrays) if "cf_features_indptr" in arrays else None,
         )
 
 
@@ -418,7 +512,8 @@ def _finish(catalog: Catalog, picker: _Picker, query: Query,
 
 def _cold_start(catalog: Catalog, picker: _Picker, query: Query) -> np.ndarray | None:
     """Questions without seed songs: tags -> tag songs; title -> word songs/tags; nothing ->
-    popularity. Returns tag scores when they come from the title, else None (voting)."""
+    popularity. Returns the tag scores to rank by (title words, or popularity when nothing
+    is known), or None when tags are to be voted by the songs."""
     if len(query.tags):
         for tag, share in zip(query.tags.tolist(), quotas(query.n_songs, len(query.tags)),
                               strict=True):
@@ -437,7 +532,8 @@ def _cold_start(catalog: Catalog, picker: _Picker, query: Query) -> np.ndarray |
                     break
                 picker.take(row, float(song_scores[row]), (REASON_TITLE, -1))
             return tag_scores
-    return None
+    # Nothing known at all: the most popular songs (filled by _finish) and tags.
+    return catalog.tag_popularity.astype(np.float32)
 
 
 def ae_quota(catalog: Catalog, songs: VectorSearch, query: Query) -> Answer:
@@ -448,9 +544,10 @@ def ae_quota(catalog: Catalog, songs: VectorSearch, query: Query) -> Answer:
         return _finish(catalog, picker, query, _cold_start(catalog, picker, query))
     shares = quotas(query.n_songs, len(seeds))
     active = [i for i, s in enumerate(shares) if s > 0]
-    # Ask for share + all seeds (+ slack for taken songs): filtering happens here, in numpy
-    # order, not in an index callback.
-    k = shares[0] + len(seeds) + 10
+    # Each seed's list is as deep as the whole answer plus the seeds (the write-up kept 100
+    # similar songs per song), so earlier seeds' picks rarely exhaust a later seed's list.
+    # Filtering happens here, in numpy order, not in an index callback.
+    k = query.n_songs + len(seeds)
     labels, sims = songs.search(songs.vectors(seeds[active]), k)
     for pos, i in enumerate(active):
         taken = 0
@@ -462,62 +559,139 @@ def ae_quota(catalog: Catalog, songs: VectorSearch, query: Query) -> Answer:
     return _finish(catalog, picker, query)
 
 
-def ae_neighbours(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
-                  query: Query, n_playlists: int = 50, alpha: float = 2.0) -> Answer:
-    """Sum of seed codes -> nearest training playlists -> their songs and tags."""
-    picker = _Picker(catalog, query, songs.count())
+@dataclass
+class Votes:
+    """Candidates (song rows or tags) with summed neighbour weights and their best source."""
+
+    items: np.ndarray
+    scores: np.ndarray
+    source: np.ndarray  # the playlist (position) that gave each candidate its largest vote
+
+    @staticmethod
+    def empty() -> Votes:
+        return Votes(np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int64))
+
+    @staticmethod
+    def of(lists: RowLists, playlists: np.ndarray, weights: np.ndarray) -> Votes:
+        if len(playlists) == 0:
+            return Votes.empty()
+        owner, items, _ = gather_rows(lists, playlists)
+        w = weights[owner]
+        cand, inverse = np.unique(items, return_inverse=True)
+        scores = np.bincount(inverse, weights=w, minlength=len(cand))
+        order = np.argsort(-w, kind="stable")
+        _, first = np.unique(inverse[order], return_index=True)
+        return Votes(cand.astype(np.int64), scores, playlists[owner[order[first]]])
+
+    def normalised(self) -> Votes:
+        top = float(self.scores.max()) if len(self.scores) else 0.0
+        return Votes(self.items, self.scores / top if top > 0 else self.scores, self.source)
+
+    def blend(self, other: Votes, weight: float) -> Votes:
+        """self + weight x other, both normalised to a maximum of 1 first."""
+        a, b = self.normalised(), other.normalised()
+        items = np.concatenate([a.items, b.items])
+        scores = np.concatenate([a.scores, weight * b.scores])
+        sources = np.concatenate([a.source, b.source])
+        cand, inverse = np.unique(items, return_inverse=True)
+        total = np.bincount(inverse, weights=scores, minlength=len(cand))
+        order = np.argsort(-scores, kind="stable")
+        _, first = np.unique(inverse[order], return_index=True)
+        return Votes(cand, total, sources[order[first]])
+
+    def ranked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        order = np.argsort(-self.scores, kind="stable")
+        return self.items[order], self.scores[order], self.source[order]
+
+
+def _ae_playlists(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
+                  query: Query, n_playlists: int, alpha: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Nearest training playlists to the summed codes of the seeds (or, for cold starts,
+    of the question's tag songs or title songs), weighted by similarity ** alpha; also the
+    title's tag scores for title-only questions."""
     seeds = query.seeds
     title_tags: np.ndarray | None = None
     if len(seeds) == 0 and len(query.tags):
         seeds = _tag_seed_songs(catalog, query.tags, per_tag=10)
     elif len(seeds) == 0 and query.title:
         song_scores, title_tags, known = _title_scores(catalog, query.title)
-        seeds = np.argsort(-song_scores)[:20] if known else seeds
-        seeds = seeds[song_scores[seeds] > 0] if len(seeds) else seeds
+        if known:
+            top = np.argsort(-song_scores)[:20]
+            seeds = top[song_scores[top] > 0]
     if len(seeds) == 0:
-        return _finish(catalog, picker, query, _cold_start(catalog, picker, query))
-    query_vec = songs.vectors(seeds).sum(axis=0, keepdims=True)
-    labels, sims = playlists.search(query_vec, n_playlists)
-    song_score = np.zeros(songs.count(), dtype=np.float32)
-    best_source = np.full(songs.count(), -1, dtype=np.int64)
-    best_weight = np.zeros(songs.count(), dtype=np.float32)
-    tag_score: np.ndarray = np.zeros(len(catalog.tags), dtype=np.float32)
-    for pl, sim in zip(labels[0].tolist(), sims[0].tolist(), strict=True):
-        weight = max(sim, 0.0) ** alpha
-        rows = catalog.playlist_songs.row(pl)
-        song_score[rows] += weight
-        better = best_weight[rows] < weight
-        best_source[rows[better]] = pl
-        best_weight[rows[better]] = weight
-        tag_score[catalog.playlist_tags.row(pl)] += weight
-    for row in np.argsort(-song_score, kind="stable").tolist():
-        if picker.full or song_score[row] <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64), title_tags
+    labels, sims = playlists.search(songs.vectors(seeds).sum(axis=0, keepdims=True),
+                                    n_playlists)
+    return labels[0], np.maximum(sims[0].astype(np.float64), 0.0) ** alpha, title_tags
+
+
+def _answer_from_votes(catalog: Catalog, songs: VectorSearch, query: Query, song_votes: Votes,
+                       tag_votes: Votes, title_tags: np.ndarray | None) -> Answer:
+    picker = _Picker(catalog, query, songs.count())
+    rows, scores, sources = song_votes.ranked()
+    for row, score, source in zip(rows.tolist(), scores.tolist(), sources.tolist(),
+                                  strict=True):
+        if picker.full:
             break
-        picker.take(row, float(song_score[row]),
-                    (REASON_PLAYLIST, int(catalog.playlist_ids[best_source[row]])))
-    if len(query.seeds):
+        picker.take(row, score, (REASON_PLAYLIST, int(catalog.playlist_ids[source])))
+    if len(query.seeds) and not picker.full:
         # Neighbour playlists seldom hold every song a big seed list needs: fill the rest
         # per seed, as ae-quota does, before falling back to popularity.
-        missing = query.n_songs - len(picker.rows)
-        if missing > 0:
-            rest = ae_quota(catalog, songs, Query(query.seeds, query.tags, query.title,
-                                                  query.updt_date, query.n_songs,
-                                                  query.n_tags, query.drop_future))
-            for row, score, reason in zip(rest.songs.tolist(), rest.song_scores.tolist(),
-                                          rest.reasons, strict=True):
-                if picker.full:
-                    break
-                picker.take(row, score * 1e-3, reason)
-    if title_tags is not None:
+        rest = ae_quota(catalog, songs, query)
+        for row, score, reason in zip(rest.songs.tolist(), rest.song_scores.tolist(),
+                                      rest.reasons, strict=True):
+            if picker.full:
+                break
+            picker.take(row, score * 1e-3, reason)
+    if len(rows) == 0 and len(query.seeds) == 0 and not len(tag_votes.items):
+        return _finish(catalog, picker, query, _cold_start(catalog, picker, query))
+    tag_score: np.ndarray = np.zeros(len(catalog.tags), dtype=np.float32)
+    tag_score[tag_votes.items] = tag_votes.normalised().scores
+    if title_tags is not None and title_tags.any():
         tag_score = tag_score + title_tags / max(float(title_tags.max()), 1e-9)
     return _finish(catalog, picker, query, tag_score if tag_score.any() else None)
 
 
+def ae_neighbours(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
+                  query: Query, n_playlists: int = 50, alpha: float = 2.0) -> Answer:
+    """Sum of seed codes -> nearest training playlists -> their songs and tags."""
+    pls, weights, title_tags = _ae_playlists(catalog, songs, playlists, query, n_playlists,
+                                             alpha)
+    return _answer_from_votes(catalog, songs, query,
+                              Votes.of(catalog.playlist_songs, pls, weights),
+                              Votes.of(catalog.playlist_tags, pls, weights), title_tags)
+
+
+def ae_hybrid(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, query: Query,
+              ae_weight: float = 0.5, n_playlists: int = 50, alpha: float = 2.0) -> Answer:
+    """Neighbour-CF votes + ``ae_weight`` x ``ae-neighbours`` votes (each normalised)."""
+    if catalog.cf is None:
+        raise ValueError("this bundle has no neighbour-CF arrays: ae-hybrid needs a bundle "
+                         "exported by a trainer with it (retrain)")
+    cf = catalog.cf
+    cf_pls, cf_sims = cf.neighbours(query.seeds, query.tags, query.title)
+    cf_weights = cf_sims.astype(np.float64) ** cf.alpha
+    song_votes = Votes.of(catalog.playlist_songs, cf_pls, cf_weights)
+    tag_votes = Votes.of(catalog.playlist_tags, cf_pls, cf_weights)
+    title_tags = None
+    if ae_weight > 0:
+        pls, weights, title_tags = _ae_playlists(catalog, songs, playlists, query,
+                                                 n_playlists, alpha)
+        song_votes = song_votes.blend(Votes.of(catalog.playlist_songs, pls, weights),
+                                      ae_weight)
+        tag_votes = tag_votes.blend(Votes.of(catalog.playlist_tags, pls, weights), ae_weight)
+    return _answer_from_votes(catalog, songs, query, song_votes, tag_votes, title_tags)
+
+
 def run_strategy(name: str, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
-                 query: Query) -> Answer:
-    """Dispatch by strategy name (one of :data:`STRATEGIES`)."""
+                 query: Query, **options: float) -> Answer:
+    """Dispatch by strategy name (one of :data:`STRATEGIES`); ``options`` are the
+    strategy's keyword parameters (e.g. ``ae_weight`` for ae-hybrid)."""
     if name == "ae-quota":
         return ae_quota(catalog, songs, query)
     if name == "ae-neighbours":
-        return ae_neighbours(catalog, songs, playlists, query)
+        return ae_neighbours(catalog, songs, playlists, query, **options)  # type: ignore[arg-type]
+    if name == "ae-hybrid":
+        return ae_hybrid(catalog, songs, playlists, query, **options)  # type: ignore[arg-type]
     raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")

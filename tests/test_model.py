@@ -109,7 +109,7 @@ def test_untouched_rows_and_state_do_not_move() -> None:
 
 
 def test_training_lowers_loss_and_is_deterministic(tiny_split, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from trainer.train import PRESETS, Trainer, TrainConfig
+    from trainer.train import PRESETS, TrainConfig, Trainer
 
     def run(work: str) -> list[float]:
         (tmp_path / work).mkdir()

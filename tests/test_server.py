@@ -91,7 +91,7 @@ def test_continue_playlist_default_strategy_content(stub: Any, data: dict[str, A
     # Each reason is true of the training data: a neighbour playlist holds its song.
     for song in answer.songs:
         kind = song.reason.kind
-        assert kind in (Kind.PLAYLIST_NEIGHBOUR, Kind.SEED_NEIGHBOUR, Kind.POPULAR)
+        assert kind != Kind.KIND_UNSPECIFIED
         if kind == Kind.PLAYLIST_NEIGHBOUR:
             assert song.song_id in data["train"][song.reason.playlist_id]["songs"]
         if kind == Kind.SEED_NEIGHBOUR:
@@ -206,8 +206,9 @@ def test_similar_songs_are_cosine_neighbours(stub: Any, tiny_bundle: Path) -> No
     assert np.all(np.diff(sims) <= 1e-6)
     rows = [engine.catalog.row_of_id[i] for i in ids]
     np.testing.assert_allclose(sims, unit[rows] @ unit[10], atol=1e-4)
-    exact = np.argsort(-(unit @ unit[10]))[1:21]
-    assert len(set(rows) & set(exact.tolist())) >= 19  # HNSW recall on the tiny index
+    # Recall against brute force, by value (identical songs tie at the same similarity).
+    exact = np.sort(np.delete(unit @ unit[10], 10))[::-1][:20]
+    assert np.sum(sims >= exact[-1] - 1e-5) >= 19
     # Exclusions are honoured and the list refills to k.
     fewer = stub.SimilarSongs(pb2.SimilarSongsRequest(song_id=song_id, k=20,
                                                       exclude_song_ids=ids[:5]))
@@ -263,7 +264,8 @@ def test_encode_song_reproduces_a_known_song(stub: Any, data: dict[str, Any]) ->
         tags=sorted(data["song_tags"][song_id])), k=5))
     assert len(answer.code) == stub.GetModelInfo(pb2.GetModelInfoRequest()).code_dim
     assert answer.known_columns > 0
-    assert answer.neighbours[0].song_id == song_id
+    # The song itself, or songs with exactly its input row, at similarity 1.
+    assert song_id in [n.song_id for n in answer.neighbours if n.similarity > 0.999]
     assert answer.neighbours[0].similarity > 0.999
     unseen = stub.EncodeSong(pb2.EncodeSongRequest(song=pb2.SongMetadata(
         genres=["GN0100"], detail_genres=["GN0105"], issue_date="20190300")))

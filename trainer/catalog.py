@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 from server.strategies import Catalog, RowLists, tokenize
 from trainer.dataset import CSR, Dataset, Vocabulary
+from trainer.recommenders.knn import PlaylistKNN
 
 
 def _binary(csr: CSR, n_cols: int) -> sp.csr_matrix:
@@ -102,4 +103,5 @@ def build_catalog(data: Dataset, *, tag_songs_limit: int = 200,
         words=list(words.items),
         word_songs=word_songs,
         word_tags=word_tags,
+        cf=PlaylistKNN().fit(data).neighbour_cf(),
     )

@@ -10,17 +10,18 @@ from trainer.dataset import Dataset
 from trainer.export import playlist_codes
 from trainer.recommenders.base import Question, Recommendation, Recommender
 
-__all__ = ["AENeighbours", "AEQuota", "EmbeddingStrategy", "playlist_codes"]
+__all__ = ["AEHybrid", "AENeighbours", "AEQuota", "EmbeddingStrategy", "playlist_codes"]
 
 
 class EmbeddingStrategy:
     """Maps questions (external ids, tag strings) to a strategy's row/index space."""
 
     def __init__(self, name: str, catalog: Catalog, songs: VectorSearch,
-                 playlists: VectorSearch, drop_future: bool = False) -> None:
+                 playlists: VectorSearch, drop_future: bool = False, **options: float) -> None:
         self.name, self.catalog = name, catalog
         self.songs, self.playlists = songs, playlists
         self.drop_future = drop_future
+        self.options = options
 
     def query(self, q: Question, n_songs: int, n_tags: int) -> Query:
         rows = [self.catalog.row_of_id.get(int(s), -1) for s in q.songs.tolist()]
@@ -31,7 +32,7 @@ class EmbeddingStrategy:
 
     def recommend(self, q: Question, n_songs: int = 100, n_tags: int = 10) -> Recommendation:
         answer = run_strategy(self.name, self.catalog, self.songs, self.playlists,
-                              self.query(q, n_songs, n_tags))
+                              self.query(q, n_songs, n_tags), **self.options)
         return Recommendation(self.catalog.song_ids[answer.songs], answer.song_scores,
                               [self.catalog.tags[t] for t in answer.tags.tolist()],
                               answer.tag_scores)
@@ -42,6 +43,7 @@ class _BundleStrategy(Recommender):
 
     def __init__(self, bundle: str, drop_future: bool = False, verify: bool = True) -> None:
         self.bundle, self.drop_future, self.verify = bundle, drop_future, verify
+        self.options: dict[str, float] = {}
         self._impl: EmbeddingStrategy | None = None
 
     def fit(self, data: Dataset) -> Recommender:
@@ -50,7 +52,7 @@ class _BundleStrategy(Recommender):
 
         engine = Engine.load(self.bundle, verify=self.verify)
         self._impl = EmbeddingStrategy(self.strategy, engine.catalog, engine.songs,
-                                       engine.playlists, self.drop_future)
+                                       engine.playlists, self.drop_future, **self.options)
         return self
 
     def recommend(self, question: Question, n_songs: int = 100,
@@ -72,3 +74,15 @@ class AENeighbours(_BundleStrategy):
 
     name = "ae-neighbours"
     strategy = "ae-neighbours"
+
+
+class AEHybrid(_BundleStrategy):
+    """Neighbour CF blended with ae-neighbours; ``ae_weight=0`` is neighbour CF alone."""
+
+    name = "ae-hybrid"
+    strategy = "ae-hybrid"
+
+    def __init__(self, bundle: str, ae_weight: float = 0.5, drop_future: bool = False,
+                 verify: bool = True) -> None:
+        super().__init__(bundle, drop_future, verify)
+        self.options = {"ae_weight": ae_weight}

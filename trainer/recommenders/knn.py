@@ -14,6 +14,7 @@ import re
 import numpy as np
 import scipy.sparse as sp
 
+from server.strategies import NeighbourCF, RowLists
 from trainer.dataset import CSR, Dataset, Songs
 from trainer.recommenders.base import Question, Recommendation, Recommender
 from trainer.recommenders.popular import future_mask, top_k
@@ -165,6 +166,22 @@ class PlaylistKNN(Recommender):
         self._pop_tag_counts = tag_counts[self._pop_tags].astype(np.float32)
         self._n_train = n
         return self
+
+    def neighbour_cf(self) -> NeighbourCF:
+        """This fitted model as the torch- and scipy-free arrays the server's ``ae-hybrid``
+        strategy answers with (same features, weights and neighbour count)."""
+        ft = self._features_t.tocsr()
+        ft.sort_indices()
+        artists = self._songs.artists
+        song_artists = RowLists(artists.indptr.astype(np.int64),
+                                np.searchsorted(self._artist_ids, artists.values).astype(np.int32),
+                                np.ones(len(artists.values), dtype=np.float32))
+        words = sorted(self._word_index, key=self._word_index.__getitem__)
+        return NeighbourCF(RowLists(ft.indptr.astype(np.int64), ft.indices.astype(np.int32),
+                                    ft.data.astype(np.float32)),
+                           self._feature_weights.astype(np.float32),
+                           np.asarray(self._offsets, dtype=np.int64), words, song_artists,
+                           self._n_train, self.k, self.alpha)
 
     # -- answering -------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from trainer.recommenders.ae import AENeighbours, AEQuota
+from trainer.recommenders.ae import AEHybrid, AENeighbours, AEQuota
 from trainer.recommenders.als import ALSRecommender
 from trainer.recommenders.base import Recommender
 from trainer.recommenders.knn import PlaylistKNN
@@ -43,6 +43,7 @@ register("playlist-knn")(PlaylistKNN)
 register("als")(ALSRecommender)
 register("ae-quota")(AEQuota)
 register("ae-neighbours")(AENeighbours)
+register("ae-hybrid")(AEHybrid)
 
 
 def _parameters(cls: type[Recommender]) -> dict[str, inspect.Parameter]:

@@ -318,6 +318,8 @@ class AdminServicer:
 
     def ReloadModel(self, request, context):
         """Load a bundle, verify it and swap it in atomically; on failure the old model serves on.
+        Songs in the write-ahead log are re-encoded by the new model. A reload (or AddSongs)
+        that has started runs to completion even if the caller's deadline passes meanwhile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
