@@ -38,7 +38,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from clients.client import NO_RETRY, ClientError, SongRecClient
+from clients.client import NO_RETRY, TOKEN_ENV, ClientError, SongRecClient
 from clients.loadtest import (
     METHODS,
     Call,
@@ -139,6 +139,11 @@ def memory_mb(pid: int) -> dict[str, float]:
     return out
 
 
+def token() -> str | None:
+    """The inference token the server (started with this environment) will ask for."""
+    return os.environ.get(TOKEN_ENV) or None
+
+
 def int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -232,7 +237,9 @@ def capture_responses(target: str, workloads: Mapping[str, Sequence[Call]],
     with grpc.insecure_channel(target) as channel:
         for rpc, calls in workloads.items():
             method = METHODS[rpc]
-            answer = channel.unary_unary(method)(calls[0].payload, timeout=30)
+            metadata = [("authorization", f"Bearer {token()}")] if token() else None
+            answer = channel.unary_unary(method)(calls[0].payload, timeout=30,
+                                                 metadata=metadata)
             name = method.rsplit("/", 1)[1]
             (out / f"{name}.bin").write_bytes(answer)
             sizes[rpc] = len(answer)
@@ -247,7 +254,7 @@ def load_grid(target: str, workloads: Mapping[str, Sequence[Call]],
     for rpc, calls in workloads.items():
         for c in concurrency:
             config = LoadConfig(target=target, concurrency=c, duration=duration,
-                                warmup=warmup, deadline=30.0)
+                                warmup=warmup, deadline=30.0, token=token())
             result = run(config, calls, rpc)
             results[(rpc, c)] = result
             lat = result.report["latency_ms"]
@@ -272,10 +279,12 @@ def index_comparison(bundle: Path, n_queries: int = 1000, k: int = 100,
     index = load_hnsw(bundle, manifest.song_index, SONG_INDEX)
     labels = np.asarray(index.get_ids_list(), dtype=np.int64)
     vectors = np.asarray(index.get_items(labels), dtype=np.float32)
-    exact = ExactSearch(vectors)
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(labels), size=min(n_queries, len(labels)), replace=False)
-    queries = vectors[picked]
+    queries = vectors[picked].copy()
+    dim = int(vectors.shape[1])
+    exact = ExactSearch(vectors)
+    del vectors  # ExactSearch keeps its own unit-norm copy; at Melon scale this is GBs
     k = min(k, len(labels))
     start = time.perf_counter()
     truth_rows, _ = exact.search(queries, k)
@@ -301,7 +310,7 @@ def index_comparison(bundle: Path, n_queries: int = 1000, k: int = 100,
                      "hnsw_ms": round(hnsw_ms, 4)})
         if recall >= RECALL_TARGET:
             break
-    return {"items": int(len(labels)), "dim": int(vectors.shape[1]), "k": k,
+    return {"items": int(len(labels)), "dim": dim, "k": k,
             "queries": int(len(queries)), "manifest_ef": manifest.song_index.ef,
             "m": manifest.song_index.m, "exact_single_ms": round(single_ms, 3),
             "exact_batched_ms": round(batched_ms, 3), "runs": runs}
@@ -312,6 +321,9 @@ def index_comparison(bundle: Path, n_queries: int = 1000, k: int = 100,
 
 @dataclass
 class Bench:
+    """Everything one benchmark run measured (``server`` and ``echo``: results by RPC and
+    concurrency)."""
+
     bundle: Path
     model_version: str = ""
     indexed_songs: int = 0
@@ -327,6 +339,7 @@ class Bench:
 
 
 def ratio(bench: Bench, rpc: str, c: int) -> float | None:
+    """The server's successful calls per second over the echo server's (None: not run)."""
     real, echo = bench.server.get((rpc, c)), bench.echo.get((rpc, c))
     if real is None or echo is None or not echo.report["ok_per_s"]:
         return None
@@ -390,7 +403,8 @@ def render(bench: Bench, command: str) -> str:
         lines.append(f"| {goal} | {measured} | "
                      f"{'-' if met is None else ('yes' if met else '**no**')} |")
     lines += ["", "| measure | value |", "|---|---|",
-              f"| start-up to SERVING (spawn to health SERVING, checksums on) | "
+              f"| start-up to SERVING (spawn to health SERVING, checksums "
+              f"{'off' if '--no-verify' in bench.config.get('server', '') else 'on'}) | "
               f"{bench.startup_s:.1f} s |",
               f"| server RSS when SERVING, idle | {_f(bench.memory_idle.get('VmRSS'), 0)} MB |",
               f"| server RSS after the load / peak | "
@@ -417,11 +431,14 @@ def plot(bench: Bench, path: Path, concurrency: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    rpcs = [rpc for rpc in RPCS if (rpc, concurrency) in bench.server]
-    if not rpcs:
+    levels = sorted({c for _, c in bench.server})
+    if not levels:
         return
+    if concurrency not in levels:  # the nearest level that ran
+        concurrency = min(levels, key=lambda c: (abs(c - concurrency), c))
+    rpcs = [rpc for rpc in RPCS if (rpc, concurrency) in bench.server]
     fig, axes = plt.subplots(1, len(rpcs), figsize=(5 * len(rpcs), 4), squeeze=False)
     for ax, rpc in zip(axes[0], rpcs, strict=True):
         series = {}
@@ -440,6 +457,8 @@ def plot(bench: Bench, path: Path, concurrency: int) -> None:
             ax.hist(ms, bins=edges.tolist(), histtype="step", linewidth=1.5,
                     label=f"{label}: p50 {p50:.1f}, p99 {p99:.1f} ms")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{RPC_TITLES[rpc]}, concurrency {concurrency}", fontsize=9)
         ax.set_xlabel("latency (ms)")
@@ -453,6 +472,7 @@ def plot(bench: Bench, path: Path, concurrency: int) -> None:
 
 
 def to_json(bench: Bench) -> dict[str, Any]:
+    """Every number of the run, JSON-ready (raw latencies and histograms left out)."""
     def reports(table: Mapping[tuple[str, int], LoadResult]) -> list[dict[str, Any]]:
         return [{k: v for k, v in r.report.items() if k != "histogram"}
                 for r in table.values()]
@@ -504,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; 0 when done, 2 on bad input or a server that does not start."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     rpcs = [r.strip() for r in args.rpcs.split(",") if r.strip()]
@@ -519,6 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def bench(args: argparse.Namespace, rpcs: Sequence[str], argv: Sequence[str]) -> int:
+    """Server grid, echo grid, index comparison, then the report (see the module doc)."""
     from server.bundle import BundleError, read_manifest
 
     bundle: Path = args.bundle
@@ -590,7 +612,11 @@ def bench(args: argparse.Namespace, rpcs: Sequence[str], argv: Sequence[str]) ->
         replace_marked(Path(args.out), body, START, END)
         print(f"wrote the bench-serving section of {args.out}")
     if args.plot:
-        plot(result, Path(args.plot), args.plot_concurrency)
+        try:
+            plot(result, Path(args.plot), args.plot_concurrency)
+        except ImportError:
+            print(f"{PROG}: no matplotlib, no plot (it comes with the 'train' extra)",
+                  file=sys.stderr)
     if args.json_out is not None:
         args.json_out.write_text(json.dumps(to_json(result), indent=2) + "\n")
     return 0

@@ -105,6 +105,8 @@ class Reason:
 
 @dataclass(frozen=True)
 class RecommendedSong:
+    """A song of a continuation, its strategy-specific score and why it was chosen."""
+
     song_id: int
     score: float
     reason: Reason
@@ -114,6 +116,8 @@ class RecommendedSong:
 
 @dataclass(frozen=True)
 class RecommendedTag:
+    """A tag of a continuation and its score (higher is better)."""
+
     tag: str
     score: float
 
@@ -191,6 +195,9 @@ class Encoded:
 
 @dataclass(frozen=True)
 class AddedSongs:
+    """Ids inserted by an ``AddSongs`` call, ids already served (unchanged), and the
+    index size after it."""
+
     added_song_ids: tuple[int, ...]
     existing_song_ids: tuple[int, ...]
     indexed_songs: int
@@ -199,6 +206,8 @@ class AddedSongs:
 
 @dataclass(frozen=True)
 class IndexInfo:
+    """hnswlib parameters of one of the served indexes."""
+
     space: str
     dim: int
     m: int
@@ -231,6 +240,8 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Reloaded:
+    """The models before and after a reload, songs re-added from the log, seconds taken."""
+
     previous: ModelInfo
     current: ModelInfo
     replayed_songs: int
@@ -311,6 +322,7 @@ def similar_request(song_id: int, k: int | None = None, exclude: Iterable[int] =
 def similar_batch_request(song_ids: Iterable[int], k: int | None = None,
                           exclude: Iterable[int] = (),
                           include_names: bool = False) -> pb2.SimilarSongsBatchRequest:
+    """A ``SimilarSongsBatchRequest``; ``k=None`` leaves the server default (10)."""
     request = pb2.SimilarSongsBatchRequest(song_ids=list(song_ids),
                                            exclude_song_ids=list(exclude),
                                            include_names=include_names)
@@ -337,6 +349,7 @@ def continue_request(seed_song_ids: Iterable[int] = (), tags: Iterable[str] = ()
 
 
 def metadata_pb(meta: SongMetadata) -> pb2.SongMetadata:
+    """:class:`SongMetadata` as its protobuf message."""
     return pb2.SongMetadata(genres=list(meta.genres), detail_genres=list(meta.detail_genres),
                             artist_ids=list(meta.artist_ids), issue_date=meta.issue_date,
                             playlist_ids=list(meta.playlist_ids), tags=list(meta.tags))
@@ -344,6 +357,7 @@ def metadata_pb(meta: SongMetadata) -> pb2.SongMetadata:
 
 def encode_request(song: SongMetadata, k: int | None = None,
                    include_names: bool = False) -> pb2.EncodeSongRequest:
+    """An ``EncodeSongRequest``; ``k=None`` leaves the server default (10)."""
     request = pb2.EncodeSongRequest(song=metadata_pb(song), include_names=include_names)
     if k is not None:
         request.k = k
@@ -351,6 +365,7 @@ def encode_request(song: SongMetadata, k: int | None = None,
 
 
 def add_songs_request(songs: Iterable[NewSong]) -> pb2.AddSongsRequest:
+    """An ``AddSongsRequest`` (the server takes 1..1000 songs per call)."""
     return pb2.AddSongsRequest(songs=[
         pb2.NewSong(song_id=s.song_id, metadata=metadata_pb(s.metadata), name=s.name,
                     artists=s.artists) for s in songs])
@@ -365,17 +380,20 @@ def _neighbours(items: Iterable[Any]) -> tuple[Neighbour, ...]:
 
 
 def similar_result(response: pb2.SimilarSongsResponse) -> Similar:
+    """A ``SimilarSongsResponse`` as :class:`Similar`."""
     return Similar(int(response.song_id), _neighbours(response.neighbours),
                    response.model_version)
 
 
 def similar_batch_result(response: pb2.SimilarSongsBatchResponse) -> SimilarBatch:
+    """A ``SimilarSongsBatchResponse`` as :class:`SimilarBatch`."""
     return SimilarBatch(tuple(similar_result(r) for r in response.results),
                         tuple(int(i) for i in response.unknown_song_ids),
                         response.model_version)
 
 
 def reason_of(reason: pb2.Reason) -> Reason:
+    """A ``Reason`` message as :class:`Reason` (kind in lower case, source or None)."""
     kind = _REASON_NAMES.get(reason.kind, "unspecified")
     which = reason.WhichOneof("source")
     source: int | str | None = None if which is None else getattr(reason, which)
@@ -383,6 +401,7 @@ def reason_of(reason: pb2.Reason) -> Reason:
 
 
 def continuation_result(response: pb2.ContinuePlaylistResponse) -> Continuation:
+    """A ``ContinuePlaylistResponse`` as :class:`Continuation`."""
     return Continuation(
         songs=tuple(RecommendedSong(int(s.song_id), float(s.score), reason_of(s.reason),
                                     s.name, s.artists) for s in response.songs),
@@ -393,11 +412,13 @@ def continuation_result(response: pb2.ContinuePlaylistResponse) -> Continuation:
 
 
 def encoded_result(response: pb2.EncodeSongResponse) -> Encoded:
+    """An ``EncodeSongResponse`` as :class:`Encoded`."""
     return Encoded(tuple(float(x) for x in response.code), _neighbours(response.neighbours),
                    int(response.known_columns), response.model_version)
 
 
 def added_result(response: pb2.AddSongsResponse) -> AddedSongs:
+    """An ``AddSongsResponse`` as :class:`AddedSongs`."""
     return AddedSongs(tuple(int(i) for i in response.added_song_ids),
                       tuple(int(i) for i in response.existing_song_ids),
                       int(response.indexed_songs), response.model_version)
@@ -409,6 +430,7 @@ def _index_info(params: pb2.IndexParams) -> IndexInfo:
 
 
 def model_info_result(info: pb2.ModelInfo) -> ModelInfo:
+    """A ``ModelInfo`` message as :class:`ModelInfo`."""
     return ModelInfo(
         loaded=info.loaded, model_version=info.model_version, created=info.created,
         data_fingerprint=info.data_fingerprint, code_dim=int(info.code_dim),
@@ -422,11 +444,13 @@ def model_info_result(info: pb2.ModelInfo) -> ModelInfo:
 
 
 def reloaded_result(response: pb2.ReloadModelResponse) -> Reloaded:
+    """A ``ReloadModelResponse`` as :class:`Reloaded`."""
     return Reloaded(model_info_result(response.previous), model_info_result(response.current),
                     int(response.replayed_songs), float(response.seconds))
 
 
 def health_name(response: health_pb2.HealthCheckResponse) -> str:
+    """The serving status's name: SERVING, NOT_SERVING, UNKNOWN or SERVICE_UNKNOWN."""
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
@@ -615,6 +639,7 @@ class SongRecClient:
             time.sleep(poll)
 
     def close(self) -> None:
+        """Close the channel (calls in flight are cancelled)."""
         self._channel.close()
 
     def __enter__(self) -> SongRecClient:
@@ -724,6 +749,7 @@ class AsyncSongRecClient:
                                             deadline))
 
     async def close(self) -> None:
+        """Close the channel (calls in flight are cancelled)."""
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncSongRecClient:

@@ -105,6 +105,7 @@ async def start_echo(responses: Mapping[str, bytes], host: str = "127.0.0.1",
 
 
 async def serve(responses: Mapping[str, bytes], host: str, port: int) -> None:
+    """Run an echo server until SIGTERM or SIGINT, announcing its port on stdout."""
     server, bound = await start_echo(responses, host, port)
     print(f"listening on {host}:{bound}", flush=True)
     stopping = asyncio.Event()
@@ -116,6 +117,7 @@ async def serve(responses: Mapping[str, bytes], host: str, port: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT; 2 when the responses or the port are unusable."""
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50052, help="0 picks a free port")

@@ -668,7 +668,7 @@ def plot(latencies: Mapping[str, np.ndarray], path: Path, title: str) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import NullFormatter
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
     except ImportError:
         raise LoadError("--plot needs matplotlib (pip install matplotlib, or the project's "
                         "'train' extra)") from None
@@ -684,6 +684,8 @@ def plot(latencies: Mapping[str, np.ndarray], path: Path, title: str) -> None:
         ax.hist(ms, bins=edges.tolist(), histtype="step", linewidth=1.5,
                 label=f"{name}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, n={len(ms)}")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("latency (ms, log scale)")
     ax.set_ylabel("calls")

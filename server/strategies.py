@@ -298,6 +298,28 @@ class ExactSearch:
         return labels, sims
 
 
+class DotSearch(ExactSearch):
+    """Exact search by raw dot product (vectors keep their norms): the write-up's
+    alternative to cosine, for ablations."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        self._raw = vectors.astype(np.float32)
+        super().__init__(vectors)
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        return self._raw[np.asarray(labels, dtype=np.int64)]
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.atleast_2d(vectors).astype(np.float32)
+        k = min(k, len(self._raw))
+        scores = q @ self._raw.T
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        return (np.take_along_axis(top, order, axis=1).astype(np.int64),
+                np.take_along_axis(top_scores, order, axis=1))
+
+
 class HnswSearch:
     """hnswlib cosine index (space 'cosine': similarity = 1 - distance) over song rows.
 

@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,35 @@ DATASETS = ("demo", "spotify")
 START = "<!-- bench-quality:start -->"
 END = "<!-- bench-quality:end -->"
 COLUMNS = ("dataset", "model", "song nDCG", "tag nDCG", "score", "fit s", "predict s")
+BENCH_BUNDLES = REPO / "bundles" / "bench"
+
+# Autoencoders trained for the table (``trainer.train`` arguments on top of the preset):
+# the write-up's configuration and its ablations.
+AE_VARIANTS: dict[str, list[str]] = {
+    "ae": [],
+    "ae-relu": ["--activation", "relu"],
+    "ae-no-plain-mse": ["--loss-weights", "15,0"],
+    "ae-cf-only": ["--groups", "playlists"],  # listeners only
+    "ae-cb-only": ["--groups", "genres,detail_genres,artists,years"],  # catalogue only
+}
+# Rows: (variant, model, model options, label in the table).
+AE_ROWS: list[tuple[str, str, dict[str, Any], str]] = [
+    ("ae", "ae-quota", {}, "ae-quota"),
+    ("ae", "ae-quota", {"metric": "dot"}, "ae-quota, dot product instead of cosine"),
+    ("ae", "ae-neighbours", {}, "ae-neighbours"),
+    ("ae", "ae-hybrid", {"ae_weight": 0.0}, "ae-hybrid, ae_weight 0 (neighbour CF alone)"),
+    ("ae", "ae-hybrid", {"ae_weight": 0.25}, "ae-hybrid, ae_weight 0.25"),
+    ("ae", "ae-hybrid", {"ae_weight": 0.5}, "ae-hybrid, ae_weight 0.5"),
+    ("ae", "ae-hybrid", {"ae_weight": 1.0}, "ae-hybrid, ae_weight 1"),
+    ("ae-relu", "ae-quota", {}, "ae-quota, ReLU instead of SELU"),
+    ("ae-relu", "ae-neighbours", {}, "ae-neighbours, ReLU instead of SELU"),
+    ("ae-no-plain-mse", "ae-quota", {}, "ae-quota, masked MSE only (no plain MSE)"),
+    ("ae-no-plain-mse", "ae-neighbours", {}, "ae-neighbours, masked MSE only"),
+    ("ae-cf-only", "ae-quota", {}, "ae-quota, playlist columns only (CF)"),
+    ("ae-cf-only", "ae-neighbours", {}, "ae-neighbours, playlist columns only (CF)"),
+    ("ae-cb-only", "ae-quota", {}, "ae-quota, metadata columns only (CB)"),
+    ("ae-cb-only", "ae-neighbours", {}, "ae-neighbours, metadata columns only (CB)"),
+]
 
 
 @dataclass
@@ -112,6 +142,46 @@ def bench_dataset(name: str, split: Path, models: Sequence[str], bundle: str | N
               file=sys.stderr)
 
 
+def train_variant(dataset: str, split: Path, variant: str, preset: str,
+                  retrain: bool) -> tuple[Path, float]:
+    """The bundle of one autoencoder variant, trained unless it exists (seconds spent)."""
+    bundle = BENCH_BUNDLES / dataset / variant
+    if (bundle / "manifest.json").exists() and not retrain:
+        return bundle, 0.0
+    start = time.perf_counter()
+    _run_module("trainer.train", "--data", str(split), "--out", str(bundle), "--preset",
+                preset, *AE_VARIANTS[variant])
+    return bundle, time.perf_counter() - start
+
+
+def bench_autoencoders(name: str, split: Path, report: Report, *, preset: str,
+                       retrain: bool, progress: bool) -> None:
+    """Train every variant on one split and add the strategy/ablation rows."""
+    from trainer.evaluate import score
+
+    data = load_dataset(split, files=["train.json"])
+    questions = load_questions(data, split / "val_questions.json")
+    answers = read_json(split / "val_answers.json")
+    trained: dict[str, tuple[Path, float]] = {}
+    for variant, model_name, options, label in AE_ROWS:
+        if variant not in trained:
+            trained[variant] = train_variant(name, split, variant, preset, retrain)
+            print(f"{name}: {variant} bundle ready ({trained[variant][1]:.0f} s training)",
+                  file=sys.stderr)
+        bundle, train_s = trained[variant]
+        model = make_recommender(model_name, bundle=str(bundle), **options)
+        results, fit_s, predict_s = run_model(data, questions, model, progress=progress)
+        scores = score(answers, results)
+        report.rows.append({"dataset": name, "model": label, "song_ndcg": scores.song_ndcg,
+                            "tag_ndcg": scores.tag_ndcg, "score": scores.score,
+                            "fit_s": fit_s + train_s, "predict_s": predict_s})
+        trained[variant] = (bundle, 0.0)  # count training once, on the variant's first row
+        print(f"{name} {label}: {scores}", file=sys.stderr)
+    report.notes.append(
+        f"`{name}` autoencoders: `trainer.train --preset {preset}` on the split (fit s of a "
+        f"variant's first row includes its training; bundles in `{BENCH_BUNDLES}/{name}`).")
+
+
 def results_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of benchmark rows (scores to 4 decimals, seconds to 2)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -185,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="markdown file whose bench-quality section is replaced, "
                              "or - to print only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-ae", action="store_true",
+                        help="baselines only: train no autoencoder variants")
+    parser.add_argument("--ae-preset", default="small", help="trainer preset for the AE rows")
+    parser.add_argument("--retrain", action="store_true",
+                        help="retrain AE bundles even when bundles/bench already has them")
     return parser
 
 
@@ -215,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 bench_dataset(name, split, models, args.bundle, report,
                               progress=not args.no_progress)
+                if not args.no_ae:
+                    bench_autoencoders(name, split, report, preset=args.ae_preset,
+                                       retrain=args.retrain, progress=not args.no_progress)
         body = render(report, command)
         if args.out != "-":
             replace_section(Path(args.out), body)

@@ -150,6 +150,8 @@ def export_bundle(trainer: Trainer, out: Path, codes: np.ndarray | None = None,
     pl_index.save_index(str(staging / bundle_files.PLAYLIST_INDEX))
     arrays = trainer.catalog.to_arrays()
     arrays["rep_of"] = rep_of
+    # The index stores unit vectors; the norms let evaluations compare dot product.
+    arrays["code_norms"] = np.linalg.norm(codes, axis=1).astype(np.float32)
     arrays.update(song_metadata_arrays(trainer))
     bundle_files.save_arrays(staging, arrays)
     bundle_files.save_columns(staging, trainer.space.to_json())

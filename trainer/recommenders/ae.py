@@ -63,10 +63,30 @@ class _BundleStrategy(Recommender):
 
 
 class AEQuota(_BundleStrategy):
-    """The write-up: per-seed quotas of nearest songs, tags by voting."""
+    """The write-up: per-seed quotas of nearest songs, tags by voting. ``metric="dot"``
+    ranks neighbours by dot product of the raw codes instead of cosine (the write-up's
+    comparison; exact search, so for evaluation-sized catalogues only)."""
 
     name = "ae-quota"
     strategy = "ae-quota"
+
+    def __init__(self, bundle: str, metric: str = "cosine", drop_future: bool = False,
+                 verify: bool = True) -> None:
+        if metric not in ("cosine", "dot"):
+            raise ValueError(f"metric {metric!r}: choose cosine or dot")
+        super().__init__(bundle, drop_future, verify)
+        self.metric = metric
+
+    def fit(self, data: Dataset) -> Recommender:
+        super().fit(data)
+        if self.metric == "dot" and self._impl is not None:
+            from server.bundle import load_arrays
+            from server.strategies import DotSearch
+
+            norms = load_arrays(self.bundle)["code_norms"]
+            unit = self._impl.songs.vectors(np.arange(len(norms)))
+            self._impl.songs = DotSearch(unit * norms[:, None])
+        return self
 
 
 class AENeighbours(_BundleStrategy):
