@@ -11,7 +11,7 @@ export HNSWLIB_NO_NATIVE := 1
 export OMP_NUM_THREADS ?= 2
 export MKL_NUM_THREADS ?= 2
 
-.PHONY: install serve test test-all lint protos bench-quality bench-train bench-serving bench-load clean
+.PHONY: install serve test test-all lint protos bench-quality bench-train bench-serving bench-load soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -61,3 +61,10 @@ bench-train: $(STAMP)
 
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/songrec/v1/songrec.proto
+
+bench-serving: $(STAMP)
+	$(BIN)/python -m clients.bench_serving
+
+# A load test against a running `make serve` (another terminal).
+bench-load: $(STAMP) $(DEMO_SPLIT)/val_questions.json
+	$(BIN)/python -m clients.loadtest --rpc mixed --questions $(DEMO_SPLIT)/val_questions.json --concurrency 16 --duration 10

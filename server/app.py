@@ -234,8 +234,13 @@ class ServingState:
 
     def build(self, path: Path, verify: bool) -> tuple[LiveModel, int]:
         """Load a bundle and re-add the logged songs to it (blocking)."""
-        model = LiveModel.load(path, verify=verify, capacity=self.config.capacity,
-                               threads=self.config.threads)
+        try:
+            model = LiveModel.load(path, verify=verify, capacity=self.config.capacity,
+                                   threads=self.config.threads)
+        except OSError as exc:
+            # A path the file system refuses (a name too long, no permission): the bundle
+            # is unusable, the server is not broken, and the old model serves on.
+            raise BundleError(f"{path}: unreadable ({exc.strerror or exc})") from None
         replayed = 0
         if self.wal is not None and len(self.wal):
             replayed, _ = model.replay(self.wal.songs())

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import time
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,7 +177,8 @@ def load_arrays(root: str | Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        # BadZipFile: a damaged member (bad CRC) when the checksums were not verified.
         raise BundleError(f"{path}: unreadable ({exc})") from None
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from server.errors import (
+    InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
     ServingError,
@@ -102,14 +103,18 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         wrapped = self._wrapped.get(method)
         if wrapped is None:
+            # The request arrives as bytes and is parsed inside the guard: a payload that
+            # is not a valid message then gets INVALID_ARGUMENT (gRPC's own deserializer
+            # answers UNKNOWN), and only after the load and token checks.
             wrapped = grpc.unary_unary_rpc_method_handler(
-                self._guard(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                self._guard(method, handler.unary_unary, handler.request_deserializer),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer)
             self._wrapped[method] = wrapped
         return wrapped
 
-    def _guard(self, method: str, behaviour: Behaviour) -> Behaviour:
+    def _guard(self, method: str, behaviour: Behaviour,
+               deserialize: Callable[[bytes], Any] | None = None) -> Behaviour:
         name = method.rsplit("/", 1)[-1]
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -124,6 +129,8 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 admitted = True
                 self.metrics.in_flight.inc()
                 authorize(method, context.invocation_metadata(), self.tokens)
+                if deserialize is not None:
+                    request = parse_request(name, request, deserialize)
                 response = await behaviour(request, context)
                 remaining = context.time_remaining()
                 if remaining is not None and remaining <= 0:
@@ -158,6 +165,19 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     self.metrics.in_flight.dec()
 
         return guarded
+
+
+def parse_request(name: str, raw: bytes, deserialize: Callable[[bytes], Any]) -> Any:
+    """The request message of RPC ``name`` from its wire bytes.
+
+    Raises :class:`InvalidArgument` when the bytes are not a valid message (a corrupt wire
+    format, a string field that is not UTF-8).
+    """
+    try:
+        return deserialize(raw)
+    except Exception as exc:  # upb raises DecodeError; any failure here is the payload's
+        raise InvalidArgument(f"request: not a valid {name} request message ({exc})") \
+            from None
 
 
 def _is_abort(exc: BaseException) -> bool:
