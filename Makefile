@@ -11,7 +11,7 @@ export HNSWLIB_NO_NATIVE := 1
 export OMP_NUM_THREADS ?= 2
 export MKL_NUM_THREADS ?= 2
 
-.PHONY: install serve test test-all lint protos bench-quality bench-train bench-serving bench-load soak clean
+.PHONY: install serve test test-all lint protos bench-quality bench-train bench-serving bench-load bench-data soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -68,3 +68,6 @@ bench-serving: $(STAMP)
 # A load test against a running `make serve` (another terminal).
 bench-load: $(STAMP) $(DEMO_SPLIT)/val_questions.json
 	$(BIN)/python -m clients.loadtest --rpc mixed --questions $(DEMO_SPLIT)/val_questions.json --concurrency 16 --duration 10
+
+bench-data: $(STAMP)
+	$(BIN)/python -m trainer.bench_data --out docs/BENCHMARKS.md

@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--max-steps", type=int, default=0, help="stop the epoch early (smoke)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-index", action="store_true",
+                   help="stop after the epoch and ALS: no codes, index or bundle")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from trainer.train import PRESETS, TrainConfig, Trainer, resolve_precision, set_threads
@@ -181,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         als_s = time_als(trainer.matrix, args.threads)
         rows += [("implicit ALS, 128 factors, 15 iterations, same matrix", f"{als_s:.1f} s"),
                  ("AE epoch / ALS fit", f"{full_epoch_s / als_s:.2f} x")]
+    if args.skip_index:
+        body = render(rows, " ".join(["python -m trainer.bench_train", *argv]))
+        print(body)
+        if args.out != "-":
+            replace_section(Path(args.out), body)
+        return 0
     codes_start = time.perf_counter()
     codes = trainer.song_codes()
     rows.append(("encode all songs (codes)", f"{time.perf_counter() - codes_start:.1f} s"))

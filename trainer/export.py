@@ -13,6 +13,7 @@ import hashlib
 import logging
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,12 +47,16 @@ def export_onnx(model: SongAutoEncoder, path: Path) -> None:
             x = (self.table[columns] * weights.unsqueeze(-1)).sum(1) + self.bias
             return self.source.encode_dense(self.source.act(x))
 
+    # The exporter narrates every optimisation pass at INFO: keep the training log readable.
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     model.eval()
     wrapper = PaddedEncoder(model).eval()
     columns = torch.tensor([[0, 1, model.config.input_dim], [2, 3, 4]], dtype=torch.int64)
     weights = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     batch, width = torch.export.Dim("batch"), torch.export.Dim("width")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation chatter from the exporter internals
         torch.onnx.export(wrapper, (columns, weights), str(path),
                           input_names=["columns", "weights"], output_names=["code"],
                           dynamic_shapes={"columns": {0: batch, 1: width},
