@@ -18,6 +18,7 @@ from server import bundle as bundle_files
 from server.bundle import Manifest
 from server.columns import ColumnSpace, pad_batch
 from server.strategies import (
+    STRATEGIES,
     Answer,
     Catalog,
     HnswSearch,
@@ -131,8 +132,21 @@ class Engine:
     def model_version(self) -> str:
         return self.manifest.model_version
 
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        """Strategies this bundle can run (ae-hybrid needs the neighbour-CF arrays)."""
+        return tuple(s for s in STRATEGIES if s != "ae-hybrid" or self.catalog.cf is not None)
+
+    def resolve_strategy(self, name: str) -> str:
+        """The strategy that will answer ``name``: bundles written before the neighbour-CF
+        arrays existed answer ae-hybrid with ae-neighbours (the response says so)."""
+        if name == "ae-hybrid" and self.catalog.cf is None:
+            return "ae-neighbours"
+        return name
+
     def continue_playlist(self, strategy: str, query: Query) -> Answer:
-        return run_strategy(strategy, self.catalog, self.songs, self.playlists, query)
+        return run_strategy(self.resolve_strategy(strategy), self.catalog, self.songs,
+                            self.playlists, query)
 
     def similar(self, rows: np.ndarray, k: int, exclude: set[int] | None = None
                 ) -> list[tuple[np.ndarray, np.ndarray]]:

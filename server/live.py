@@ -18,7 +18,6 @@ from server.strategies import (
     REASON_PLAYLIST,
     REASON_SEED,
     REASON_TAG,
-    STRATEGIES,
     Query,
 )
 from server.validation import ContinueParams, EncodeParams, NewSong, SimilarParams
@@ -161,7 +160,7 @@ class LiveModel:
         return Continuation(song_ids, answer.song_scores.tolist(), reasons, names,
                             [catalog.tags[t] for t in answer.tags.tolist()],
                             answer.tag_scores.tolist(), unknown, unknown_tags,
-                            params.strategy)
+                            self.engine.resolve_strategy(params.strategy))
 
     def similar(self, params: SimilarParams) -> tuple[list[Neighbours], list[int]]:
         """Nearest songs of each known id (in request order), and the unknown ids."""
@@ -303,5 +302,5 @@ class LiveModel:
                 "bundle_songs": self.n_bundle, "added_songs": self.n_added,
                 "indexed_songs": self.n_bundle + self.n_added,
                 "playlists": len(self.engine.catalog.playlist_ids),
-                "tags": len(self.engine.catalog.tags), "strategies": list(STRATEGIES),
+                "tags": len(self.engine.catalog.tags), "strategies": list(self.engine.strategies),
                 "song_index": m.song_index, "playlist_index": m.playlist_index}

@@ -31,7 +31,8 @@ from typing import Protocol
 import numpy as np
 
 STRATEGIES = ("ae-quota", "ae-neighbours", "ae-hybrid")
-DEFAULT_STRATEGY = "ae-neighbours"
+# The best strategy in docs/BENCHMARKS.md (bench-quality, synthetic demo split).
+DEFAULT_STRATEGY = "ae-hybrid"
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 # Reason codes attached to each recommended song.
@@ -686,7 +687,7 @@ def ae_neighbours(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch
 
 
 def ae_hybrid(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, query: Query,
-              ae_weight: float = 0.5, n_playlists: int = 50, alpha: float = 2.0) -> Answer:
+              ae_weight: float = 0.25, n_playlists: int = 50, alpha: float = 2.0) -> Answer:
     """Neighbour-CF votes + ``ae_weight`` x ``ae-neighbours`` votes (each normalised)."""
     if catalog.cf is None:
         raise ValueError("this bundle has no neighbour-CF arrays: ae-hybrid needs a bundle "

@@ -102,7 +102,7 @@ class AEHybrid(_BundleStrategy):
     name = "ae-hybrid"
     strategy = "ae-hybrid"
 
-    def __init__(self, bundle: str, ae_weight: float = 0.5, drop_future: bool = False,
+    def __init__(self, bundle: str, ae_weight: float = 0.25, drop_future: bool = False,
                  verify: bool = True) -> None:
         super().__init__(bundle, drop_future, verify)
         self.options = {"ae_weight": ae_weight}
