@@ -71,3 +71,10 @@ bench-load: $(STAMP) $(DEMO_SPLIT)/val_questions.json
 
 bench-data: $(STAMP)
 	$(BIN)/python -m trainer.bench_data --out docs/BENCHMARKS.md
+
+SOAK_SECONDS ?= 120
+
+# Mixed load at concurrency 64 against a fresh loopback server on the demo bundle, with
+# AddSongs throughout and one ReloadModel half-way; results into docs/BENCHMARKS.md.
+soak: $(STAMP) $(DEMO_BUNDLE)/manifest.json
+	$(BIN)/python -m clients.soak --bundle $(DEMO_BUNDLE) --duration $(SOAK_SECONDS) --concurrency 64 --out docs/BENCHMARKS.md

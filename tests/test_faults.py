@@ -281,6 +281,27 @@ def test_broken_reloads_under_load_fail_no_inference_call(
     assert all(f"still serving {old}" in m for m in failed)
 
 
+def test_reloads_do_not_grow_memory(tiny_bundle: Path) -> None:
+    """The old model's memory goes back to the OS after a reload (without the heap trim,
+    eight reloads of the tiny bundle grew the RSS by ~14 MB, of ~100, and kept it)."""
+    args = ["--bundle", str(tiny_bundle), "--no-verify"]
+    with ServerProcess(args, env=ENV) as server, \
+            grpc.insecure_channel(server.target) as channel:
+        if server.rss_bytes() is None:
+            pytest.skip("no /proc to read the server's memory from")
+        recommender, admin = stubs(channel)
+        sizes = []
+        for _ in range(10):
+            for song in range(20):
+                recommender.SimilarSongs(pb2.SimilarSongsRequest(song_id=song, k=10))
+            admin.ReloadModel(pb2.ReloadModelRequest(skip_verify=True), metadata=AUTH)
+            sizes.append(server.rss_bytes() or 0)
+    # The floor it settles at, not a passing peak: a reload now and then leaves a few MB
+    # in the heap until the next one.
+    growth = min(sizes[-4:]) - sizes[0]
+    assert growth < 6 << 20, [round(b / 2**20, 1) for b in sizes]
+
+
 # ---------------------------------------------------------------- SIGTERM under load
 
 
@@ -319,7 +340,7 @@ def sigterm_under_load(bundle: Path, grace: float, callers: int
                    for _ in range(callers)]
         for thread in threads:
             thread.start()
-        wait_until(lambda: sum(o[2] == "OK" for o in outcomes) >= 2 * callers, 60,
+        wait_until(lambda: sum(o[2] == "OK" for o in outcomes) >= 16, 60,
                    "load running")
         term = time.monotonic()
         signalled.set()
@@ -349,14 +370,16 @@ def test_sigterm_under_load_finishes_in_flight_calls(tiny_bundle: Path) -> None:
 
 def test_sigterm_exits_within_grace_when_work_outlasts_it(tiny_bundle: Path) -> None:
     """32 callers queue seconds of work behind one worker; the grace period is half a
-    second. Calls still queued when it ends are cancelled (UNAVAILABLE, as gRPC reports a
-    server going away), never answered with a server error, and the process exits."""
+    second. Calls still queued when it ends are cut off as gRPC does it (UNAVAILABLE
+    "Cancelling all calls", or CANCELLED when that races with the stream's reset), never
+    answered with a server error, and the process exits."""
     grace = 0.5
     status, term, exited, outcomes, messages = sigterm_under_load(tiny_bundle, grace, 32)
     assert status == 0
     assert exited < grace + 1.5, exited  # the grace, plus stopping the process
     codes = Counter(code for start, _, code in outcomes if start < term)
-    assert set(codes) <= {"OK", "UNAVAILABLE"} and codes["UNAVAILABLE"] > 0, codes
+    assert set(codes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, codes
+    assert codes["UNAVAILABLE"] + codes["CANCELLED"] > 0, codes
     assert messages[-1] == "stopped"
 
 
@@ -449,3 +472,33 @@ def test_overload_sheds_with_bounded_latency_and_memory(tiny_bundle: Path) -> No
     if run["rss_before"] is not None:
         growth = max(run["rss_samples"] + [run["rss_after"]]) - run["rss_before"]
         assert growth < 64 << 20, f"RSS grew {growth / 2**20:.0f} MB under overload"
+
+
+# ---------------------------------------------------------------- a short soak
+
+
+def test_short_soak_meets_its_goal(tiny_bundle: Path, tmp_path: Path) -> None:
+    """``make soak`` in miniature: mixed load, AddSongs throughout, a reload half-way; no
+    errors, every acknowledged song served, and the report lands in its marked section."""
+    from clients.soak import END_MARKER, START_MARKER, SoakConfig, render, soak, write_section
+
+    config = SoakConfig(bundle=tiny_bundle, duration=4.0, concurrency=8, add_every=0.25,
+                        add_batch=5, rss_budget=100.0, server_args=("--no-verify",))
+    report = soak(config)
+    assert report["passed"], report["problems"]
+    assert report["calls"] > 50 and report["errors"] == {} and report["shed"] == 0
+    assert set(report["by_rpc"]) == {"continue", "similar", "encode", "add"}
+    assert report["added_songs"] >= 20 and report["missing_songs"] == 0
+    assert report["served_added_songs"] == report["added_songs"]
+    assert report["reload"]["code"] == "OK" and report["reload"]["replayed"] > 0
+    assert report["server_exit"] == 0
+    assert len(report["windows"]) == 2 and sum(w["calls"] for w in report["windows"]) \
+        == report["calls"]
+    body = render(report, "python -m clients.soak --duration 4")
+    bench = tmp_path / "BENCHMARKS.md"
+    bench.write_text(f"# Benchmarks\n\nkept\n\n{START_MARKER}\nSTALE-SECTION\n"
+                     f"{END_MARKER}\n\nafter\n")
+    write_section(bench, body)
+    text = bench.read_text()
+    assert "kept" in text and "after" in text and "STALE-SECTION" not in text
+    assert text.count(START_MARKER) == 1 and "| ReloadModel | at 2.0 s: OK" in text
