@@ -278,7 +278,10 @@ def index_comparison(bundle: Path, n_queries: int = 1000, k: int = 100,
     manifest = read_manifest(bundle, verify=False)
     index = load_hnsw(bundle, manifest.song_index, SONG_INDEX)
     labels = np.asarray(index.get_ids_list(), dtype=np.int64)
-    vectors = np.asarray(index.get_items(labels), dtype=np.float32)
+    # In chunks: one get_items call over 575k x 1024 builds several full copies (OOM here).
+    vectors = np.concatenate([np.asarray(index.get_items(labels[i : i + 20_000]),
+                                         dtype=np.float32)
+                              for i in range(0, len(labels), 20_000)])
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(labels), size=min(n_queries, len(labels)), replace=False)
     queries = vectors[picked].copy()
