@@ -358,7 +358,10 @@ def test_sigterm_under_load_finishes_in_flight_calls(tiny_bundle: Path) -> None:
     assert status == 0
     assert exited < grace, exited  # the queue drains well within the grace period
     codes = Counter(code for _, _, code in outcomes)
-    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    # Calls started after it were refused. gRPC sometimes reports a call racing the
+    # listener's close as CANCELLED rather than UNAVAILABLE (docs/OPERATIONS.md): both are
+    # refusals, nothing else is.
+    assert set(codes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, codes
     # Calls in flight when the signal came were answered, not cut off.
     assert any(start < term < end and code == "OK" for start, end, code in outcomes)
     # Later calls were refused, cleanly and at once.
