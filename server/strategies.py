@@ -98,16 +98,22 @@ class RowLists:
                         arrays[f"{prefix}_weights"].astype(np.float32))
 
 
+def row_positions(indptr: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where rows ``items`` of a CSR layout lie: (owner position in items, value index)."""
+    items = np.asarray(items, dtype=np.int64)
+    starts = indptr[items]
+    lengths = indptr[items + 1] - starts
+    owner = np.repeat(np.arange(len(items), dtype=np.int64), lengths)
+    # Position of each value inside its own row, added to that row's start.
+    within = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(
+        np.cumsum(lengths) - lengths, lengths)
+    return owner, np.repeat(starts, lengths) + within
+
+
 def gather_rows(lists: RowLists, items: np.ndarray) -> tuple[np.ndarray, np.ndarray,
                                                               np.ndarray]:
     """Concatenated rows ``items`` of ``lists``: (owner position in items, indices, weights)."""
-    items = np.asarray(items, dtype=np.int64)
-    starts = lists.indptr[items]
-    lengths = lists.indptr[items + 1] - starts
-    owner = np.repeat(np.arange(len(items), dtype=np.int64), lengths)
-    within = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(
-        np.cumsum(lengths) - lengths, lengths)
-    idx = np.repeat(starts, lengths) + within
+    owner, idx = row_positions(lists.indptr, items)
     return owner, lists.indices[idx], lists.weights[idx]
 
 

@@ -14,7 +14,7 @@ import re
 import numpy as np
 import scipy.sparse as sp
 
-from server.strategies import NeighbourCF, RowLists
+from server.strategies import NeighbourCF, RowLists, row_positions
 from trainer.dataset import CSR, Dataset, Songs
 from trainer.recommenders.base import Question, Recommendation, Recommender
 from trainer.recommenders.popular import future_mask, top_k
@@ -49,14 +49,8 @@ def gather(csr: CSR, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     owner, values
         ``values[j]`` belongs to ``csr.row(rows[owner[j]])``.
     """
-    rows = np.asarray(rows, dtype=np.int64)
-    starts = csr.indptr[rows]
-    lengths = csr.indptr[rows + 1] - starts
-    owner = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
-    # Position of each value inside its own row, added to that row's start.
-    offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(
-        np.cumsum(lengths) - lengths, lengths)
-    return owner, csr.values[np.repeat(starts, lengths) + offsets]
+    owner, idx = row_positions(csr.indptr, rows)
+    return owner, csr.values[idx]
 
 
 def binary_csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
