@@ -9,6 +9,8 @@ A bundle is one directory::
     playlists.hnsw     hnswlib cosine index over training playlists' mean codes
     arrays.npz         id maps and the arrays the strategies need (no pickles)
     columns.json       the input column vocabulary, so unseen songs can be encoded
+    neighbours.npz     optional: each indexed song's exact top-k songs (see
+                       trainer.neighbours); the server answers bundle songs from it
 
 This module is torch-free: the server imports it, and so does the trainer when it writes.
 Reading verifies the schema version, every checksum and the dimensions, and fails with a
@@ -40,6 +42,7 @@ SONG_INDEX = "songs.hnsw"
 PLAYLIST_INDEX = "playlists.hnsw"
 ARRAYS = "arrays.npz"
 COLUMNS = "columns.json"
+NEIGHBOURS = "neighbours.npz"
 REQUIRED_FILES = (ENCODER, SONG_INDEX, PLAYLIST_INDEX, ARRAYS, COLUMNS)
 
 
@@ -187,6 +190,33 @@ def save_arrays(root: Path, arrays: Mapping[str, np.ndarray]) -> None:
         if value.dtype == object:
             raise BundleError(f"array {key!r} has dtype object: it would need pickle")
     np.savez(root / ARRAYS, **arrays)  # type: ignore[arg-type]
+
+
+def save_neighbours(root: Path, table: Mapping[str, np.ndarray]) -> None:
+    """Write ``neighbours.npz`` (``labels``, ``rows``, ``sims``); see :func:`load_neighbours`."""
+    tmp = Path(root) / (NEIGHBOURS + ".tmp.npz")
+    np.savez(tmp, **table)  # type: ignore[arg-type]
+    os.replace(tmp, Path(root) / NEIGHBOURS)
+
+
+def load_neighbours(root: str | Path, manifest: Manifest) -> dict[str, np.ndarray] | None:
+    """The neighbour table when the manifest lists one, checked for shape: ``labels`` (n,)
+    index labels, ``rows`` (n, k) int32 song rows best first, ``sims`` (n, k)."""
+    if NEIGHBOURS not in manifest.files:
+        return None
+    path = Path(root) / NEIGHBOURS
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            table = {key: npz[key] for key in ("labels", "rows", "sims")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise BundleError(f"{path}: unreadable ({exc!r})") from None
+    labels, rows, sims = table["labels"], table["rows"], table["sims"]
+    if (labels.ndim != 1 or rows.ndim != 2 or rows.shape != sims.shape
+            or len(labels) != len(rows) or len(labels) != manifest.song_index.count):
+        raise BundleError(f"{path}: shapes labels {labels.shape}, rows {rows.shape}, sims "
+                          f"{sims.shape} do not fit the {manifest.song_index.count} indexed "
+                          f"songs")
+    return table
 
 
 def load_columns(root: str | Path) -> dict[str, Any]:

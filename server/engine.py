@@ -115,6 +115,7 @@ class Engine:
         songs = bundle_files.load_hnsw(root, manifest.song_index, bundle_files.SONG_INDEX,
                                        max_elements=manifest.song_index.count + capacity)
         songs.set_num_threads(threads)
+        table = bundle_files.load_neighbours(root, manifest)
         playlists = bundle_files.load_hnsw(root, manifest.playlist_index,
                                            bundle_files.PLAYLIST_INDEX)
         playlists.set_num_threads(threads)
@@ -125,7 +126,8 @@ class Engine:
                                            f"({exc})") from None
         log.info("loaded bundle %s (model %s, %d songs, %d playlists)", root,
                  manifest.model_version, catalog.n_songs, len(catalog.playlist_ids))
-        return Engine(root, manifest, catalog, HnswSearch(songs, rep_of), HnswSearch(playlists),
+        return Engine(root, manifest, catalog, HnswSearch(songs, rep_of, table),
+                      HnswSearch(playlists),
                       encoder, arrays)
 
     @property
@@ -152,11 +154,11 @@ class Engine:
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each song row, its k nearest other songs (rows, cosine similarities)."""
         exclude = exclude or set()
-        labels, sims = self.songs.search(self.songs.vectors(rows), k + 1 + len(exclude))
+        found = self.songs.neighbours(rows, k + 1 + len(exclude))
         out = []
-        for i, row in enumerate(rows.tolist()):
-            keep = (labels[i] != row) & ~np.isin(labels[i], list(exclude))
-            out.append((labels[i][keep][:k], sims[i][keep][:k]))
+        for row, (labels, sims) in zip(rows.tolist(), found, strict=True):
+            keep = (labels != row) & ~np.isin(labels, list(exclude))
+            out.append((labels[keep][:k], sims[keep][:k]))
         return out
 
     def nearest_to(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

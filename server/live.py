@@ -195,17 +195,16 @@ class LiveModel:
                 excluded = {i: self.rows_of(sorted(requests[i].exclude))[0] for i in known}
                 # One query for all: deep enough for the most demanding request.
                 depth = max(requests[i].k + 1 + len(excluded[i]) for i in known)
-                songs = self.engine.songs
-                labels, sims = songs.search(songs.vectors(np.asarray([rows[i] for i in known],
-                                                                     dtype=np.int64)), depth)
-                for j, i in enumerate(known):
-                    keep = labels[j] != rows[i]
+                lists = self.engine.songs.neighbours(
+                    np.asarray([rows[i] for i in known], dtype=np.int64), depth)
+                for (labels, sims), i in zip(lists, known, strict=True):
+                    keep = labels != rows[i]
                     if len(excluded[i]):
-                        keep &= ~np.isin(labels[j], excluded[i])
+                        keep &= ~np.isin(labels, excluded[i])
                     k = requests[i].k
                     found[i] = self._neighbours(requests[i].song_ids[0],
-                                                labels[j][keep][:k].tolist(),
-                                                sims[j][keep][:k].tolist(),
+                                                labels[keep][:k].tolist(),
+                                                sims[keep][:k].tolist(),
                                                 requests[i].include_names)
             for i, params in enumerate(requests):
                 out.append(found[i] if i in found else NotFound(
@@ -261,14 +260,9 @@ class LiveModel:
         """Add encoded songs to the index (exclusive lock; grows the index when full)."""
         if not songs:
             return
-        index: Any = self.engine.songs.index
         with self.lock.write():
             start = self.n_bundle + len(self._added_ids)
-            needed = index.get_current_count() + len(songs)
-            if needed > index.get_max_elements():
-                # Grow geometrically: resizing copies the whole graph.
-                index.resize_index(max(needed, 2 * index.get_max_elements()))
-            index.add_items(codes, np.arange(start, start + len(songs), dtype=np.int64))
+            self.engine.songs.add(codes, np.arange(start, start + len(songs), dtype=np.int64))
             for offset, song in enumerate(songs):
                 self._row_of_added[song.song_id] = start + offset
                 self._added_ids.append(song.song_id)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -275,6 +275,13 @@ class VectorSearch(Protocol):
 
     def count(self) -> int: ...
 
+    def neighbours(self, rows: np.ndarray, k: int, *, allow_short: bool = False
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each song row, up to ``k`` nearest songs (the row itself and its duplicates
+        first), best first. ``allow_short``: fewer than ``k`` are fine when a precomputed
+        list is shorter (callers that top up from elsewhere)."""
+        ...
+
 
 class ExactSearch:
     """Brute-force cosine search: the reference for recall, and training-time validation."""
@@ -288,6 +295,11 @@ class ExactSearch:
 
     def vectors(self, labels: np.ndarray) -> np.ndarray:
         return self._unit[np.asarray(labels, dtype=np.int64)]
+
+    def neighbours(self, rows: np.ndarray, k: int, *, allow_short: bool = False
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+        labels, sims = self.search(self.vectors(rows), k)
+        return list(zip(labels, sims, strict=True))
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.atleast_2d(vectors).astype(np.float32)
@@ -335,9 +347,15 @@ class HnswSearch:
     index therefore holds one representative per group of duplicates (``rep_of[row]`` is
     the representative of a bundle row) and searches expand each hit to its whole group.
     Rows at or past ``len(rep_of)`` (songs added at run time) are their own group.
+
+    With a precomputed ``table`` (``neighbours.npz``, exact top-k per representative),
+    :meth:`neighbours` of bundle songs is a lookup, merged with an exact scan of the songs
+    added since loading (kept here as unit vectors: they are few, and the table knows
+    nothing of them). Unseen songs and deeper questions go to the graph.
     """
 
-    def __init__(self, index: object, rep_of: np.ndarray | None = None) -> None:
+    def __init__(self, index: object, rep_of: np.ndarray | None = None,
+                 table: dict[str, np.ndarray] | None = None) -> None:
         self.index = index
         self.rep_of = rep_of
         self._members: dict[int, np.ndarray] = {}
@@ -351,10 +369,51 @@ class HnswSearch:
                 for rep, members in zip(reps.tolist(), groups, strict=True):
                     self._members[rep] = np.concatenate([[rep], members]).astype(np.int64)
         self._hidden = 0 if rep_of is None else int((rep_of != np.arange(len(rep_of))).sum())
+        self._n_fixed = len(rep_of) if rep_of is not None else int(
+            index.get_current_count())  # type: ignore[attr-defined]
+        self._table_rows: np.ndarray | None = None
+        self._table_sims = np.empty((0, 0), dtype=np.float32)
+        self._slot_of = np.empty(0, dtype=np.int64)
+        if table is not None:
+            self._table_rows = table["rows"]
+            self._table_sims = table["sims"]
+            self._slot_of = np.full(self._n_fixed, -1, dtype=np.int64)
+            self._slot_of[table["labels"]] = np.arange(len(table["labels"]))
+        self._added_labels = np.empty(0, dtype=np.int64)
+        self._added_unit = np.empty((0, int(index.dim)), dtype=np.float32)  # type: ignore[attr-defined]
+        self._n_added = 0
+
+    @property
+    def table_depth(self) -> int:
+        """Neighbours per song in the precomputed table (0 without one)."""
+        return 0 if self._table_rows is None else int(self._table_rows.shape[1])
 
     def count(self) -> int:
         """Song rows searchable (duplicates included)."""
         return int(self.index.get_current_count()) + self._hidden  # type: ignore[attr-defined]
+
+    def add(self, codes: np.ndarray, labels: np.ndarray) -> None:
+        """Insert songs (call with writers excluded): into the graph, growing it
+        geometrically when full (a resize copies the graph), and into the exact scan
+        that complements the table."""
+        index: Any = self.index
+        needed = index.get_current_count() + len(labels)
+        if needed > index.get_max_elements():
+            index.resize_index(max(needed, 2 * index.get_max_elements()))
+        index.add_items(codes, labels)
+        if self._table_rows is None:
+            return
+        unit = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
+        end = self._n_added + len(labels)
+        if end > len(self._added_unit):
+            grown = np.empty((max(end, 2 * len(self._added_unit), 64), unit.shape[1]),
+                             dtype=np.float32)
+            grown[: self._n_added] = self._added_unit[: self._n_added]
+            self._added_unit = grown
+            self._added_labels = np.resize(self._added_labels, len(grown))
+        self._added_unit[self._n_added : end] = unit
+        self._added_labels[self._n_added : end] = labels
+        self._n_added = end
 
     def _labels(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
@@ -389,20 +448,55 @@ class HnswSearch:
         out_labels = np.empty_like(labels)
         out_sims = np.empty_like(sims)
         for i in range(len(labels)):
-            expanded, expanded_sims = [], []
-            for label, sim in zip(labels[i].tolist(), sims[i].tolist(), strict=True):
-                members = self._members.get(label)
-                if members is None:
-                    expanded.append(label)
-                    expanded_sims.append(sim)
-                else:
-                    expanded.extend(members.tolist())
-                    expanded_sims.extend([sim] * len(members))
-                if len(expanded) >= k:
-                    break
-            out_labels[i] = expanded[:k]
-            out_sims[i] = expanded_sims[:k]
+            out_labels[i], out_sims[i] = self._expand(labels[i], sims[i], k)
         return out_labels, out_sims
+
+    def _expand(self, labels: np.ndarray, sims: np.ndarray, k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Hits (representatives) expanded to their groups of duplicates, first ``k``."""
+        if not self._members:
+            return labels[:k], sims[:k]
+        expanded: list[int] = []
+        expanded_sims: list[float] = []
+        for label, sim in zip(labels.tolist(), sims.tolist(), strict=True):
+            members = self._members.get(label)
+            if members is None:
+                expanded.append(label)
+                expanded_sims.append(sim)
+            else:
+                expanded.extend(members.tolist())
+                expanded_sims.extend([sim] * len(members))
+            if len(expanded) >= k:
+                break
+        return (np.asarray(expanded[:k], dtype=np.int64),
+                np.asarray(expanded_sims[:k], dtype=np.float32))
+
+    def neighbours(self, rows: np.ndarray, k: int, *, allow_short: bool = False
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+        rows = np.asarray(rows, dtype=np.int64)
+        table = self._table_rows
+        if (table is None or len(rows) == 0 or bool((rows >= self._n_fixed).any())
+                or (not allow_short and k > table.shape[1] + 1)):
+            labels, sims = self.search(self.vectors(rows), k)
+            return list(zip(labels, sims, strict=True))
+        reps = self._labels(rows)
+        slots = self._slot_of[reps]
+        # The song itself (its group) first, as a graph search for its own vector has it.
+        cand = np.concatenate([reps[:, None], table[slots].astype(np.int64)], axis=1)
+        cand_sims = np.concatenate([np.ones((len(rows), 1), dtype=np.float32),
+                                    self._table_sims[slots].astype(np.float32)], axis=1)
+        if self._n_added:
+            added = self._added_unit[: self._n_added]
+            scores = self.vectors(rows) @ added.T
+            depth = min(k, self._n_added)
+            top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+            cand = np.concatenate([cand, self._added_labels[top]], axis=1)
+            cand_sims = np.concatenate([cand_sims, np.take_along_axis(scores, top, axis=1)],
+                                       axis=1)
+            order = np.argsort(-cand_sims, axis=1, kind="stable")
+            cand = np.take_along_axis(cand, order, axis=1)
+            cand_sims = np.take_along_axis(cand_sims, order, axis=1)
+        return [self._expand(cand[i], cand_sims[i], k) for i in range(len(rows))]
 
 
 def representatives(rows_indptr: np.ndarray, rows_indices: np.ndarray) -> np.ndarray:
@@ -577,10 +671,11 @@ def ae_quota(catalog: Catalog, songs: VectorSearch, query: Query) -> Answer:
     # similar songs per song), so earlier seeds' picks rarely exhaust a later seed's list.
     # Filtering happens here, in numpy order, not in an index callback.
     k = query.n_songs + len(seeds)
-    labels, sims = songs.search(songs.vectors(seeds[active]), k)
+    lists = songs.neighbours(seeds[active], k, allow_short=True)
     for pos, i in enumerate(active):
         taken = 0
-        for row, sim in zip(labels[pos].tolist(), sims[pos].tolist(), strict=True):
+        labels, sims = lists[pos]
+        for row, sim in zip(labels.tolist(), sims.tolist(), strict=True):
             if taken >= shares[i]:
                 break
             if picker.take(row, sim, (REASON_SEED, int(seeds[i]))):

@@ -149,6 +149,18 @@ def export_bundle(trainer: Trainer, out: Path, codes: np.ndarray | None = None,
                                  cfg.threads, labels=reps)
     index, song_params = song_index
     index.save_index(str(staging / bundle_files.SONG_INDEX))
+    extra: dict[str, Any] = {}
+    if cfg.neighbours_k > 0 and len(reps) > 1:
+        from trainer.neighbours import exact_neighbours, table_arrays
+
+        unit = codes[reps] / np.maximum(np.linalg.norm(codes[reps], axis=1, keepdims=True),
+                                        1e-12)
+        started = time.perf_counter()
+        pos, sim = exact_neighbours(unit, cfg.neighbours_k, threads=cfg.threads,
+                                    work_dir=trainer.work_dir / "neighbours")
+        bundle_files.save_neighbours(staging, table_arrays(reps, pos, sim))
+        extra["song_neighbours"] = {"k": int(pos.shape[1]),
+                                    "seconds": round(time.perf_counter() - started, 1)}
     pl_codes = playlist_codes(codes, trainer.catalog)
     pl_index, pl_params = build_index(pl_codes, cfg.index_m, cfg.ef_construction, cfg.ef,
                                       cfg.threads)
@@ -179,7 +191,7 @@ def export_bundle(trainer: Trainer, out: Path, codes: np.ndarray | None = None,
         "extra": {"epochs_trained": trainer.epoch, "best_val_score": trainer.best_score,
                   "n_songs": int(len(codes)), "n_distinct_songs": int(len(reps)),
                   "n_playlists": int(len(pl_codes)),
-                  "n_tags": len(trainer.catalog.tags)},
+                  "n_tags": len(trainer.catalog.tags), **extra},
     })
     bundle_files.replace_bundle(staging, out)
     log.info("bundle %s written in %.1fs", out, time.perf_counter() - t0)

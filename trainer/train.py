@@ -71,6 +71,7 @@ class TrainConfig:
     index_m: int = 16
     ef_construction: int = 150
     ef: int = 200
+    neighbours_k: int = 100  # exact neighbour lists per song in the bundle (0: none)
     threads: int = 2
     precision: str = "auto"  # fp32 | bf16 | auto (bf16 where the CPU has native bf16)
     max_steps_per_epoch: int = 0  # benchmarks: stop an epoch early (0 = whole epoch)
@@ -353,6 +354,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-questions", type=int)
     p.add_argument("--patience", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--neighbours-k", type=int, help="exact neighbour lists per song in the "
+                   "bundle (default 100, 0: none; Melon scale takes ~40 min on 2 cores)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--no-export", action="store_true", help="train only, write no bundle")
@@ -366,7 +369,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides: dict[str, Any] = {}
     for name in ("epochs", "seed", "batch_size", "lr", "activation", "dropout", "val_every",
                  "val_questions", "patience", "threads", "max_steps_per_epoch", "aug_step",
-                 "precision"):
+                 "precision", "neighbours_k"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value

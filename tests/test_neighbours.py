@@ -1,0 +1,130 @@
+"""Precomputed neighbour lists: exact against brute force, resumable, and served by the
+song search exactly as a graph search of the same songs would answer (plus added songs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server import bundle as bundle_files
+from server.engine import Engine
+from server.strategies import ExactSearch, HnswSearch
+from trainer import neighbours
+from trainer.neighbours import exact_neighbours, recall_against_fp32, table_arrays
+
+
+def _unit(n: int, d: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_lists_equal_brute_force_without_self() -> None:
+    unit = _unit(700, 24)
+    pos, sim = exact_neighbours(unit, 30, block=128, margin=8, progress=False)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    truth = np.argsort(-sims, axis=1, kind="stable")[:, :30]
+    assert pos.shape == (700, 30) and pos.dtype == np.int32
+    assert (pos != np.arange(700)[:, None]).all()
+    # Same sets (ties may order differently); similarities exact fp32, best first.
+    assert np.mean([len(np.intersect1d(a, b)) for a, b in zip(pos, truth, strict=True)]) == 30
+    np.testing.assert_allclose(sim, np.take_along_axis(sims, pos.astype(np.int64), axis=1),
+                               rtol=1e-5, atol=1e-6)
+    assert (np.diff(sim, axis=1) <= 1e-7).all()
+    assert recall_against_fp32(unit, pos, n_queries=200) == 1.0
+
+
+def test_an_interrupted_run_resumes_from_saved_blocks(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    unit = _unit(300, 16, seed=1)
+    first = exact_neighbours(unit, 10, block=64, work_dir=tmp_path, progress=False)
+    blocks = sorted(tmp_path.rglob("block-*.npz"))
+    assert len(blocks) == 5
+    blocks[2].unlink()  # as if killed before the third block was saved
+    calls: list[int] = []
+    real = neighbours._rerank
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(neighbours, "_rerank", counting)
+    again = exact_neighbours(unit, 10, block=64, work_dir=tmp_path, progress=False)
+    assert len(calls) == 1  # only the missing block was computed
+    np.testing.assert_array_equal(first[0], again[0])
+    # Other vectors never reuse these blocks.
+    exact_neighbours(_unit(300, 16, seed=2), 10, block=64, work_dir=tmp_path, progress=False)
+    assert len(calls) == 1 + 5
+
+
+def test_exported_bundle_has_a_table_the_server_loads(tiny_bundle: Path) -> None:
+    manifest = bundle_files.read_manifest(tiny_bundle)
+    table = bundle_files.load_neighbours(tiny_bundle, manifest)
+    assert table is not None
+    assert manifest.extra["song_neighbours"]["k"] == table["rows"].shape[1]
+    engine = Engine.load(tiny_bundle)
+    assert engine.songs.table_depth == table["rows"].shape[1]
+
+
+def _graph_only(engine: Engine) -> HnswSearch:
+    return HnswSearch(engine.songs.index, engine.songs.rep_of)
+
+
+def test_table_lookup_matches_exact_search_with_duplicate_groups(tiny_bundle: Path) -> None:
+    engine = Engine.load(tiny_bundle)
+    songs = engine.songs
+    rep_of = songs.rep_of
+    assert rep_of is not None and (rep_of != np.arange(len(rep_of))).any()
+    reps = np.nonzero(rep_of == np.arange(len(rep_of)))[0]
+    exact = ExactSearch(songs.vectors(np.arange(len(rep_of))))
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([rng.choice(len(rep_of), 40, replace=False),
+                           np.nonzero(rep_of != np.arange(len(rep_of)))[0][:5]])
+    for row, (labels, sims) in zip(rows, songs.neighbours(rows, 50), strict=True):
+        assert len(labels) == 50 and labels[0] == rep_of[row] and sims[0] == 1.0
+        # Every listed song is one of the truly nearest (duplicates share a similarity).
+        truth, truth_sims = exact.search(exact.vectors([row]), 50)
+        assert sims[-1] >= truth_sims[0][-1] - 1e-5
+        np.testing.assert_allclose(sims, np.sort(sims)[::-1])
+        assert set(labels) <= set(truth[0]) | set(np.nonzero(np.isin(rep_of, reps))[0])
+
+
+def test_added_songs_join_the_table_answers(copy_bundle) -> None:  # type: ignore[no-untyped-def]
+    engine = Engine.load(copy_bundle())
+    songs = engine.songs
+    n = len(songs.rep_of)
+    target = 7
+    twin = songs.vectors(np.asarray([target]))
+    songs.add(twin * 3.0, np.asarray([n]))  # same direction, other norm: cosine 1
+    labels, sims = songs.neighbours(np.asarray([target]), 20)[0]
+    assert n in labels[:3].tolist()
+    assert sims[labels.tolist().index(n)] == pytest.approx(1.0, abs=1e-5)
+    # The added song's own neighbours come from the graph, itself first.
+    own, _ = songs.neighbours(np.asarray([n]), 5)[0]
+    assert own[0] in (n, songs.rep_of[target])
+    # Same answers as the graph alone for a question it can answer exactly.
+    graph = _graph_only(engine)
+    graph_labels, _ = graph.search(graph.vectors(np.asarray([target])), 20)
+    assert len(set(graph_labels[0]) & set(labels)) >= 18
+
+
+def test_a_damaged_table_is_refused(copy_bundle) -> None:  # type: ignore[no-untyped-def]
+    root = copy_bundle()
+    manifest = bundle_files.read_manifest(root)
+    table = bundle_files.load_neighbours(root, manifest)
+    assert table is not None
+    bundle_files.save_neighbours(root, {**table, "rows": table["rows"][:-1]})
+    with pytest.raises(bundle_files.BundleError, match="sha256|truncated"):
+        bundle_files.read_manifest(root)
+    bundle_files.write_manifest(root, manifest.to_json())  # checksums agree, shapes do not
+    with pytest.raises(bundle_files.BundleError, match="do not fit"):
+        Engine.load(root)
+
+
+def test_table_arrays_map_positions_to_song_rows() -> None:
+    labels = np.asarray([3, 5, 9])
+    pos = np.asarray([[1, 2], [0, 2], [1, 0]], dtype=np.int32)
+    out = table_arrays(labels, pos, np.ones((3, 2), dtype=np.float32))
+    assert out["rows"].tolist() == [[5, 9], [3, 9], [5, 3]]
