@@ -246,3 +246,19 @@ def test_bench_serving_end_to_end(tiny_bundle: Path, tiny_split: Path,
     text = out.read_text()
     assert text.count("| SimilarSongs (k=100) |") == 2 and "recall@100" in text
     assert (tmp_path / "lat.png").is_file()
+
+
+def test_profile_folding_counts_self_and_inclusive_time(tmp_path: Path) -> None:
+    from clients.profile_server import fold
+
+    raw = tmp_path / "x.folded"
+    main, serve = "<module> (server/__main__.py:5)", "serve (server/app.py:10)"
+    search, search_again = "search (server/strategies.py:40)", "search (server/strategies.py:41)"
+    raw.write_text(f"{main};{serve};{search} 6\n{main};serve (server/app.py:12) 3\n"
+                   f"{main};{search_again};{search} 1\ngarbage line\n")
+    total, own, inclusive = fold(raw)
+    assert total == 10
+    assert own["search (server/strategies.py)"] == 7
+    assert own["serve (server/app.py)"] == 3
+    assert inclusive["search (server/strategies.py)"] == 7  # recursion counted once
+    assert inclusive["<module> (server/__main__.py)"] == 10
