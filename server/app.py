@@ -480,7 +480,8 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         metrics.wal_torn.inc()
     health = Health()
     state = ServingState(config, Workers(config.workers), metrics, health, wal)
-    gate = Gate(metrics, config.max_concurrent_rpcs, Tokens(config.admin_token, config.token))
+    gate = Gate(metrics, config.max_concurrent_rpcs, Tokens(config.admin_token, config.token),
+                max_response_bytes=config.max_message_bytes)
     server = grpc.aio.server(
         interceptors=[gate],
         options=[("grpc.max_receive_message_length", config.max_message_bytes),

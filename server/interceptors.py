@@ -87,10 +87,12 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     metrics. Health checks and reflection pass through untouched (probes must never be
     shed or need a token)."""
 
-    def __init__(self, metrics: Metrics, limit: int, tokens: Tokens) -> None:
+    def __init__(self, metrics: Metrics, limit: int, tokens: Tokens,
+                 max_response_bytes: int | None = None) -> None:
         self.metrics = metrics
         self.limit = limit
         self.tokens = tokens
+        self.max_response_bytes = max_response_bytes
         self.in_flight = 0
         self._wrapped: dict[str, Any] = {}
 
@@ -132,6 +134,14 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 if deserialize is not None:
                     request = parse_request(name, request, deserialize)
                 response = await behaviour(request, context)
+                limit = self.max_response_bytes
+                if limit is not None and response.ByteSize() > limit:
+                    # gRPC would fail the call itself after we return, with a status our
+                    # metrics never see: refuse it here, saying what to change.
+                    raise ResourceExhausted(
+                        f"the answer is {response.ByteSize()} bytes, over this server's "
+                        f"{limit}-byte message limit (--max-message-bytes); ask for fewer "
+                        f"songs, neighbours or names per call")
                 remaining = context.time_remaining()
                 if remaining is not None and remaining <= 0:
                     # Finished after the deadline: the client has its DEADLINE_EXCEEDED

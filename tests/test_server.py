@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -344,6 +345,24 @@ def test_oversized_message_is_resource_exhausted(tiny_bundle: Path) -> None:
             # The unbatched SimilarSongs path answers the same as the batched one.
             answer = stub.SimilarSongs(pb2.SimilarSongsRequest(song_id=3, k=5))
             assert len(answer.neighbours) == 5
+            # An answer over the limit is refused by the server, which says why and counts
+            # it as refused (gRPC alone would fail it after the metrics said OK).
+            ids = small.server.state.require_model().engine.catalog.song_ids[:50].tolist()
+            with pytest.raises(grpc.RpcError) as exc:
+                stub.SimilarSongsBatch(pb2.SimilarSongsBatchRequest(song_ids=ids, k=100,
+                                                                    include_names=True))
+            assert code_of(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "16384-byte message limit" in exc.value.details()  # type: ignore[attr-defined]
+            registry = small.server.state.metrics.registry
+            labels = {"method": "SimilarSongsBatch", "code": "RESOURCE_EXHAUSTED"}
+            # The server records the call just after the client has its answer.
+            for _ in range(100):
+                if registry.get_sample_value("songrec_requests_total", labels) == 1:
+                    break
+                time.sleep(0.02)
+            assert registry.get_sample_value("songrec_requests_total", labels) == 1
+            assert registry.get_sample_value("songrec_requests_total", {
+                "method": "SimilarSongsBatch", "code": "OK"}) is None
 
 
 # ---------------------------------------------------------------- metadata, health, ops
