@@ -11,6 +11,8 @@ A bundle is one directory::
     columns.json       the input column vocabulary, so unseen songs can be encoded
     neighbours.npz     optional: each indexed song's exact top-k songs (see
                        trainer.neighbours); the server answers bundle songs from it
+    codes.npy          optional: the indexed songs' unit codes, float16, in label order
+                       (memory-mapped by the server: hnswlib's get_items is slow)
 
 This module is torch-free: the server imports it, and so does the trainer when it writes.
 Reading verifies the schema version, every checksum and the dimensions, and fails with a
@@ -43,6 +45,7 @@ PLAYLIST_INDEX = "playlists.hnsw"
 ARRAYS = "arrays.npz"
 COLUMNS = "columns.json"
 NEIGHBOURS = "neighbours.npz"
+CODES = "codes.npy"
 REQUIRED_FILES = (ENCODER, SONG_INDEX, PLAYLIST_INDEX, ARRAYS, COLUMNS)
 
 
@@ -217,6 +220,28 @@ def load_neighbours(root: str | Path, manifest: Manifest) -> dict[str, np.ndarra
                           f"{sims.shape} do not fit the {manifest.song_index.count} indexed "
                           f"songs")
     return table
+
+
+def save_codes(root: Path, unit_codes: np.ndarray) -> None:
+    """Write ``codes.npy``: one float16 unit code per indexed song, ascending label order."""
+    tmp = Path(root) / (CODES + ".tmp.npy")
+    np.save(tmp, unit_codes.astype(np.float16))
+    os.replace(tmp, Path(root) / CODES)
+
+
+def load_codes(root: str | Path, manifest: Manifest) -> np.ndarray | None:
+    """``codes.npy`` memory-mapped read-only when the manifest lists it."""
+    if CODES not in manifest.files:
+        return None
+    path = Path(root) / CODES
+    try:
+        codes: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: unreadable ({exc})") from None
+    if codes.ndim != 2 or codes.shape != (manifest.song_index.count, manifest.code_dim):
+        raise BundleError(f"{path}: shape {codes.shape}, expected "
+                          f"({manifest.song_index.count}, {manifest.code_dim})")
+    return codes
 
 
 def load_columns(root: str | Path) -> dict[str, Any]:

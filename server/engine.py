@@ -116,6 +116,7 @@ class Engine:
                                        max_elements=manifest.song_index.count + capacity)
         songs.set_num_threads(threads)
         table = bundle_files.load_neighbours(root, manifest)
+        codes = bundle_files.load_codes(root, manifest)
         playlists = bundle_files.load_hnsw(root, manifest.playlist_index,
                                            bundle_files.PLAYLIST_INDEX)
         playlists.set_num_threads(threads)
@@ -126,7 +127,7 @@ class Engine:
                                            f"({exc})") from None
         log.info("loaded bundle %s (model %s, %d songs, %d playlists)", root,
                  manifest.model_version, catalog.n_songs, len(catalog.playlist_ids))
-        return Engine(root, manifest, catalog, HnswSearch(songs, rep_of, table),
+        return Engine(root, manifest, catalog, song_search(root, songs, rep_of, table, codes),
                       HnswSearch(playlists),
                       encoder, arrays)
 
@@ -177,6 +178,14 @@ class Engine:
                 "playlists": len(self.catalog.playlist_ids), "tags": len(self.catalog.tags),
                 "code_dim": m.code_dim, "input_dim": m.input_dim,
                 "column_groups": m.column_groups, "song_index": m.song_index.__dict__}
+
+
+def song_search(root: Path, index: Any, rep_of: np.ndarray, table: dict[str, np.ndarray] | None,
+                codes: np.ndarray | None) -> HnswSearch:
+    try:
+        return HnswSearch(index, rep_of, table, codes)
+    except ValueError as exc:
+        raise bundle_files.BundleError(f"{root}: {exc}") from None
 
 
 def _one_string(blob: Any, offsets: Any, i: int) -> str:

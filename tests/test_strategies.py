@@ -149,3 +149,37 @@ def test_hybrid_without_autoencoder_is_playlist_knn(engine: Engine, tiny_split: 
         assert got[:20] == expected.songs[:20].tolist() or n < 20
         checked += 1
     assert checked >= 10
+
+
+def _top_tags_by_full_sort(popularity: np.ndarray, scores: np.ndarray, exclude: np.ndarray,
+                           n_tags: int) -> list[int]:
+    """The definition: order every tag by (score desc, popularity desc, index)."""
+    scores = scores.copy()
+    scores[exclude] = -np.inf
+    order = np.lexsort((np.arange(len(scores)), -popularity, -scores))
+    return [int(t) for t in order if np.isfinite(scores[t])][:n_tags]
+
+
+def test_top_tags_match_a_full_sort_with_ties_and_exclusions(engine: Engine) -> None:
+    from server.strategies import _top_tags
+
+    catalog = engine.catalog
+    rng = np.random.default_rng(3)
+    n = len(catalog.tags)
+    for trial in range(300):
+        kind = trial % 3
+        if kind == 0:  # few voted tags, the rest tied at zero
+            scores = np.zeros(n)
+            voted = rng.choice(n, int(rng.integers(0, 8)), replace=False)
+            scores[voted] = rng.integers(1, 4, len(voted))
+        elif kind == 1:  # many ties among small integers
+            scores = rng.integers(0, 3, n).astype(np.float64)
+        else:
+            scores = rng.random(n)
+        exclude = rng.choice(n, int(rng.integers(0, 4)), replace=False)
+        n_tags = int(rng.integers(1, 15))
+        got, _ = _top_tags(catalog, scores.astype(np.float32), exclude, n_tags)
+        want = _top_tags_by_full_sort(catalog.tag_popularity, scores.astype(np.float32),
+                                      exclude, n_tags)
+        assert got.tolist() == want
+        assert not set(got.tolist()) & set(exclude.tolist())

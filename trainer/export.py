@@ -150,11 +150,11 @@ def export_bundle(trainer: Trainer, out: Path, codes: np.ndarray | None = None,
     index, song_params = song_index
     index.save_index(str(staging / bundle_files.SONG_INDEX))
     extra: dict[str, Any] = {}
+    unit = codes[reps] / np.maximum(np.linalg.norm(codes[reps], axis=1, keepdims=True), 1e-12)
+    bundle_files.save_codes(staging, unit)
     if cfg.neighbours_k > 0 and len(reps) > 1:
         from trainer.neighbours import exact_neighbours, table_arrays
 
-        unit = codes[reps] / np.maximum(np.linalg.norm(codes[reps], axis=1, keepdims=True),
-                                        1e-12)
         started = time.perf_counter()
         pos, sim = exact_neighbours(unit, cfg.neighbours_k, threads=cfg.threads,
                                     work_dir=trainer.work_dir / "neighbours")

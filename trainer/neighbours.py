@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     recall = recall_against_fp32(unit, pos, args.queries)
     bundle_files.save_neighbours(args.bundle, table_arrays(labels, pos, sim))
+    bundle_files.save_codes(args.bundle, unit)
     fields = manifest.to_json()
     fields["extra"] = {**manifest.extra, "song_neighbours": {
         "k": int(pos.shape[1]), "seconds": round(seconds, 1), "recall_vs_fp32": recall}}
