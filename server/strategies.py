@@ -358,8 +358,9 @@ class HnswSearch:
 
     def __init__(self, index: object, rep_of: np.ndarray | None = None,
                  table: dict[str, np.ndarray] | None = None,
-                 codes: np.ndarray | None = None) -> None:
+                 codes: np.ndarray | None = None, refine_seeds: int = 10) -> None:
         self.index = index
+        self.refine_seeds = refine_seeds
         self.rep_of = rep_of
         self._members: dict[int, np.ndarray] = {}
         if rep_of is not None:
@@ -372,12 +373,15 @@ class HnswSearch:
                 for rep, members in zip(reps.tolist(), groups, strict=True):
                     self._members[rep] = np.concatenate([[rep], members]).astype(np.int64)
         self._hidden = 0 if rep_of is None else int((rep_of != np.arange(len(rep_of))).sum())
-        self._n_fixed = len(rep_of) if rep_of is not None else int(
-            index.get_current_count())  # type: ignore[attr-defined]
+        # The labels loaded from the bundle; larger ones are songs added at run time.
+        if rep_of is not None:
+            labels = np.nonzero(rep_of == np.arange(len(rep_of)))[0]
+            self._n_fixed = len(rep_of)
+        else:
+            labels = np.sort(np.asarray(index.get_ids_list(), dtype=np.int64))  # type: ignore[attr-defined]
+            self._n_fixed = int(labels[-1]) + 1 if len(labels) else 0
         # Table rows and stored codes are both in ascending label order.
         self._slot_of = np.full(self._n_fixed, -1, dtype=np.int64)
-        labels = (np.nonzero(rep_of == np.arange(len(rep_of)))[0] if rep_of is not None
-                  else np.arange(self._n_fixed))
         self._slot_of[labels] = np.arange(len(labels))
         self._table_rows: np.ndarray | None = None
         self._table_sims = np.empty((0, 0), dtype=np.float32)
@@ -444,21 +448,31 @@ class HnswSearch:
         got = self.index.get_items(reps)  # type: ignore[attr-defined]
         return np.asarray(got, dtype=np.float32).reshape(len(labels), -1)
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, vectors: np.ndarray, k: int, skip: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest (expanded to duplicate groups); ``skip[i]``: one label query ``i`` must
+        not return (its own song, for leave-one-out measurements), -1 for none."""
         queries = np.atleast_2d(vectors)
         k = min(k, int(self.index.get_current_count()))  # type: ignore[attr-defined]
+        asked = k + (skip is not None)
         while True:
             try:
-                labels, dist = self.index.knn_query(queries, k=k)  # type: ignore[attr-defined]
+                labels, dist = self.index.knn_query(  # type: ignore[attr-defined]
+                    queries, k=min(asked, int(self.index.get_current_count())))  # type: ignore[attr-defined]
                 break
             except RuntimeError:
                 # The graph could not reach k items from one of the queries: answer with
                 # fewer rather than fail (callers already handle short lists).
-                if k <= 1:
+                if asked <= 1:
                     raise
-                k //= 2
+                asked //= 2
+                k = min(k, asked)
         labels = labels.astype(np.int64)
         sims = (1.0 - dist).astype(np.float32)
+        if skip is not None:
+            labels, sims = _drop(labels, sims, np.asarray(skip, dtype=np.int64), k)
+        if self._table_rows is not None and self._codes is not None and self.refine_seeds:
+            labels, sims = self._refine(queries, labels, sims, k, skip)
         if not self._members:
             return labels, sims
         out_labels = np.empty_like(labels)
@@ -466,6 +480,37 @@ class HnswSearch:
         for i in range(len(labels)):
             out_labels[i], out_sims[i] = self._expand(labels[i], sims[i], k)
         return out_labels, out_sims
+
+    def _refine(self, queries: np.ndarray, labels: np.ndarray, sims: np.ndarray, k: int,
+                skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One hop over the exact neighbour table: the graph's hits plus the table lists of
+        its best ``refine_seeds`` hits, re-scored against the stored codes. A true
+        neighbour the graph missed is very likely a neighbour of a neighbour it found, so
+        this lifts recall at a low ``ef`` (measured in docs/BENCHMARKS.md)."""
+        assert self._table_rows is not None and self._codes is not None
+        unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        rows_out, sims_out = [], []
+        for i in range(len(labels)):
+            hits = labels[i]
+            inside = hits < self._n_fixed
+            seeds = hits[inside][: self.refine_seeds]
+            cand = np.unique(np.concatenate([hits[inside],
+                                             self._table_rows[self._slot_of[seeds]].ravel()]))
+            if skip is not None:
+                cand = cand[cand != skip[i]]
+            scores = self._codes[self._slot_of[cand]].astype(np.float32) @ unit[i].astype(
+                np.float32)
+            # Songs added at run time are in no table: they keep the graph's similarity.
+            cand = np.concatenate([cand, hits[~inside]])
+            scores = np.concatenate([scores, sims[i][~inside]])
+            depth = min(k, len(cand))
+            top = np.argpartition(-scores, depth - 1)[:depth]
+            top = top[np.lexsort((cand[top], -scores[top]))]
+            rows_out.append(cand[top])
+            sims_out.append(scores[top])
+        width = min(len(r) for r in rows_out)
+        return (np.stack([r[:width] for r in rows_out]),
+                np.stack([s[:width] for s in sims_out]).astype(np.float32))
 
     def _expand(self, labels: np.ndarray, sims: np.ndarray, k: int
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -513,6 +558,16 @@ class HnswSearch:
             cand = np.take_along_axis(cand, order, axis=1)
             cand_sims = np.take_along_axis(cand_sims, order, axis=1)
         return [self._expand(cand[i], cand_sims[i], k) for i in range(len(rows))]
+
+
+def _drop(labels: np.ndarray, sims: np.ndarray, skip: np.ndarray, k: int
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row without its ``skip`` label, cut to ``k`` columns."""
+    keep = labels != skip[:, None]
+    width = min(k, int(keep.sum(axis=1).min()))
+    out_labels = np.stack([row[m][:width] for row, m in zip(labels, keep, strict=True)])
+    out_sims = np.stack([row[m][:width] for row, m in zip(sims, keep, strict=True)])
+    return out_labels, out_sims
 
 
 def representatives(rows_indptr: np.ndarray, rows_indices: np.ndarray) -> np.ndarray:

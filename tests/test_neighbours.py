@@ -154,3 +154,27 @@ def test_codes_of_the_wrong_shape_are_refused(copy_bundle) -> None:  # type: ign
     bundle_files.write_manifest(root, manifest.to_json())
     with pytest.raises(bundle_files.BundleError, match="codes.npy: shape"):
         Engine.load(root)
+
+
+def test_a_table_hop_lifts_graph_recall_for_songs_the_index_lacks(tiny_bundle: Path) -> None:
+    manifest = bundle_files.read_manifest(tiny_bundle)
+    index = bundle_files.load_hnsw(tiny_bundle, manifest.song_index, bundle_files.SONG_INDEX)
+    table = bundle_files.load_neighbours(tiny_bundle, manifest)
+    codes = bundle_files.load_codes(tiny_bundle, manifest)
+    labels = np.sort(np.asarray(index.get_ids_list(), dtype=np.int64))
+    unit = np.asarray(index.get_items(labels), dtype=np.float32)
+    graph, hop = HnswSearch(index), HnswSearch(index, table=table, codes=codes)
+    index.set_ef(10)  # a deliberately poor graph search
+    queries = np.arange(0, len(labels), 5)
+    recall = {"graph": 0.0, "hop": 0.0}
+    for q in queries:
+        sims = unit @ unit[q]
+        sims[q] = -np.inf
+        truth = labels[np.argsort(-sims)[:20]]
+        for name, search in (("graph", graph), ("hop", hop)):
+            got, got_sims = search.search(unit[q], 20, skip=labels[q : q + 1])
+            assert labels[q] not in got[0]  # leave-one-out really leaves it out
+            assert (np.diff(got_sims[0]) <= 1e-6).all()
+            recall[name] += len(np.intersect1d(got[0], truth)) / 20 / len(queries)
+    assert recall["hop"] > recall["graph"]
+    assert recall["hop"] > 0.95
