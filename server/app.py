@@ -90,9 +90,13 @@ def continuation_pb(answer: Continuation, version: str) -> pb2.ContinuePlaylistR
 
 def fill_neighbours(target: Any, found: Neighbours) -> None:
     """Append ``found`` to a repeated ``Neighbour`` field."""
-    names = found.names or [("", "")] * len(found.ids)
-    for song_id, similarity, (name, artists) in zip(found.ids, found.similarities, names,
-                                                    strict=True):
+    if found.names is None:
+        # Without the empty name fields: a third of the cost per neighbour (upb).
+        for song_id, similarity in zip(found.ids, found.similarities, strict=True):
+            target.add(song_id=song_id, similarity=similarity)
+        return
+    for song_id, similarity, (name, artists) in zip(found.ids, found.similarities,
+                                                    found.names, strict=True):
         target.add(song_id=song_id, similarity=similarity, name=name, artists=artists)
 
 

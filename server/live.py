@@ -120,6 +120,10 @@ class LiveModel:
         """External ids of rows (call under the lock)."""
         song_ids = self.engine.catalog.song_ids
         n = len(song_ids)
+        positions = np.asarray(rows, dtype=np.int64)
+        if not len(positions) or int(positions.max()) < n:
+            found: list[int] = song_ids[positions].tolist()
+            return found
         return [int(song_ids[r]) if r < n else self._added_ids[r - n] for r in rows]
 
     def names_of(self, rows: Sequence[int]) -> list[tuple[str, str]]:

@@ -362,16 +362,22 @@ class HnswSearch:
         self.index = index
         self.refine_seeds = refine_seeds
         self.rep_of = rep_of
-        self._members: dict[int, np.ndarray] = {}
-        if rep_of is not None:
-            rows = np.arange(len(rep_of))
-            dup = np.nonzero(rep_of != rows)[0]
-            if len(dup):
-                reps, starts = np.unique(rep_of[dup], return_index=True)
-                order = np.argsort(rep_of[dup], kind="stable")
-                groups = np.split(dup[order], np.searchsorted(rep_of[dup][order], reps)[1:])
-                for rep, members in zip(reps.tolist(), groups, strict=True):
-                    self._members[rep] = np.concatenate([[rep], members]).astype(np.int64)
+        # Duplicate groups as CSR over representatives: group_rows[group_start[rep] :
+        # group_start[rep] + group_len[rep]] is the group, the representative (its smallest
+        # row) first; every other row has length 0.
+        self._dups = rep_of is not None and bool((rep_of != np.arange(len(rep_of))).any())
+        self._group_rows = np.empty(0, dtype=np.int64)
+        self._group_start = np.empty(0, dtype=np.int64)
+        self._group_len = np.empty(0, dtype=np.int64)
+        if rep_of is not None and self._dups:
+            order = np.lexsort((np.arange(len(rep_of)), rep_of))
+            reps, first, counts = np.unique(rep_of[order], return_index=True,
+                                            return_counts=True)
+            self._group_rows = order.astype(np.int64)
+            self._group_start = np.zeros(len(rep_of), dtype=np.int64)
+            self._group_len = np.zeros(len(rep_of), dtype=np.int64)
+            self._group_start[reps] = first
+            self._group_len[reps] = counts
         self._hidden = 0 if rep_of is None else int((rep_of != np.arange(len(rep_of))).sum())
         # The labels loaded from the bundle; larger ones are songs added at run time.
         if rep_of is not None:
@@ -473,7 +479,7 @@ class HnswSearch:
             labels, sims = _drop(labels, sims, np.asarray(skip, dtype=np.int64), k)
         if self._table_rows is not None and self._codes is not None and self.refine_seeds:
             labels, sims = self._refine(queries, labels, sims, k, skip)
-        if not self._members:
+        if not self._dups:
             return labels, sims
         out_labels = np.empty_like(labels)
         out_sims = np.empty_like(sims)
@@ -515,22 +521,24 @@ class HnswSearch:
     def _expand(self, labels: np.ndarray, sims: np.ndarray, k: int
                 ) -> tuple[np.ndarray, np.ndarray]:
         """Hits (representatives) expanded to their groups of duplicates, first ``k``."""
-        if not self._members:
+        if not self._dups:
             return labels[:k], sims[:k]
-        expanded: list[int] = []
-        expanded_sims: list[float] = []
-        for label, sim in zip(labels.tolist(), sims.tolist(), strict=True):
-            members = self._members.get(label)
-            if members is None:
-                expanded.append(label)
-                expanded_sims.append(sim)
-            else:
-                expanded.extend(members.tolist())
-                expanded_sims.extend([sim] * len(members))
-            if len(expanded) >= k:
-                break
-        return (np.asarray(expanded[:k], dtype=np.int64),
-                np.asarray(expanded_sims[:k], dtype=np.float32))
+        inside = labels < len(self._group_len)
+        sizes = np.ones(len(labels), dtype=np.int64)
+        sizes[inside] = self._group_len[labels[inside]]
+        if (sizes == 1).all():
+            return labels[:k], sims[:k]
+        # Only the hits needed to fill k places.
+        used = int(np.searchsorted(np.cumsum(sizes), k)) + 1
+        labels, sims, sizes, inside = labels[:used], sims[:used], sizes[:used], inside[:used]
+        owner = np.repeat(np.arange(len(labels)), sizes)
+        within = np.arange(len(owner)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        starts = np.zeros(len(labels), dtype=np.int64)
+        starts[inside] = self._group_start[labels[inside]]
+        grouped = self._group_rows[np.minimum(starts[owner] + within,
+                                              len(self._group_rows) - 1)]
+        rows = np.where(inside[owner], grouped, labels[owner])
+        return rows[:k].astype(np.int64), sims[owner][:k].astype(np.float32)
 
     def neighbours(self, rows: np.ndarray, k: int, *, allow_short: bool = False
                    ) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -178,3 +178,33 @@ def test_a_table_hop_lifts_graph_recall_for_songs_the_index_lacks(tiny_bundle: P
             recall[name] += len(np.intersect1d(got[0], truth)) / 20 / len(queries)
     assert recall["hop"] > recall["graph"]
     assert recall["hop"] > 0.95
+
+
+def test_hits_expand_to_their_duplicate_groups_in_order() -> None:
+    import hnswlib
+
+    rng = np.random.default_rng(5)
+    n = 60
+    rep_of = np.arange(n)
+    for row in range(n):  # some rows duplicate an earlier one
+        if row > 5 and rng.random() < 0.4:
+            rep_of[row] = rep_of[int(rng.integers(0, row))]
+    reps = np.nonzero(rep_of == np.arange(n))[0]
+    index = hnswlib.Index(space="cosine", dim=4)
+    index.init_index(max_elements=n + 5)
+    index.add_items(rng.normal(size=(len(reps), 4)).astype(np.float32), reps)
+    search = HnswSearch(index, rep_of)
+    groups = {int(r): [int(r)] + [int(x) for x in np.nonzero(rep_of == r)[0] if x != r]
+              for r in reps}
+    for _ in range(200):
+        hits = rng.choice(np.concatenate([reps, [n, n + 1]]), 12, replace=False)
+        sims = np.sort(rng.random(12))[::-1].astype(np.float32)
+        k = int(rng.integers(1, 40))
+        want_rows, want_sims = [], []
+        for label, sim in zip(hits.tolist(), sims.tolist(), strict=True):
+            members = groups.get(label, [label])  # run-time rows are their own group
+            want_rows += members
+            want_sims += [sim] * len(members)
+        got_rows, got_sims = search._expand(hits.astype(np.int64), sims, k)
+        assert got_rows.tolist() == want_rows[:k]
+        np.testing.assert_array_equal(got_sims, np.asarray(want_sims[:k], dtype=np.float32))
