@@ -788,34 +788,58 @@ class Votes:
 
     @staticmethod
     def of(lists: RowLists, playlists: np.ndarray, weights: np.ndarray) -> Votes:
+        """Each playlist votes ``weight`` for each of its items."""
         if len(playlists) == 0:
             return Votes.empty()
         owner, items, _ = gather_rows(lists, playlists)
         w = weights[owner]
-        cand, inverse = np.unique(items, return_inverse=True)
+        if len(w) > 1 and bool((np.diff(weights) <= 0).all()):
+            # Playlists come best first (as every caller passes them): an item's first
+            # occurrence is its largest vote, so one sort finds candidates and sources.
+            cand, first, inverse = np.unique(items, return_index=True, return_inverse=True)
+            source = playlists[owner[first]]
+        else:
+            cand, inverse = np.unique(items, return_inverse=True)
+            order = np.argsort(-w, kind="stable")
+            _, best = np.unique(inverse[order], return_index=True)
+            source = playlists[owner[order[best]]]
         scores = np.bincount(inverse, weights=w, minlength=len(cand))
-        order = np.argsort(-w, kind="stable")
-        _, first = np.unique(inverse[order], return_index=True)
-        return Votes(cand.astype(np.int64), scores, playlists[owner[order[first]]])
+        return Votes(cand.astype(np.int64), scores, source)
 
     def normalised(self) -> Votes:
         top = float(self.scores.max()) if len(self.scores) else 0.0
         return Votes(self.items, self.scores / top if top > 0 else self.scores, self.source)
 
     def blend(self, other: Votes, weight: float) -> Votes:
-        """self + weight x other, both normalised to a maximum of 1 first."""
+        """self + weight x other, both normalised to a maximum of 1 first; each item keeps
+        the source of its larger part (self's on a tie)."""
         a, b = self.normalised(), other.normalised()
-        items = np.concatenate([a.items, b.items])
-        scores = np.concatenate([a.scores, weight * b.scores])
-        sources = np.concatenate([a.source, b.source])
-        cand, inverse = np.unique(items, return_inverse=True)
-        total = np.bincount(inverse, weights=scores, minlength=len(cand))
-        order = np.argsort(-scores, kind="stable")
-        _, first = np.unique(inverse[order], return_index=True)
-        return Votes(cand, total, sources[order[first]])
+        cand, inverse = np.unique(np.concatenate([a.items, b.items]), return_inverse=True)
+        part_a = np.full(len(cand), -np.inf)
+        part_b = np.full(len(cand), -np.inf)
+        part_a[inverse[: len(a.items)]] = a.scores
+        part_b[inverse[len(a.items) :]] = weight * b.scores
+        source = np.zeros(len(cand), dtype=np.int64)
+        source[inverse[: len(a.items)]] = a.source
+        from_b = part_b > part_a
+        source[from_b] = b.source[np.searchsorted(b.items, cand[from_b])]
+        total = np.where(np.isfinite(part_a), part_a, 0.0) + np.where(np.isfinite(part_b),
+                                                                      part_b, 0.0)
+        return Votes(cand, total, source)
 
-    def ranked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        order = np.argsort(-self.scores, kind="stable")
+    def ranked(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Items by score (ties: smaller item first); with ``limit``, only the first
+        ``limit`` of that order, found without sorting the rest."""
+        n = len(self.scores)
+        if limit is None or limit >= n:
+            order = np.argsort(-self.scores, kind="stable")
+        else:
+            neg = -self.scores
+            kth = np.partition(neg, limit - 1)[limit - 1]
+            above = np.nonzero(neg < kth)[0]
+            tied = np.nonzero(neg == kth)[0][: limit - len(above)]
+            chosen = np.concatenate([above, tied])
+            order = chosen[np.lexsort((chosen, neg[chosen]))]
         return self.items[order], self.scores[order], self.source[order]
 
 
@@ -844,12 +868,20 @@ def _ae_playlists(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch
 def _answer_from_votes(catalog: Catalog, songs: VectorSearch, query: Query, song_votes: Votes,
                        tag_votes: Votes, title_tags: np.ndarray | None) -> Answer:
     picker = _Picker(catalog, query, songs.count())
-    rows, scores, sources = song_votes.ranked()
-    for row, score, source in zip(rows.tolist(), scores.tolist(), sources.tolist(),
-                                  strict=True):
-        if picker.full:
+    # Most answers fill from the best few hundred candidates: rank only those first.
+    limit = 2 * query.n_songs + len(query.seeds)
+    rows, scores, sources = song_votes.ranked(limit)
+    done = 0
+    while True:
+        for row, score, source in zip(rows[done:].tolist(), scores[done:].tolist(),
+                                      sources[done:].tolist(), strict=True):
+            if picker.full:
+                break
+            picker.take(row, score, (REASON_PLAYLIST, int(catalog.playlist_ids[source])))
+        if picker.full or len(rows) == len(song_votes.items):
             break
-        picker.take(row, score, (REASON_PLAYLIST, int(catalog.playlist_ids[source])))
+        done = len(rows)
+        rows, scores, sources = song_votes.ranked()
     if len(query.seeds) and not picker.full:
         # Neighbour playlists seldom hold every song a big seed list needs: fill the rest
         # per seed, as ae-quota does, before falling back to popularity.

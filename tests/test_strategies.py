@@ -183,3 +183,56 @@ def test_top_tags_match_a_full_sort_with_ties_and_exclusions(engine: Engine) -> 
                                       exclude, n_tags)
         assert got.tolist() == want
         assert not set(got.tolist()) & set(exclude.tolist())
+
+
+def _votes_reference(lists, playlists, weights):  # type: ignore[no-untyped-def]
+    """The definitions, by full sorts: total weight per item; source = the playlist with
+    the largest vote (the earlier one on a tie)."""
+    from server.strategies import gather_rows
+
+    owner, items, _ = gather_rows(lists, playlists)
+    w = weights[owner]
+    cand, inverse = np.unique(items, return_inverse=True)
+    scores = np.bincount(inverse, weights=w, minlength=len(cand))
+    order = np.argsort(-w, kind="stable")
+    _, first = np.unique(inverse[order], return_index=True)
+    return cand, scores, playlists[owner[order[first]]]
+
+
+def test_votes_blends_and_rankings_match_full_sorts(engine: Engine) -> None:
+    from server.strategies import Votes
+
+    catalog = engine.catalog
+    rng = np.random.default_rng(11)
+    n_pl = catalog.playlist_songs.n_rows
+    for trial in range(120):
+        pls = rng.choice(n_pl, int(rng.integers(1, 40)), replace=False)
+        weights = np.round(rng.random(len(pls)), 1)  # ties on purpose
+        if trial % 2:
+            weights = np.sort(weights)[::-1].copy()  # best first, as callers pass them
+        votes = Votes.of(catalog.playlist_songs, pls, weights)
+        items, scores, source = _votes_reference(catalog.playlist_songs, pls, weights)
+        assert votes.items.tolist() == items.tolist()
+        np.testing.assert_allclose(votes.scores, scores)
+        assert votes.source.tolist() == source.tolist()
+        other_pls = rng.choice(n_pl, int(rng.integers(1, 40)), replace=False)
+        other = Votes.of(catalog.playlist_songs, other_pls,
+                         np.sort(np.round(rng.random(len(other_pls)), 1))[::-1].copy())
+        blended = votes.blend(other, 0.25)
+        a, b = votes.normalised(), other.normalised()
+        all_items = np.concatenate([a.items, b.items])
+        all_scores = np.concatenate([a.scores, 0.25 * b.scores])
+        all_sources = np.concatenate([a.source, b.source])
+        cand, inverse = np.unique(all_items, return_inverse=True)
+        order = np.argsort(-all_scores, kind="stable")
+        _, first = np.unique(inverse[order], return_index=True)
+        assert blended.items.tolist() == cand.tolist()
+        np.testing.assert_allclose(blended.scores, np.bincount(inverse, weights=all_scores))
+        assert blended.source.tolist() == all_sources[order[first]].tolist()
+        full = blended.ranked()
+        full_order = np.argsort(-blended.scores, kind="stable")
+        assert full[0].tolist() == blended.items[full_order].tolist()
+        limit = int(rng.integers(1, len(blended.items) + 2))
+        part = blended.ranked(limit)
+        assert part[0].tolist() == full[0][:limit].tolist()
+        assert part[2].tolist() == full[2][:limit].tolist()
