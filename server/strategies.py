@@ -627,14 +627,16 @@ class _Picker:
     def __init__(self, catalog: Catalog, query: Query, n_total_rows: int) -> None:
         self.catalog = catalog
         self.query = query
-        self.excluded = np.zeros(n_total_rows, dtype=bool)
-        self.excluded[query.seeds[(query.seeds >= 0) & (query.seeds < n_total_rows)]] = True
+        self.n_total_rows = n_total_rows
+        # A set, not a bool array over every song: an answer touches a few hundred rows,
+        # and zeroing 700k flags per call cost more than all the lookups.
+        self.excluded: set[int] = set(query.seeds.tolist())
         self.rows: list[int] = []
         self.scores: list[float] = []
         self.reasons: list[tuple[str, int]] = []
 
     def allowed(self, row: int) -> bool:
-        if row < 0 or row >= len(self.excluded) or self.excluded[row]:
+        if row < 0 or row >= self.n_total_rows or row in self.excluded:
             return False
         if self.query.drop_future and self.query.updt_date and row < self.catalog.n_songs:
             issued = int(self.catalog.issue_dates[row])
@@ -645,7 +647,7 @@ class _Picker:
     def take(self, row: int, score: float, reason: tuple[str, int]) -> bool:
         if not self.allowed(row):
             return False
-        self.excluded[row] = True
+        self.excluded.add(row)
         self.rows.append(row)
         self.scores.append(score)
         self.reasons.append(reason)
