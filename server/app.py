@@ -61,28 +61,27 @@ _REASON_KINDS = {REASON_SEED: pb2.Reason.SEED_NEIGHBOUR,
 # ---------------------------------------------------------------- pure response builders
 
 
-def reason_pb(kind: str, source: int | str | None) -> pb2.Reason:
-    """A strategy's (kind, source) as a ``Reason`` message."""
-    reason = pb2.Reason(kind=_REASON_KINDS.get(kind, pb2.Reason.KIND_UNSPECIFIED))
-    if kind == REASON_SEED and isinstance(source, int):
-        reason.seed_song_id = source
-    elif kind == REASON_PLAYLIST and isinstance(source, int):
-        reason.playlist_id = source
-    elif kind == REASON_TAG and isinstance(source, str):
-        reason.tag = source
-    return reason
-
-
 def continuation_pb(answer: Continuation, version: str) -> pb2.ContinuePlaylistResponse:
     """A ``ContinuePlaylist`` answer as its response message."""
     response = pb2.ContinuePlaylistResponse(unknown_seed_ids=answer.unknown_seed_ids,
                                             unknown_tags=answer.unknown_tags,
                                             strategy=answer.strategy, model_version=version)
-    names = answer.names or [("", "")] * len(answer.song_ids)
-    for song_id, score, (kind, source), (name, artists) in zip(
-            answer.song_ids, answer.song_scores, answer.reasons, names, strict=True):
-        response.songs.add(song_id=song_id, score=score, reason=reason_pb(kind, source),
-                           name=name, artists=artists)
+    songs = response.songs
+    # Fields are set in place: building a Reason and passing it to add() copies it, and
+    # empty name fields cost as much as the rest (upb), so both are skipped.
+    for i, (song_id, score, (kind, source)) in enumerate(zip(
+            answer.song_ids, answer.song_scores, answer.reasons, strict=True)):
+        song = songs.add(song_id=song_id, score=score)
+        reason = song.reason
+        reason.kind = _REASON_KINDS.get(kind, pb2.Reason.KIND_UNSPECIFIED)
+        if kind == REASON_SEED and isinstance(source, int):
+            reason.seed_song_id = source
+        elif kind == REASON_PLAYLIST and isinstance(source, int):
+            reason.playlist_id = source
+        elif kind == REASON_TAG and isinstance(source, str):
+            reason.tag = source
+        if answer.names is not None:
+            song.name, song.artists = answer.names[i]
     for tag, score in zip(answer.tags, answer.tag_scores, strict=True):
         response.tags.add(tag=tag, score=score)
     return response
