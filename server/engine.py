@@ -82,12 +82,13 @@ class Engine:
         self.songs = songs
         self.playlists = playlists
         self.encoder = encoder
+        self.song_ef = manifest.song_index.ef  # the ef song searches run with
         self._names = (arrays.get("song_name_blob"), arrays.get("song_name_offsets"))
         self._artists = (arrays.get("song_artist_blob"), arrays.get("song_artist_offsets"))
 
     @staticmethod
     def load(root: str | Path, *, verify: bool = True, capacity: int = 100_000,
-             threads: int | None = None) -> Engine:
+             threads: int | None = None, song_ef: int | None = None) -> Engine:
         """Load and verify a bundle; ``capacity`` is room for songs added at run time."""
         root = Path(root)
         manifest = bundle_files.read_manifest(root, verify=verify)
@@ -115,6 +116,9 @@ class Engine:
         songs = bundle_files.load_hnsw(root, manifest.song_index, bundle_files.SONG_INDEX,
                                        max_elements=manifest.song_index.count + capacity)
         songs.set_num_threads(threads)
+        if song_ef:
+            songs.set_ef(song_ef)
+            log.info("song index ef %d (bundle: %d)", song_ef, manifest.song_index.ef)
         table = bundle_files.load_neighbours(root, manifest)
         codes = bundle_files.load_codes(root, manifest)
         playlists = bundle_files.load_hnsw(root, manifest.playlist_index,
@@ -127,9 +131,11 @@ class Engine:
                                            f"({exc})") from None
         log.info("loaded bundle %s (model %s, %d songs, %d playlists)", root,
                  manifest.model_version, catalog.n_songs, len(catalog.playlist_ids))
-        return Engine(root, manifest, catalog, song_search(root, songs, rep_of, table, codes),
+        engine = Engine(root, manifest, catalog, song_search(root, songs, rep_of, table, codes),
                       HnswSearch(playlists),
                       encoder, arrays)
+        engine.song_ef = song_ef or manifest.song_index.ef
+        return engine
 
     @property
     def model_version(self) -> str:

@@ -3,6 +3,7 @@ lock, answering in external ids. Every method blocks: call them from worker thre
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,10 +80,11 @@ class LiveModel:
         self._added_names: list[tuple[str, str]] = []
 
     @staticmethod
-    def load(path: Path, *, verify: bool, capacity: int, threads: int) -> LiveModel:
+    def load(path: Path, *, verify: bool, capacity: int, threads: int,
+             song_ef: int | None = None) -> LiveModel:
         """Load and verify a bundle (raises :class:`~server.bundle.BundleError`)."""
-        return LiveModel(Engine.load(path, verify=verify, capacity=capacity, threads=threads),
-                         path)
+        return LiveModel(Engine.load(path, verify=verify, capacity=capacity, threads=threads,
+                                     song_ef=song_ef), path)
 
     # ------------------------------------------------------------ ids and rows
 
@@ -301,4 +303,5 @@ class LiveModel:
                 "indexed_songs": self.n_bundle + self.n_added,
                 "playlists": len(self.engine.catalog.playlist_ids),
                 "tags": len(self.engine.catalog.tags), "strategies": list(self.engine.strategies),
-                "song_index": m.song_index, "playlist_index": m.playlist_index}
+                "song_index": dataclasses.replace(m.song_index, ef=self.engine.song_ef),
+                "playlist_index": m.playlist_index}

@@ -428,3 +428,17 @@ def test_metrics_endpoint(live: ServerThread, stub: Any) -> None:
     indexed = stub.GetModelInfo(pb2.GetModelInfoRequest()).indexed_songs
     assert f"songrec_indexed_songs {float(indexed)}" in body
     assert "songrec_similar_batch_size_count" in body
+
+
+def test_song_ef_override_is_served_and_reported(tiny_bundle: Path) -> None:
+    with ServerThread(ServerConfig(bundle=tiny_bundle, port=0, verify=False,
+                                   song_ef=37)) as server:
+        with server.channel() as channel:
+            info = pb2_grpc.RecommenderStub(channel).GetModelInfo(pb2.GetModelInfoRequest())
+        assert info.song_index.ef == 37
+        model = server.server.state.require_model()
+        assert model.engine.songs.index.ef == 37
+    with pytest.raises(Exception, match="--song-ef"):
+        from server.config import load_config
+
+        load_config(["--song-ef", "-1"], environ={})
