@@ -127,12 +127,13 @@ def free_port() -> int:
 
 
 def memory_mb(pid: int) -> dict[str, float]:
-    """Resident memory of a process now (VmRSS) and at its peak (VmHWM), in MB."""
+    """Resident memory of a process now (VmRSS: RssAnon, its own, plus RssFile, mapped
+    files such as the bundle's codes, reclaimable) and at its peak (VmHWM), in MB."""
     out = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 out[key] = int(value.split()[0]) / 1024  # kB
     except (OSError, ValueError, IndexError):
         pass
@@ -432,9 +433,14 @@ def render(bench: Bench, command: str) -> str:
               f"| start-up to SERVING (spawn to health SERVING, checksums "
               f"{'off' if '--no-verify' in bench.config.get('server', '') else 'on'}) | "
               f"{bench.startup_s:.1f} s |",
-              f"| server RSS when SERVING, idle | {_f(bench.memory_idle.get('VmRSS'), 0)} MB |",
-              f"| server RSS after the load / peak | "
-              f"{_f(bench.memory_after.get('VmRSS'), 0)} MB / "
+              f"| server RSS when SERVING, idle (anonymous + mapped files) | "
+              f"{_f(bench.memory_idle.get('VmRSS'), 0)} MB "
+              f"({_f(bench.memory_idle.get('RssAnon'), 0)} + "
+              f"{_f(bench.memory_idle.get('RssFile'), 0)}) |",
+              f"| server RSS after the load (anonymous + mapped files) / peak | "
+              f"{_f(bench.memory_after.get('VmRSS'), 0)} MB "
+              f"({_f(bench.memory_after.get('RssAnon'), 0)} + "
+              f"{_f(bench.memory_after.get('RssFile'), 0)}) / "
               f"{_f(bench.memory_after.get('VmHWM'), 0)} MB |"]
     if bench.index is not None:
         ix = bench.index

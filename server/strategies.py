@@ -671,10 +671,10 @@ class _Picker:
 def vote_tags(catalog: Catalog, song_rows: Sequence[int], exclude: np.ndarray,
               n_tags: int) -> tuple[np.ndarray, np.ndarray]:
     """Each song votes once for every tag ever attached to a playlist containing it."""
-    votes = np.zeros(len(catalog.tags), dtype=np.float32)
-    for row in song_rows:
-        if 0 <= row < catalog.song_tags.n_rows:
-            votes[catalog.song_tags.row(row)] += 1.0
+    rows = np.asarray(song_rows, dtype=np.int64)
+    rows = rows[(rows >= 0) & (rows < catalog.song_tags.n_rows)]  # added songs have no tags
+    _, tags, _ = gather_rows(catalog.song_tags, rows)
+    votes = np.bincount(tags, minlength=len(catalog.tags)).astype(np.float32)
     return _top_tags(catalog, votes, exclude, n_tags)
 
 
