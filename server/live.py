@@ -109,14 +109,14 @@ class LiveModel:
 
     def rows_of(self, song_ids: Sequence[int]) -> tuple[np.ndarray, list[int]]:
         """Rows of the known ids (in order) and the unknown ids (call under the lock)."""
-        rows, unknown = [], []
-        for song_id in song_ids:
-            row = self.row_of(song_id)
-            if row >= 0:
-                rows.append(row)
-            else:
-                unknown.append(song_id)
-        return np.asarray(rows, dtype=np.int64), unknown
+        if not len(song_ids):
+            return np.zeros(0, dtype=np.int64), []
+        rows = self.engine.catalog.row_of_id.rows(song_ids)
+        for i in np.flatnonzero(rows < 0).tolist():  # not in the bundle: added at run time?
+            rows[i] = self._row_of_added.get(song_ids[i], -1)
+        known = rows >= 0
+        unknown = [song_ids[i] for i in np.flatnonzero(~known).tolist()]
+        return rows[known], unknown
 
     def ids_of(self, rows: Sequence[int]) -> list[int]:
         """External ids of rows (call under the lock)."""

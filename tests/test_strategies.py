@@ -236,3 +236,19 @@ def test_votes_blends_and_rankings_match_full_sorts(engine: Engine) -> None:
         part = blended.ranked(limit)
         assert part[0].tolist() == full[0][:limit].tolist()
         assert part[2].tolist() == full[2][:limit].tolist()
+
+
+def test_row_index_maps_ids_to_rows_like_a_dict() -> None:
+    from server.strategies import RowIndex
+
+    ids = np.asarray([50, 7, 900, -3, 12])
+    index = RowIndex(ids)
+    as_dict = {int(s): r for r, s in enumerate(ids.tolist())}
+    asked = [7, 8, 900, -3, 50, 2**62, -(2**62), 12, 7]
+    assert index.rows(asked).tolist() == [as_dict.get(s, -1) for s in asked]
+    assert index.get(900) == 2 and index.get(901) is None and index.get(901, -1) == -1
+    assert index[12] == 4 and 12 in index and 13 not in index and len(index) == 5
+    with pytest.raises(KeyError):
+        index[13]
+    empty = RowIndex(np.zeros(0, dtype=np.int64))
+    assert empty.rows([1, 2]).tolist() == [-1, -1] and empty.get(1) is None
