@@ -165,6 +165,21 @@ def release_memory() -> None:
         trim(0)
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter numbers (malloc.h)
+
+
+def pin_mmap_threshold(limit: int = 256 << 10) -> None:
+    """Fix glibc's mmap threshold: by default it rises (up to 32 MB) each time a mapped
+    block is freed, so after a reload frees the old model's arrays, every later
+    request-sized buffer comes from the per-thread heaps, which fragment and keep the RSS
+    up. A fixed threshold keeps big buffers in their own mappings, returned on free."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt(M_MMAP_THRESHOLD, limit)
+
+
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
         trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
@@ -546,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(config.log_level, config.log_format)
     log.info("config: %s", config)
+    pin_mmap_threshold()
     try:
         return asyncio.run(serve(config))
     except (ConfigError, WalError, BundleError) as exc:
