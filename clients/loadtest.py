@@ -613,7 +613,7 @@ def summarize(parts: Sequence[Samples], config: LoadConfig, rpc: str,
         "deadline_s": config.deadline,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(
             min(s.started for s in parts))),
-        "window_s": round(window, 3), "requests": total, "ok": ok,
+        "window_s": round(window, 6), "requests": total, "ok": ok,
         "errors": dict(sorted(all_errors.items())), "error_examples": details,
         "requests_per_s": round(total / window, 2), "ok_per_s": round(ok / window, 2),
         "latency_ms": latency_stats(everything), "by_rpc": by_rpc,
