@@ -256,3 +256,56 @@ def test_json_log_lines() -> None:
     assert line["msg"] == "loaded 모델" and line["level"] == "INFO"
     assert line["logger"] == "server.app" and line["model"] == "v1"
     assert line["ts"].endswith("Z")
+
+
+def test_try_read_never_waits() -> None:
+    lock = RWLock()
+    with lock.try_read() as held:
+        assert held
+        with lock.try_read() as again:  # readers share
+            assert again
+    writing = threading.Event()
+    release = threading.Event()
+
+    def writer() -> None:
+        with lock.write():
+            writing.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert writing.wait(5)
+    start = time.perf_counter()
+    with lock.try_read() as held:
+        assert not held
+    assert time.perf_counter() - start < 0.5
+    release.set()
+    thread.join(5)
+    with lock.try_read() as held:
+        assert held
+    with lock.write():  # every shared hold was released
+        pass
+
+
+def test_similar_by_lookup_answers_like_the_worker_path(copy_bundle) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from server.live import LiveModel
+    from server.validation import SimilarParams
+
+    model = LiveModel.load(copy_bundle(), verify=False, capacity=100, threads=1)
+    song = int(model.engine.catalog.song_ids[5])
+    params = SimilarParams((song,), 20, frozenset(), True)
+    inline = model.similar_by_lookup(params)
+    assert inline == model.similar_one(params) and len(inline.ids) == 20
+    unknown = model.similar_by_lookup(SimilarParams((-5,), 20, frozenset(), False))
+    assert isinstance(unknown, NotFound)
+    # Deeper than the table, or an added song: not a lookup, so the caller takes the worker.
+    assert model.similar_by_lookup(SimilarParams((song,), 500, frozenset(), False)) is None
+    genres = dict(model.engine.encoder.columns.groups)["genres"]
+    meta = SongMeta(genres=(genres[0],))
+    new = NewSong(10**12, meta, "new", "")
+    model.insert([new], model.encode_new([new], ["songs[0].metadata"]))
+    assert model.similar_by_lookup(SimilarParams((10**12,), 5, frozenset(), False)) is None
+    assert np.isfinite(model.similar_one(SimilarParams((10**12,), 5, frozenset(),
+                                                       False)).similarities).all()
