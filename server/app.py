@@ -25,7 +25,7 @@ from server import validation
 from server.batching import SimilarBatcher
 from server.bundle import BundleError, IndexParams
 from server.config import ConfigError, ServerConfig, load_config
-from server.errors import FailedPrecondition, NotFound
+from server.errors import FailedPrecondition
 from server.interceptors import Gate, Tokens
 from server.live import Continuation, Encoded, LiveModel, Neighbours
 from server.logs import setup_logging
@@ -330,13 +330,6 @@ class RecommenderServicer(pb2_grpc.RecommenderServicer):
                            context: grpc.aio.ServicerContext) -> pb2.SimilarSongsResponse:
         params = validation.similar_params(request)
         model = self.state.require_model()
-        # A bundle song's list is a lookup of tens of microseconds: answered here, it saves
-        # the hand-off to a worker thread and back, which cost more than the lookup.
-        found = model.similar_by_lookup(params)
-        if found is not None:
-            if isinstance(found, NotFound):
-                raise found
-            return neighbours_pb(found, model.version)
         if self.state.batcher is not None:
             return await self.state.batcher.similar(model, params, deadline_of(context))
         return await self.state.workers.run(

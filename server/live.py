@@ -3,7 +3,6 @@ lock, answering in external ids. Every method blocks: call them from worker thre
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -190,25 +189,11 @@ class LiveModel:
             raise found
         return found
 
-    def similar_by_lookup(self, params: SimilarParams) -> Neighbours | NotFound | None:
-        """``similar_one`` when it is a table lookup that can run without waiting for the
-        lock (on the event loop: no hop to a worker); None when it is not."""
-        with self.lock.try_read() as held:
-            if not held:
-                return None
-            row = self.row_of(params.song_ids[0])
-            if row >= 0 and not self.engine.songs.answers_by_lookup(
-                    np.asarray([row]), params.k + 1 + len(params.exclude)):
-                return None
-            (found,) = self.similar_each([params], lock=False)
-            return found
-
-    def similar_each(self, requests: Sequence[SimilarParams], *, lock: bool = True
-                     ) -> list[Neighbours | NotFound]:
+    def similar_each(self, requests: Sequence[SimilarParams]) -> list[Neighbours | NotFound]:
         """Many single-song requests (each with its own k and exclusions) answered by one
         index query; an unknown song gives a :class:`NotFound` in its place."""
         out: list[Neighbours | NotFound] = []
-        with self.lock.read() if lock else contextlib.nullcontext():
+        with self.lock.read():
             rows = [self.row_of(p.song_ids[0]) for p in requests]
             known = [i for i, row in enumerate(rows) if row >= 0]
             found: dict[int, Neighbours] = {}

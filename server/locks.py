@@ -34,30 +34,6 @@ class RWLock:
                     self._cond.notify_all()
 
     @contextmanager
-    def try_read(self) -> Iterator[bool]:
-        """Hold the lock shared if that needs no waiting (yields True), else yield False
-        at once: for callers that must not block (the event loop) and have a slower path."""
-        if not self._cond.acquire(blocking=False):
-            yield False
-            return
-        try:
-            free = not (self._writer or self._writers_waiting)
-            if free:
-                self._readers += 1
-        finally:
-            self._cond.release()
-        if not free:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
-
-    @contextmanager
     def write(self) -> Iterator[None]:
         """Hold the lock exclusively for the duration of the ``with`` block."""
         with self._cond:

@@ -578,14 +578,6 @@ class HnswSearch:
         rows = np.where(inside[owner], grouped, labels[owner])
         return rows[:k].astype(np.int64), sims[owner][:k].astype(np.float32)
 
-    def answers_by_lookup(self, rows: np.ndarray, k: int) -> bool:
-        """Whether :meth:`neighbours` of ``rows`` is a table lookup (plus a scan of at most
-        ~1M multiply-adds over added songs): cheap enough to run on an event loop."""
-        table = self._table_rows
-        return (table is not None and len(rows) > 0 and k <= table.shape[1] + 1
-                and bool((np.asarray(rows) < self._n_fixed).all())
-                and self._n_added * self._added_unit.shape[1] <= 1 << 20)
-
     def neighbours(self, rows: np.ndarray, k: int, *, allow_short: bool = False
                    ) -> list[tuple[np.ndarray, np.ndarray]]:
         rows = np.asarray(rows, dtype=np.int64)
