@@ -19,6 +19,14 @@ class ConfigError(ValueError):
     """A flag, environment variable or file named by one is unusable."""
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask; containers often narrow it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything the server needs to start. Tokens are kept out of ``repr`` (and so out of
@@ -35,7 +43,10 @@ class ServerConfig:
     metrics_port: int = 0  # 0: no metrics endpoint
     max_concurrent_rpcs: int = 128
     max_message_bytes: int = 4 << 20
-    workers: int = 4  # threads running model work (ONNX, hnswlib, strategies)
+    # Threads running model work (ONNX, hnswlib, strategies): one per usable core, at most
+    # 8. More only contend for the GIL: on 2 cores, 2 workers answered ContinuePlaylist
+    # 429 and 399 calls/s against 398 and 338 with 4, in alternating runs.
+    workers: int = field(default_factory=lambda: max(1, min(8, usable_cores())))
     threads: int = 1  # threads per ONNX Runtime / hnswlib call inside one worker
     capacity: int = 100_000  # index room for added songs before it must grow
     song_ef: int = 0  # HNSW ef for song searches; 0: the bundle's (manifest) value
@@ -121,7 +132,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int,
                    default=_env(environ, "MAX_MESSAGE_BYTES", int, d.max_message_bytes))
     p.add_argument("--workers", type=int, default=_env(environ, "WORKERS", int, d.workers),
-                   help="worker threads for model work")
+                   help="worker threads for model work (default: usable cores, at most 8)")
     p.add_argument("--threads", type=int, default=_env(environ, "THREADS", int, d.threads),
                    help="threads per ONNX Runtime / hnswlib call")
     p.add_argument("--similar-batch", type=int,
