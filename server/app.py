@@ -173,19 +173,22 @@ def pin_mmap_threshold(limit: int = 256 << 10) -> None:
     block is freed, so after a reload frees the old model's arrays, every later
     request-sized buffer comes from the per-thread heaps, which fragment and keep the RSS
     up. A fixed threshold keeps big buffers in their own mappings, returned on free."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    mallopt(M_MMAP_THRESHOLD, limit)
+    mallopt = _glibc("mallopt")
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, limit)
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
+    return _glibc("malloc_trim")
+
+
+def _glibc(name: str) -> Callable[..., int] | None:
+    """A glibc function, or None elsewhere."""
     try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+        function: Callable[..., int] = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):  # not glibc
         return None
-    return trim
+    return function
 
 
 # ---------------------------------------------------------------- health

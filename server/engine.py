@@ -86,7 +86,6 @@ class Engine:
         self.songs = songs
         self.playlists = playlists
         self.encoder = encoder
-        self.song_ef = manifest.song_index.ef  # the ef song searches run with
         self._names = (arrays.get("song_name_blob"), arrays.get("song_name_offsets"))
         self._artists = (arrays.get("song_artist_blob"), arrays.get("song_artist_offsets"))
 
@@ -135,11 +134,8 @@ class Engine:
                                            f"({exc})") from None
         log.info("loaded bundle %s (model %s, %d songs, %d playlists)", root,
                  manifest.model_version, catalog.n_songs, len(catalog.playlist_ids))
-        engine = Engine(root, manifest, catalog, song_search(root, songs, rep_of, table, codes),
-                      HnswSearch(playlists),
-                      encoder, arrays)
-        engine.song_ef = song_ef or manifest.song_index.ef
-        return engine
+        return Engine(root, manifest, catalog, song_search(root, songs, rep_of, table, codes),
+                      HnswSearch(playlists), encoder, arrays)
 
     @property
     def model_version(self) -> str:

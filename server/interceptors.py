@@ -135,11 +135,12 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     request = parse_request(name, request, deserialize)
                 response = await behaviour(request, context)
                 limit = self.max_response_bytes
-                if limit is not None and response.ByteSize() > limit:
+                size = response.ByteSize() if limit is not None else 0
+                if limit is not None and size > limit:
                     # gRPC would fail the call itself after we return, with a status our
                     # metrics never see: refuse it here, saying what to change.
                     raise ResourceExhausted(
-                        f"the answer is {response.ByteSize()} bytes, over this server's "
+                        f"the answer is {size} bytes, over this server's "
                         f"{limit}-byte message limit (--max-message-bytes); ask for fewer "
                         f"songs, neighbours or names per call")
                 remaining = context.time_remaining()

@@ -303,5 +303,5 @@ class LiveModel:
                 "indexed_songs": self.n_bundle + self.n_added,
                 "playlists": len(self.engine.catalog.playlist_ids),
                 "tags": len(self.engine.catalog.tags), "strategies": list(self.engine.strategies),
-                "song_index": dataclasses.replace(m.song_index, ef=self.engine.song_ef),
+                "song_index": dataclasses.replace(m.song_index, ef=self.engine.songs.index.ef),  # type: ignore[attr-defined]
                 "playlist_index": m.playlist_index}

@@ -252,3 +252,17 @@ def test_row_index_maps_ids_to_rows_like_a_dict() -> None:
         index[13]
     empty = RowIndex(np.zeros(0, dtype=np.int64))
     assert empty.rows([1, 2]).tolist() == [-1, -1] and empty.get(1) is None
+
+
+def test_best_first_is_the_head_of_a_full_sort() -> None:
+    from server.strategies import best_first
+
+    rng = np.random.default_rng(4)
+    for _ in range(2000):
+        m = int(rng.integers(1, 40))
+        scores = rng.integers(0, 4, m).astype(np.float64)  # ties on purpose
+        scores[rng.random(m) < 0.3] = -np.inf  # excluded items
+        n = int(rng.integers(0, m + 2))
+        want = np.lexsort((np.arange(m), -scores))[:n]
+        assert best_first(scores, n).tolist() == want.tolist()
+    assert best_first(np.asarray([1.0, 3.0, 3.0]), None).tolist() == [1, 2, 0]
