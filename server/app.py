@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import itertools
 import logging
 import signal
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -41,6 +43,7 @@ from server.strategies import (
 )
 from server.validation import NewSong
 from server.wal import SongLog, WalError
+from server.wire import WireMessage, similar_responses
 from server.workers import Workers, deadline_of
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,21 @@ def neighbours_pb(found: Neighbours, version: str) -> pb2.SimilarSongsResponse:
     response = pb2.SimilarSongsResponse(song_id=found.song_id, model_version=version)
     fill_neighbours(response.neighbours, found)
     return response
+
+
+def similar_responses_of(answers: Sequence[Neighbours], version: str
+                         ) -> list[pb2.SimilarSongsResponse | WireMessage]:
+    """Responses of a batch of lookups: encoded together straight to wire bytes (names
+    need the protobuf runtime: such answers are built as messages)."""
+    if any(found.names is not None for found in answers):
+        return [neighbours_pb(found, version) for found in answers]
+    ids = np.fromiter(itertools.chain.from_iterable(found.ids for found in answers),
+                      dtype=np.int64)
+    sims = np.fromiter(itertools.chain.from_iterable(found.similarities for found in answers),
+                       dtype=np.float32)
+    bounds = [0, *itertools.accumulate(len(found.ids) for found in answers)]
+    return list(similar_responses([found.song_id for found in answers], version, ids, sims,
+                                  bounds))
 
 
 def batch_pb(results: Sequence[Neighbours], unknown: Sequence[int],
@@ -238,7 +256,8 @@ class ServingState:
         self.metrics = metrics
         self.health = health
         self.wal = wal
-        self.batcher = (SimilarBatcher(workers, metrics, neighbours_pb, config.similar_batch)
+        self.batcher = (SimilarBatcher(workers, metrics, similar_responses_of,
+                                      config.similar_batch)
                         if config.similar_batch else None)
         self.model: LiveModel | None = None
         self.bundle = config.bundle
@@ -330,11 +349,14 @@ class RecommenderServicer(pb2_grpc.RecommenderServicer):
             deadline_of(context))
 
     async def SimilarSongs(self, request: pb2.SimilarSongsRequest,
-                           context: grpc.aio.ServicerContext) -> pb2.SimilarSongsResponse:
+                           context: grpc.aio.ServicerContext
+                           ) -> pb2.SimilarSongsResponse | WireMessage:
         params = validation.similar_params(request)
         model = self.state.require_model()
         if self.state.batcher is not None:
-            return await self.state.batcher.similar(model, params, deadline_of(context))
+            response: pb2.SimilarSongsResponse | WireMessage = await self.state.batcher.similar(
+                model, params, deadline_of(context))
+            return response
         return await self.state.workers.run(
             lambda: neighbours_pb(model.similar_one(params), model.version),
             deadline_of(context))

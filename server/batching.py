@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from protos.songrec.v1 import songrec_pb2 as pb2
 from server.errors import DeadlineExceeded, ServingError
 from server.live import LiveModel, Neighbours
 from server.metrics import Metrics
@@ -30,15 +30,16 @@ class _Pending:
     model: LiveModel
     params: SimilarParams
     deadline: float | None
-    future: asyncio.Future[pb2.SimilarSongsResponse]
+    future: asyncio.Future[Any]  # the response: a message or its wire bytes
 
 
-Render = Callable[[Neighbours, str], pb2.SimilarSongsResponse]
+Render = Callable[[Sequence[Neighbours], str], Sequence[Any]]
 
 
 class SimilarBatcher:
     """Queues single-song lookups; one batch at a time runs in a worker as one index query,
-    and the responses are rendered there too (``render(neighbours, model_version)``).
+    and the responses are rendered there too, all at once (``render(answers,
+    model_version)`` gives one response per answer, a message or its wire bytes).
 
     Lookups for different models (during a reload) are answered by their own model.
     """
@@ -54,9 +55,9 @@ class SimilarBatcher:
         self._task: asyncio.Task[None] | None = None  # referenced, so it is not collected
 
     async def similar(self, model: LiveModel, params: SimilarParams,
-                      deadline: float | None) -> pb2.SimilarSongsResponse:
+                      deadline: float | None) -> Any:
         """The neighbours of one song; raises what the lookup raised (e.g. ``NotFound``)."""
-        future: asyncio.Future[pb2.SimilarSongsResponse] = \
+        future: asyncio.Future[Any] = \
             asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(model, params, deadline, future))
         if not self._running:
@@ -92,14 +93,19 @@ class SimilarBatcher:
         for pending in batch:
             by_model.setdefault(id(pending.model), []).append(pending)
 
-        def work() -> list[tuple[_Pending, pb2.SimilarSongsResponse | ServingError]]:
-            out: list[tuple[_Pending, pb2.SimilarSongsResponse | ServingError]] = []
+        def work() -> list[tuple[_Pending, Any]]:
+            out: list[tuple[_Pending, Any]] = []
             for group in by_model.values():
                 model = group[0].model
                 answers = model.similar_each([p.params for p in group])
-                out.extend((pending, answer if isinstance(answer, ServingError)
-                            else self.render(answer, model.version))
-                           for pending, answer in zip(group, answers, strict=True))
+                failed = [(p, a) for p, a in zip(group, answers, strict=True)
+                          if isinstance(a, ServingError)]
+                found = [(p, a) for p, a in zip(group, answers, strict=True)
+                         if not isinstance(a, ServingError)]
+                out.extend(failed)
+                if found:
+                    rendered = self.render([a for _, a in found], model.version)
+                    out.extend(zip([p for p, _ in found], rendered, strict=True))
             return out
 
         try:

@@ -111,7 +111,7 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             wrapped = grpc.unary_unary_rpc_method_handler(
                 self._guard(method, handler.unary_unary, handler.request_deserializer),
                 request_deserializer=None,
-                response_serializer=handler.response_serializer)
+                response_serializer=_serialize)
             self._wrapped[method] = wrapped
         return wrapped
 
@@ -176,6 +176,12 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     self.metrics.in_flight.dec()
 
         return guarded
+
+
+def _serialize(response: Any) -> bytes:
+    """A response message, or one already in wire format (``server.wire.WireMessage``)."""
+    data: bytes = response.SerializeToString()
+    return data
 
 
 def parse_request(name: str, raw: bytes, deserialize: Callable[[bytes], Any]) -> Any:

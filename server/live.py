@@ -109,14 +109,19 @@ class LiveModel:
 
     def rows_of(self, song_ids: Sequence[int]) -> tuple[np.ndarray, list[int]]:
         """Rows of the known ids (in order) and the unknown ids (call under the lock)."""
-        if not len(song_ids):
-            return np.zeros(0, dtype=np.int64), []
-        rows = self.engine.catalog.row_of_id.rows(song_ids)
-        for i in np.flatnonzero(rows < 0).tolist():  # not in the bundle: added at run time?
-            rows[i] = self._row_of_added.get(song_ids[i], -1)
+        rows = self.rows_or_missing(song_ids)
         known = rows >= 0
         unknown = [song_ids[i] for i in np.flatnonzero(~known).tolist()]
         return rows[known], unknown
+
+    def rows_or_missing(self, song_ids: Sequence[int]) -> np.ndarray:
+        """The row of each id, -1 where it is not served (call under the lock)."""
+        if not len(song_ids):
+            return np.zeros(0, dtype=np.int64)
+        rows = self.engine.catalog.row_of_id.rows(song_ids)
+        for i in np.flatnonzero(rows < 0).tolist():  # not in the bundle: added at run time?
+            rows[i] = self._row_of_added.get(song_ids[i], -1)
+        return rows
 
     def ids_of(self, rows: Sequence[int]) -> list[int]:
         """External ids of rows (call under the lock)."""
@@ -192,31 +197,45 @@ class LiveModel:
     def similar_each(self, requests: Sequence[SimilarParams]) -> list[Neighbours | NotFound]:
         """Many single-song requests (each with its own k and exclusions) answered by one
         index query; an unknown song gives a :class:`NotFound` in its place."""
-        out: list[Neighbours | NotFound] = []
         with self.lock.read():
-            rows = [self.row_of(p.song_ids[0]) for p in requests]
-            known = [i for i, row in enumerate(rows) if row >= 0]
+            rows = self.rows_or_missing([p.song_ids[0] for p in requests])
+            known = np.flatnonzero(rows >= 0)
             found: dict[int, Neighbours] = {}
-            if known:
-                excluded = {i: self.rows_of(sorted(requests[i].exclude))[0] for i in known}
-                # One query for all: deep enough for the most demanding request.
-                depth = max(requests[i].k + 1 + len(excluded[i]) for i in known)
-                lists = self.engine.songs.neighbours(
-                    np.asarray([rows[i] for i in known], dtype=np.int64), depth)
-                for (labels, sims), i in zip(lists, known, strict=True):
-                    keep = labels != rows[i]
-                    if len(excluded[i]):
-                        keep &= ~np.isin(labels, excluded[i])
-                    k = requests[i].k
-                    found[i] = self._neighbours(requests[i].song_ids[0],
-                                                labels[keep][:k].tolist(),
-                                                sims[keep][:k].tolist(),
-                                                requests[i].include_names)
-            for i, params in enumerate(requests):
-                out.append(found[i] if i in found else NotFound(
-                    f"song_id: {params.song_ids[0]} is not in the index of model "
-                    f"{self.version} ({self.n_bundle + self.n_added} songs)"))
-        return out
+            if len(known):
+                found = dict(zip(known.tolist(), self._similar_known(
+                    [requests[i] for i in known.tolist()], rows[known]), strict=True))
+            return [found[i] if i in found else NotFound(
+                f"song_id: {params.song_ids[0]} is not in the index of model "
+                f"{self.version} ({self.n_bundle + self.n_added} songs)")
+                for i, params in enumerate(requests)]
+
+    def _similar_known(self, requests: Sequence[SimilarParams], rows: np.ndarray
+                       ) -> list[Neighbours]:
+        """One lookup for the whole batch, sliced per request: numpy's cost per call, not
+        the work, dominated when each request was answered on its own."""
+        excluded = {i: self.rows_of(sorted(p.exclude))[0]
+                    for i, p in enumerate(requests) if p.exclude}
+        # One query for all: deep enough for the most demanding request.
+        depth = max(p.k + 1 + len(excluded.get(i, ())) for i, p in enumerate(requests))
+        labels, sims, offsets = self.engine.songs.neighbour_lists(rows, depth)
+        owner = np.repeat(np.arange(len(rows)), np.diff(offsets))
+        keep = labels != rows[owner]
+        for i, rows_out in excluded.items():
+            part = slice(int(offsets[i]), int(offsets[i + 1]))
+            keep[part] &= ~np.isin(labels[part], rows_out)
+        # Each request's first k kept neighbours: rank among the kept, within its list.
+        kept_so_far = np.cumsum(keep)
+        rank = kept_so_far - np.concatenate([[0], kept_so_far])[offsets[:-1]][owner]
+        keep &= rank <= np.asarray([p.k for p in requests])[owner]
+        chosen = labels[keep]
+        ids, similarities = self.ids_of(chosen), sims[keep].tolist()
+        names = (self.names_of(chosen.tolist())
+                 if any(p.include_names for p in requests) else None)
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(owner[keep],
+                                                            minlength=len(rows)))]).tolist()
+        return [Neighbours(p.song_ids[0], ids[a:b], similarities[a:b],
+                           names[a:b] if names is not None and p.include_names else None)
+                for p, a, b in zip(requests, bounds, bounds[1:], strict=False)]
 
     def encode(self, params: EncodeParams) -> Encoded:
         """Code of an unseen song and its nearest songs."""

@@ -541,11 +541,9 @@ class HnswSearch:
             labels, sims = self._refine(queries, labels, sims, k, skip)
         if not self._dups:
             return labels, sims
-        out_labels = np.empty_like(labels)
-        out_sims = np.empty_like(sims)
-        for i in range(len(labels)):
-            out_labels[i], out_sims[i] = self._expand(labels[i], sims[i], k)
-        return out_labels, out_sims
+        flat_labels, flat_sims, _ = self._expand_rows(labels, sims, min(k, labels.shape[1]))
+        # Each hit stands for at least one row, so every question fills all its places.
+        return (flat_labels.reshape(len(labels), -1), flat_sims.reshape(len(labels), -1))
 
     def _refine(self, queries: np.ndarray, labels: np.ndarray, sims: np.ndarray, k: int,
                 skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -578,36 +576,61 @@ class HnswSearch:
         return (np.stack([r[:width] for r in rows_out]),
                 np.stack([s[:width] for s in sims_out]).astype(np.float32))
 
-    def _expand(self, labels: np.ndarray, sims: np.ndarray, k: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """Hits (representatives) expanded to their groups of duplicates, first ``k``."""
-        if not self._dups:
-            return labels[:k], sims[:k]
+    def _expand_rows(self, labels: np.ndarray, sims: np.ndarray, k: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Hits (representatives; a row of ``labels`` per question) expanded to their
+        groups of duplicates, each question's first ``k``: flat rows and similarities, and
+        ``offsets`` (question ``i`` is ``offsets[i]:offsets[i + 1]``).
+
+        One pass over the whole batch: done per question, numpy's fixed cost per call was
+        a third of a SimilarSongs lookup's time."""
+        n_rows, width = labels.shape
+        if not self._dups or width == 0:
+            depth = min(k, width)
+            return (labels[:, :depth].ravel().astype(np.int64),
+                    sims[:, :depth].ravel().astype(np.float32),
+                    np.arange(n_rows + 1, dtype=np.int64) * depth)
         inside = labels < len(self._group_len)
-        sizes = np.ones(len(labels), dtype=np.int64)
-        sizes[inside] = self._group_len[labels[inside]]
-        if (sizes == 1).all():
-            return labels[:k], sims[:k]
-        # Only the hits needed to fill k places.
-        used = int(np.searchsorted(np.cumsum(sizes), k)) + 1
-        labels, sims, sizes, inside = labels[:used], sims[:used], sizes[:used], inside[:used]
-        owner = np.repeat(np.arange(len(labels)), sizes)
-        within = np.arange(len(owner)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        starts = np.zeros(len(labels), dtype=np.int64)
-        starts[inside] = self._group_start[labels[inside]]
-        grouped = self._group_rows[np.minimum(starts[owner] + within,
+        grid = np.ones(labels.shape, dtype=np.int64)
+        grid[inside] = self._group_len[labels[inside]]
+        # Only the hits needed to fill k places: those with fewer than k rows before them.
+        grid[np.cumsum(grid, axis=1) - grid >= k] = 0
+        sizes = grid.ravel()
+        hit = np.repeat(np.arange(len(sizes)), sizes)
+        ends = np.cumsum(sizes)
+        within = np.arange(len(hit)) - (ends - sizes)[hit]
+        flat_labels, flat_inside = labels.ravel(), inside.ravel()
+        starts = np.zeros(len(sizes), dtype=np.int64)
+        starts[flat_inside] = self._group_start[flat_labels[flat_inside]]
+        grouped = self._group_rows[np.minimum(starts[hit] + within,
                                               len(self._group_rows) - 1)]
-        rows = np.where(inside[owner], grouped, labels[owner])
-        return rows[:k].astype(np.int64), sims[owner][:k].astype(np.float32)
+        rows = np.where(flat_inside[hit], grouped, flat_labels[hit]).astype(np.int64)
+        row_sims = sims.ravel()[hit].astype(np.float32)
+        # Cut each question to k: its last hit's group may run past it.
+        question = hit // width
+        totals = np.bincount(question, minlength=n_rows)
+        keep = np.arange(len(hit)) - (np.cumsum(totals) - totals)[question] < k
+        offsets = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(np.minimum(totals, k), out=offsets[1:])
+        return rows[keep], row_sims[keep], offsets
 
     def neighbours(self, rows: np.ndarray, k: int, *, allow_short: bool = False
                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        labels, sims, offsets = self.neighbour_lists(rows, k, allow_short=allow_short)
+        bounds = offsets.tolist()
+        return [(labels[a:b], sims[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+    def neighbour_lists(self, rows: np.ndarray, k: int, *, allow_short: bool = False
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`neighbours` as flat arrays: rows, similarities and ``offsets`` (the list
+        of ``rows[i]`` is ``offsets[i]:offsets[i + 1]``)."""
         rows = np.asarray(rows, dtype=np.int64)
         table = self._table_rows
         if (table is None or len(rows) == 0 or bool((rows >= self._n_fixed).any())
                 or (not allow_short and k > table.shape[1] + 1)):
             labels, sims = self.search(self.vectors(rows), k)
-            return list(zip(labels, sims, strict=True))
+            return (labels.ravel(), sims.ravel(),
+                    np.arange(len(labels) + 1, dtype=np.int64) * labels.shape[1])
         reps = self._labels(rows)
         slots = self._slot_of[reps]
         # The song itself (its group) first, as a graph search for its own vector has it.
@@ -625,7 +648,7 @@ class HnswSearch:
             order = np.argsort(-cand_sims, axis=1, kind="stable")
             cand = np.take_along_axis(cand, order, axis=1)
             cand_sims = np.take_along_axis(cand_sims, order, axis=1)
-        return [self._expand(cand[i], cand_sims[i], k) for i in range(len(rows))]
+        return self._expand_rows(cand, cand_sims, k)
 
 
 def _drop(labels: np.ndarray, sims: np.ndarray, skip: np.ndarray, k: int

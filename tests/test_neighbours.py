@@ -196,15 +196,20 @@ def test_hits_expand_to_their_duplicate_groups_in_order() -> None:
     search = HnswSearch(index, rep_of)
     groups = {int(r): [int(r)] + [int(x) for x in np.nonzero(rep_of == r)[0] if x != r]
               for r in reps}
-    for _ in range(200):
-        hits = rng.choice(np.concatenate([reps, [n, n + 1]]), 12, replace=False)
-        sims = np.sort(rng.random(12))[::-1].astype(np.float32)
+    for _ in range(100):
+        # A batch of questions, each with its own hits, expanded in one pass.
+        hits = np.stack([rng.choice(np.concatenate([reps, [n, n + 1]]), 12, replace=False)
+                         for _ in range(4)]).astype(np.int64)
+        sims = np.sort(rng.random((4, 12)), axis=1)[:, ::-1].astype(np.float32)
         k = int(rng.integers(1, 40))
-        want_rows, want_sims = [], []
-        for label, sim in zip(hits.tolist(), sims.tolist(), strict=True):
-            members = groups.get(label, [label])  # run-time rows are their own group
-            want_rows += members
-            want_sims += [sim] * len(members)
-        got_rows, got_sims = search._expand(hits.astype(np.int64), sims, k)
-        assert got_rows.tolist() == want_rows[:k]
-        np.testing.assert_array_equal(got_sims, np.asarray(want_sims[:k], dtype=np.float32))
+        got_rows, got_sims, offsets = search._expand_rows(hits, sims, k)
+        for q in range(4):
+            want_rows, want_sims = [], []
+            for label, sim in zip(hits[q].tolist(), sims[q].tolist(), strict=True):
+                members = groups.get(label, [label])  # run-time rows are their own group
+                want_rows += members
+                want_sims += [sim] * len(members)
+            part = slice(offsets[q], offsets[q + 1])
+            assert got_rows[part].tolist() == want_rows[:k]
+            np.testing.assert_array_equal(got_sims[part],
+                                          np.asarray(want_sims[:k], dtype=np.float32))
