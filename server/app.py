@@ -299,7 +299,8 @@ class ServingState:
         try:
             model = LiveModel.load(path, verify=verify, capacity=self.config.capacity,
                                    threads=self.config.threads,
-                                   song_ef=self.config.song_ef or None)
+                                   song_ef=self.config.song_ef or None,
+                                   playlist_ef=self.config.playlist_ef or None)
         except OSError as exc:
             # A path the file system refuses (a name too long, no permission): the bundle
             # is unusable, the server is not broken, and the old model serves on.

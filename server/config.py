@@ -50,6 +50,7 @@ class ServerConfig:
     threads: int = 1  # threads per ONNX Runtime / hnswlib call inside one worker
     capacity: int = 100_000  # index room for added songs before it must grow
     song_ef: int = 0  # HNSW ef for song searches; 0: the bundle's (manifest) value
+    playlist_ef: int = 0  # HNSW ef for playlist searches (ae-neighbours, ae-hybrid); 0: bundle's
     similar_batch: int = 256  # most SimilarSongs lookups per index query; 0: no batching
     verify: bool = True  # sha256 of every bundle file at load
     grace_s: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
@@ -145,6 +146,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                    help="HNSW ef for graph searches of the song index (unseen and added "
                         "songs); 0 keeps the bundle's, which is calibrated for recall@100 "
                         ">= 0.95; smaller is faster and less exact (docs/BENCHMARKS.md)")
+    p.add_argument("--playlist-ef", type=int,
+                   default=_env(environ, "PLAYLIST_EF", int, d.playlist_ef),
+                   help="HNSW ef of the playlist index (the nearest playlists of "
+                        "ae-neighbours and ae-hybrid); 0 keeps the bundle's; smaller is "
+                        "faster, at a small cost in quality (docs/BENCHMARKS.md)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    default=_env(environ, "VERIFY", _bool, d.verify),
                    help="skip the sha256 check of the bundle's files at start-up")
@@ -182,7 +188,8 @@ def check_config(values: dict[str, Any], environ: Mapping[str, str]) -> ServerCo
     limits = {"port": (0, 65535), "metrics_port": (0, 65535),
               "max_concurrent_rpcs": (1, 100_000), "max_message_bytes": (1024, 1 << 30),
               "workers": (1, 256), "threads": (1, 256), "similar_batch": (0, 4096),
-              "capacity": (0, 100_000_000), "song_ef": (0, 100_000)}
+              "capacity": (0, 100_000_000), "song_ef": (0, 100_000),
+              "playlist_ef": (0, 100_000)}
     for name, (low, high) in limits.items():
         value = getattr(config, name)
         if not low <= value <= high:

@@ -91,7 +91,8 @@ class Engine:
 
     @staticmethod
     def load(root: str | Path, *, verify: bool = True, capacity: int = 100_000,
-             threads: int | None = None, song_ef: int | None = None) -> Engine:
+             threads: int | None = None, song_ef: int | None = None,
+             playlist_ef: int | None = None) -> Engine:
         """Load and verify a bundle; ``capacity`` is room for songs added at run time."""
         root = Path(root)
         manifest = bundle_files.read_manifest(root, verify=verify)
@@ -127,6 +128,10 @@ class Engine:
         playlists = bundle_files.load_hnsw(root, manifest.playlist_index,
                                            bundle_files.PLAYLIST_INDEX)
         playlists.set_num_threads(threads)
+        if playlist_ef:
+            playlists.set_ef(playlist_ef)
+            log.info("playlist index ef %d (bundle: %d)", playlist_ef,
+                     manifest.playlist_index.ef)
         try:
             encoder = Encoder(root / bundle_files.ENCODER, columns, threads)
         except Exception as exc:  # onnxruntime raises its own exception types

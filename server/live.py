@@ -81,10 +81,10 @@ class LiveModel:
 
     @staticmethod
     def load(path: Path, *, verify: bool, capacity: int, threads: int,
-             song_ef: int | None = None) -> LiveModel:
+             song_ef: int | None = None, playlist_ef: int | None = None) -> LiveModel:
         """Load and verify a bundle (raises :class:`~server.bundle.BundleError`)."""
         return LiveModel(Engine.load(path, verify=verify, capacity=capacity, threads=threads,
-                                     song_ef=song_ef), path)
+                                     song_ef=song_ef, playlist_ef=playlist_ef), path)
 
     # ------------------------------------------------------------ ids and rows
 
@@ -323,4 +323,5 @@ class LiveModel:
                 "playlists": len(self.engine.catalog.playlist_ids),
                 "tags": len(self.engine.catalog.tags), "strategies": list(self.engine.strategies),
                 "song_index": dataclasses.replace(m.song_index, ef=self.engine.songs.index.ef),  # type: ignore[attr-defined]
-                "playlist_index": m.playlist_index}
+                "playlist_index": dataclasses.replace(
+                    m.playlist_index, ef=self.engine.playlists.index.ef)}  # type: ignore[attr-defined]

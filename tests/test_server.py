@@ -430,15 +430,19 @@ def test_metrics_endpoint(live: ServerThread, stub: Any) -> None:
     assert "songrec_similar_batch_size_count" in body
 
 
-def test_song_ef_override_is_served_and_reported(tiny_bundle: Path) -> None:
+def test_ef_overrides_are_served_and_reported(tiny_bundle: Path) -> None:
     with ServerThread(ServerConfig(bundle=tiny_bundle, port=0, verify=False,
-                                   song_ef=37)) as server:
+                                   song_ef=37, playlist_ef=23)) as server:
         with server.channel() as channel:
             info = pb2_grpc.RecommenderStub(channel).GetModelInfo(pb2.GetModelInfoRequest())
         assert info.song_index.ef == 37
+        assert info.playlist_index.ef == 23
         model = server.server.state.require_model()
         assert model.engine.songs.index.ef == 37
-    with pytest.raises(Exception, match="--song-ef"):
-        from server.config import load_config
+        assert model.engine.playlists.index.ef == 23
+    from server.config import load_config
 
-        load_config(["--song-ef", "-1"], environ={})
+    for flag in ("--song-ef", "--playlist-ef"):
+        with pytest.raises(Exception, match=flag):
+            load_config([flag, "-1"], environ={})
+    assert load_config(["--playlist-ef", "64"], environ={}).playlist_ef == 64
