@@ -41,11 +41,18 @@ class Metrics:
                                        "SimilarSongs lookups answered per index query",
                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self._http: Any = None
+        # (method, code) -> (counter child, histogram child): labels() validates and locks
+        # on every call, which the hot path need not repeat for a pair it has seen.
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         """Count one finished RPC."""
-        self.requests.labels(method, code).inc()
-        self.latency.labels(method, code).observe(seconds)
+        children = self._children.get((method, code))
+        if children is None:
+            children = (self.requests.labels(method, code), self.latency.labels(method, code))
+            self._children[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def set_model(self, version: str | None, indexed: int, added: int) -> None:
         """Publish what is being served (``version`` None: nothing)."""

@@ -266,3 +266,18 @@ def test_best_first_is_the_head_of_a_full_sort() -> None:
         want = np.lexsort((np.arange(m), -scores))[:n]
         assert best_first(scores, n).tolist() == want.tolist()
     assert best_first(np.asarray([1.0, 3.0, 3.0]), None).tolist() == [1, 2, 0]
+
+
+def test_bundle_recommenders_take_the_playlist_ef(tiny_bundle: Path, tiny_split: Path) -> None:
+    """``--set playlist_ef=N`` reaches the playlist index (the server's --playlist-ef)."""
+    from trainer.dataset import load_dataset
+    from trainer.recommenders.registry import make_recommender
+
+    data = load_dataset(tiny_split)
+    for name in ("ae-neighbours", "ae-quota", "ae-hybrid"):
+        model = make_recommender(name, bundle=str(tiny_bundle), playlist_ef=17).fit(data)
+        assert model._impl is not None  # type: ignore[attr-defined]
+        assert model._impl.playlists.index.ef == 17  # type: ignore[attr-defined]
+    default = make_recommender("ae-neighbours", bundle=str(tiny_bundle)).fit(data)
+    manifest_ef = Engine.load(tiny_bundle).manifest.playlist_index.ef
+    assert default._impl.playlists.index.ef == manifest_ef  # type: ignore[attr-defined]

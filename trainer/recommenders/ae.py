@@ -41,8 +41,10 @@ class EmbeddingStrategy:
 class _BundleStrategy(Recommender):
     strategy = ""
 
-    def __init__(self, bundle: str, drop_future: bool = False, verify: bool = True) -> None:
+    def __init__(self, bundle: str, drop_future: bool = False, verify: bool = True,
+                 playlist_ef: int = 0) -> None:
         self.bundle, self.drop_future, self.verify = bundle, drop_future, verify
+        self.playlist_ef = int(playlist_ef)  # 0: the bundle's (as the server's --playlist-ef)
         self.options: dict[str, float] = {}
         self._impl: EmbeddingStrategy | None = None
 
@@ -50,7 +52,8 @@ class _BundleStrategy(Recommender):
         """Loads the bundle; the model was trained by ``trainer.train`` on ``data``."""
         from server.engine import Engine
 
-        engine = Engine.load(self.bundle, verify=self.verify)
+        engine = Engine.load(self.bundle, verify=self.verify,
+                             playlist_ef=self.playlist_ef or None)
         self._impl = EmbeddingStrategy(self.strategy, engine.catalog, engine.songs,
                                        engine.playlists, self.drop_future, **self.options)
         return self
@@ -71,10 +74,10 @@ class AEQuota(_BundleStrategy):
     strategy = "ae-quota"
 
     def __init__(self, bundle: str, metric: str = "cosine", drop_future: bool = False,
-                 verify: bool = True) -> None:
+                 verify: bool = True, playlist_ef: int = 0) -> None:
         if metric not in ("cosine", "dot"):
             raise ValueError(f"metric {metric!r}: choose cosine or dot")
-        super().__init__(bundle, drop_future, verify)
+        super().__init__(bundle, drop_future, verify, playlist_ef)
         self.metric = metric
 
     def fit(self, data: Dataset) -> Recommender:
@@ -103,6 +106,6 @@ class AEHybrid(_BundleStrategy):
     strategy = "ae-hybrid"
 
     def __init__(self, bundle: str, ae_weight: float = 0.25, drop_future: bool = False,
-                 verify: bool = True) -> None:
-        super().__init__(bundle, drop_future, verify)
+                 verify: bool = True, playlist_ef: int = 0) -> None:
+        super().__init__(bundle, drop_future, verify, playlist_ef)
         self.options = {"ae_weight": ae_weight}
