@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from server import bundle as bundle_files
+from server import voting
 from server.bundle import Manifest
 from server.columns import ColumnSpace, pad_batch
 from server.strategies import (
@@ -137,6 +138,7 @@ class Engine:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise bundle_files.BundleError(f"{root / bundle_files.ENCODER}: cannot load "
                                            f"({exc})") from None
+        voting.warm_up()  # compiled (or loaded from numba's cache) before the first call
         log.info("loaded bundle %s (model %s, %d songs, %d playlists)", root,
                  manifest.model_version, catalog.n_songs, len(catalog.playlist_ids))
         return Engine(root, manifest, catalog, song_search(root, songs, rep_of, table, codes),

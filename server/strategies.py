@@ -23,12 +23,15 @@ the songs and tags of training playlists whose titles used them; nothing -> most
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
+from server import voting
 
 STRATEGIES = ("ae-quota", "ae-neighbours", "ae-hybrid")
 # The best strategy in docs/BENCHMARKS.md (bench-quality, synthetic demo split).
@@ -87,6 +90,11 @@ class RowLists:
     def n_rows(self) -> int:
         return len(self.indptr) - 1
 
+    @functools.cached_property
+    def item_bound(self) -> int:
+        """One more than the largest index (0 when empty)."""
+        return int(self.indices.max()) + 1 if len(self.indices) else 0
+
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {f"{prefix}_indptr": self.indptr, f"{prefix}_indices": self.indices,
                 f"{prefix}_weights": self.weights}
@@ -101,25 +109,15 @@ class RowLists:
 def best_first(scores: np.ndarray, n: int | None = None) -> np.ndarray:
     """Positions of the ``n`` best scores (all when None), by score then position.
 
-    Sorts only the chosen: the n-th best score is found by partitioning the scores above
-    the lowest one (-inf, for excluded items, aside), because np.partition degrades ~15x
-    on masses of equal values (2 ms on 30k tag scores mostly at 0 votes, against 0.13 ms
-    on distinct ones)."""
+    Sorts only the chosen, in one compiled pass (``server.voting.best_positions``): a
+    numpy partition degrades ~15x on masses of equal values (2 ms on 30k tag scores mostly
+    at 0 votes), and the numpy way around that took a dozen calls holding the GIL."""
     if n is None or n >= len(scores):
         return np.argsort(-scores, kind="stable")
     if n <= 0:
         return np.zeros(0, dtype=np.int64)
-    present = scores[scores > -np.inf]
-    lowest = present.min() if len(present) else -np.inf
-    raised = present[present > lowest]
-    if len(raised) >= n:
-        kth = np.partition(raised, len(raised) - n)[len(raised) - n]
-    else:
-        kth = lowest if len(present) >= n else -np.inf
-    above = np.flatnonzero(scores > kth)
-    tied = np.flatnonzero(scores == kth)[: n - len(above)]
-    chosen = np.concatenate([above, tied])
-    return chosen[np.lexsort((chosen, -scores[chosen]))]
+    positions: np.ndarray = voting.best_positions(scores, n)
+    return positions
 
 
 def row_positions(indptr: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -865,20 +863,11 @@ class Votes:
         """Each playlist votes ``weight`` for each of its items."""
         if len(playlists) == 0:
             return Votes.empty()
-        owner, items, _ = gather_rows(lists, playlists)
-        w = weights[owner]
-        if len(w) > 1 and bool((np.diff(weights) <= 0).all()):
-            # Playlists come best first (as every caller passes them): an item's first
-            # occurrence is its largest vote, so one sort finds candidates and sources.
-            cand, first, inverse = np.unique(items, return_index=True, return_inverse=True)
-            source = playlists[owner[first]]
-        else:
-            cand, inverse = np.unique(items, return_inverse=True)
-            order = np.argsort(-w, kind="stable")
-            _, best = np.unique(inverse[order], return_index=True)
-            source = playlists[owner[order[best]]]
-        scores = np.bincount(inverse, weights=w, minlength=len(cand))
-        return Votes(cand.astype(np.int64), scores, source)
+        # One compiled pass (the numpy version sorted for np.unique and gathered the CSR
+        # rows in a dozen calls, all holding the GIL).
+        cand, scores, source = voting.tally(lists.indptr, lists.indices, lists.item_bound,
+                                            playlists, weights)
+        return Votes(cand, scores, source)
 
     def normalised(self) -> Votes:
         top = float(self.scores.max()) if len(self.scores) else 0.0

@@ -281,3 +281,49 @@ def test_bundle_recommenders_take_the_playlist_ef(tiny_bundle: Path, tiny_split:
     default = make_recommender("ae-neighbours", bundle=str(tiny_bundle)).fit(data)
     manifest_ef = Engine.load(tiny_bundle).manifest.playlist_index.ef
     assert default._impl.playlists.index.ef == manifest_ef  # type: ignore[attr-defined]
+
+
+def test_tally_matches_the_numpy_definition() -> None:
+    """The compiled vote tally: candidates ascending, votes summed in order (bit-equal to
+    np.bincount), source = the playlist of the largest vote, the earliest on a tie."""
+    from server.voting import tally
+
+    rng = np.random.default_rng(11)
+    for trial in range(200):
+        n_rows, n_items = int(rng.integers(1, 30)), int(rng.integers(1, 60))
+        lengths = rng.integers(0, 12, n_rows)
+        indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        indices = rng.integers(0, n_items, int(indptr[-1])).astype(np.int32)  # repeats too
+        playlists = rng.choice(n_rows, int(rng.integers(0, n_rows + 1)), replace=False)
+        weights = rng.choice([0.25, 0.5, 1.0, 0.1 * trial], len(playlists))  # ties, any order
+        items, scores, source = tally(indptr, indices, n_items, playlists, weights)
+        owner = np.repeat(np.arange(len(playlists)), lengths[playlists])
+        flat = np.concatenate([indices[indptr[p]:indptr[p + 1]] for p in playlists] + [
+            np.zeros(0, np.int32)])
+        want_items, inverse = np.unique(flat, return_inverse=True)
+        assert items.tolist() == want_items.tolist()
+        np.testing.assert_array_equal(scores, np.bincount(inverse, weights=weights[owner],
+                                                          minlength=len(want_items)))
+        for i, item in enumerate(want_items.tolist()):
+            votes = [(weights[o], o) for o, x in zip(owner, flat, strict=True) if x == item]
+            best = min(votes, key=lambda v: (-v[0], v[1]))
+            assert source[i] == playlists[best[1]]
+    # The per-thread scratch is left clean: a second, unrelated tally is unaffected.
+    again = tally(np.asarray([0, 2]), np.asarray([3, 1]), 60, np.asarray([0]),
+                  np.asarray([2.0]))
+    assert again[0].tolist() == [1, 3] and again[1].tolist() == [2.0, 2.0]
+
+
+def test_best_positions_is_the_head_of_a_stable_sort() -> None:
+    from server.voting import best_positions
+
+    rng = np.random.default_rng(12)
+    for _ in range(300):
+        size = int(rng.integers(0, 80))
+        scores = rng.choice([-np.inf, 0.0, 0.5, 1.0, 2.0], size) if rng.random() < 0.5 \
+            else rng.normal(size=size)
+        n = int(rng.integers(0, size + 3))
+        want = np.argsort(-scores, kind="stable")[:n]
+        assert best_positions(scores, n).tolist() == want.tolist()
+        assert best_positions(scores.astype(np.float32), n).tolist() == \
+            np.argsort(-scores.astype(np.float32), kind="stable")[:n].tolist()
