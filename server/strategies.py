@@ -780,6 +780,15 @@ def _title_scores(catalog: Catalog, title: str) -> tuple[np.ndarray, np.ndarray,
     return song_scores, tag_scores, known
 
 
+def _best_scored(scores: np.ndarray, n: int) -> np.ndarray:
+    """Rows of the ``n`` best positive scores, by score then row. Only the few thousand
+    songs a title's words reach are ranked: sorting all 700k took 3.5 ms, a tenth of
+    the questions (the title-only ones) paying for it."""
+    positive = np.flatnonzero(scores > 0)
+    chosen: np.ndarray = positive[best_first(scores[positive], n)]
+    return chosen
+
+
 def _tag_seed_songs(catalog: Catalog, tags: np.ndarray, per_tag: int) -> np.ndarray:
     rows = [catalog.tag_songs.row(int(t))[:per_tag] for t in tags]
     return np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
@@ -813,8 +822,8 @@ def _cold_start(catalog: Catalog, picker: _Picker, query: Query) -> np.ndarray |
     if query.title:
         song_scores, tag_scores, known = _title_scores(catalog, query.title)
         if known:
-            for row in np.argsort(-song_scores, kind="stable")[: query.n_songs * 2].tolist():
-                if picker.full or song_scores[row] <= 0:
+            for row in _best_scored(song_scores, query.n_songs * 2).tolist():
+                if picker.full:
                     break
                 picker.take(row, float(song_scores[row]), (REASON_TITLE, -1))
             return tag_scores
@@ -910,8 +919,7 @@ def _ae_playlists(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch
     elif len(seeds) == 0 and query.title:
         song_scores, title_tags, known = _title_scores(catalog, query.title)
         if known:
-            top = np.argsort(-song_scores)[:20]
-            seeds = top[song_scores[top] > 0]
+            seeds = _best_scored(song_scores, 20)
     if len(seeds) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float64), title_tags
     labels, sims = playlists.search(songs.vectors(seeds).sum(axis=0, keepdims=True),
