@@ -249,13 +249,14 @@ def capture_responses(target: str, workloads: Mapping[str, Sequence[Call]],
 
 def load_grid(target: str, workloads: Mapping[str, Sequence[Call]],
               concurrency: Sequence[int], duration: float,
-              warmup: float) -> dict[tuple[str, int], LoadResult]:
+              warmup: float, channels: int = 1) -> dict[tuple[str, int], LoadResult]:
     """Every RPC at every concurrency, one closed-loop run each."""
     results = {}
     for rpc, calls in workloads.items():
         for c in concurrency:
             config = LoadConfig(target=target, concurrency=c, duration=duration,
-                                warmup=warmup, deadline=30.0, token=token())
+                                warmup=warmup, deadline=30.0, token=token(),
+                                channels=channels)
             result = run(config, calls, rpc)
             results[(rpc, c)] = result
             lat = result.report["latency_ms"]
@@ -401,7 +402,8 @@ def render(bench: Bench, command: str) -> str:
         f"`{command}` on a {machine()}, {dt.date.today().isoformat()}. Bundle "
         f"`{bench.bundle}` (model {bench.model_version}, {bench.indexed_songs:,} songs "
         f"indexed, code dim {bench.code_dim}). Server `{bench.config.get('server', '')}`; "
-        f"load: one `clients.loadtest` process, closed loop, "
+        f"load: one `clients.loadtest` process "
+        f"({bench.config.get('channels', 1)} gRPC connection(s)), closed loop, "
         f"{bench.config.get('duration', 0):g} s per cell after "
         f"{bench.config.get('warmup', 0):g} s warm-up, server and load generator on the same "
         f"cores. Echo: `clients.echo_server` answering the real responses' bytes "
@@ -544,6 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=int, default=2000, help="distinct requests per RPC")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra flag for python -m server (repeat), e.g. --server-arg=--workers=2")
+    p.add_argument("--channels", type=int, default=1,
+                   help="gRPC connections of the load generator, to the server and to the "
+                        "echo server alike (with --server-arg=--processes=N, the kernel "
+                        "spreads connections, not calls, over the processes)")
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--skip-echo", action="store_true")
     p.add_argument("--skip-index", action="store_true",
@@ -606,6 +612,7 @@ def bench(args: argparse.Namespace, rpcs: Sequence[str], argv: Sequence[str]) ->
     result.config = {"server": "python -m server " + shlex.join(["--bundle", str(bundle),
                                                                   *server_flags]),
                      "duration": args.duration, "warmup": args.warmup,
+                     "channels": args.channels,
                      "concurrency": list(args.concurrency), "questions": str(questions),
                      "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
                      "plot": plot_link}
@@ -622,7 +629,7 @@ def bench(args: argparse.Namespace, rpcs: Sequence[str], argv: Sequence[str]) ->
                 result.indexed_songs = client.model_info().indexed_songs
             result.memory_idle = memory_mb(server.proc.pid)
             result.server = load_grid(target, workloads, args.concurrency, args.duration,
-                                      args.warmup)
+                                      args.warmup, args.channels)
             result.memory_after = memory_mb(server.proc.pid)
             responses = tmp / "responses"
             responses.mkdir()
@@ -634,7 +641,8 @@ def bench(args: argparse.Namespace, rpcs: Sequence[str], argv: Sequence[str]) ->
             echo, echo_port = start_echo(responses, manifest.code_dim, tmp / "echo.log")
             try:
                 result.echo = load_grid(f"127.0.0.1:{echo_port}", workloads,
-                                        args.concurrency, args.duration, args.warmup)
+                                        args.concurrency, args.duration, args.warmup,
+                                        args.channels)
             finally:
                 echo.stop()
     del workloads

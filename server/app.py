@@ -8,6 +8,7 @@ import ctypes
 import gc
 import itertools
 import logging
+import os
 import signal
 import sys
 import time
@@ -59,6 +60,13 @@ _REASON_KINDS = {REASON_SEED: pb2.Reason.SEED_NEIGHBOUR,
                  REASON_PLAYLIST: pb2.Reason.PLAYLIST_NEIGHBOUR,
                  REASON_TAG: pb2.Reason.TAG, REASON_TITLE: pb2.Reason.TITLE,
                  REASON_POPULAR: pb2.Reason.POPULAR}
+
+
+# With --processes N, each process holds its own copy of the index: a write or a reload
+# taken by one would not reach the others.
+_ONE_PROCESS = ("{rpc}: this server runs {n} processes (--processes {n}), and a change "
+                "made in one would be missing from the others; restart it with the new "
+                "bundle, or run one process (with --data-dir) to change the model in place")
 
 
 # ---------------------------------------------------------------- pure response builders
@@ -398,6 +406,9 @@ class AdminServicer(pb2_grpc.AdminServicer):
         state = self.state
         state.require_model()
         wal = state.wal
+        if state.config.processes > 1:
+            raise FailedPrecondition(_ONE_PROCESS.format(rpc="AddSongs",
+                                                         n=state.config.processes))
         if wal is None:
             raise FailedPrecondition("AddSongs needs a write-ahead log: start the server "
                                      "with --data-dir")
@@ -425,6 +436,9 @@ class AdminServicer(pb2_grpc.AdminServicer):
                           context: grpc.aio.ServicerContext) -> pb2.ReloadModelResponse:
         params = validation.reload_params(request)
         state = self.state
+        if state.config.processes > 1:
+            raise FailedPrecondition(_ONE_PROCESS.format(rpc="ReloadModel",
+                                                         n=state.config.processes))
         path = params.path or state.bundle
         if path is None:
             raise FailedPrecondition("bundle_path: empty and no bundle is loaded; name the "
@@ -459,11 +473,13 @@ class Server:
     """A configured grpc.aio server and its state; :meth:`start` begins serving and loads
     the configured bundle, :meth:`stop` drains."""
 
-    def __init__(self, grpc_server: grpc.aio.Server, state: ServingState, port: int) -> None:
+    def __init__(self, grpc_server: grpc.aio.Server, state: ServingState, port: int,
+                 model: LiveModel | None = None) -> None:
         self.grpc = grpc_server
         self.state = state
         self.port = port
         self.metrics_port = 0
+        self.preloaded = model  # loaded before this process was forked (--processes)
 
     async def start(self) -> None:
         """Accept calls (health NOT_SERVING), then load ``--bundle`` if given; returns once
@@ -476,7 +492,13 @@ class Server:
         if state.config.metrics_port:
             self.metrics_port = state.metrics.serve(state.config.host,
                                                     state.config.metrics_port)
-        if state.config.bundle is not None:
+        if self.preloaded is not None:
+            await state.install((self.preloaded, 0))
+            model = state.require_model()
+            log.info("serving model %s (%d songs) on %s, one of %d processes (pid %d)",
+                     model.version, model.n_bundle + model.n_added, state.config.target,
+                     state.config.processes, os.getpid())
+        elif state.config.bundle is not None:
             bundle, verify = state.config.bundle, state.config.verify
             await state.exclusive(lambda: state.build(bundle, verify), None, state.install)
             model = state.require_model()
@@ -509,8 +531,10 @@ def _credentials(config: ServerConfig) -> Any:
         raise ConfigError(f"TLS files unreadable ({exc})") from None
 
 
-async def create_server(config: ServerConfig) -> tuple[Server, int]:
+async def create_server(config: ServerConfig, model: LiveModel | None = None
+                        ) -> tuple[Server, int]:
     """Build the server for ``config`` and bind its port (0 picks one); not started yet.
+    ``model``: one already loaded (``--processes``), served instead of loading ``--bundle``.
 
     Opens (and replays) the write-ahead log, so a corrupt log fails here.
     """
@@ -531,7 +555,9 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         interceptors=[gate],
         options=[("grpc.max_receive_message_length", config.max_message_bytes),
                  ("grpc.max_send_message_length", config.max_message_bytes),
-                 ("grpc.so_reuseport", 0)])
+                 # Refuse a port another server holds, unless this is one of the
+                 # --processes that share it.
+                 ("grpc.so_reuseport", 1 if config.processes > 1 else 0)])
     pb2_grpc.add_RecommenderServicer_to_server(  # type: ignore[no-untyped-call]
         RecommenderServicer(state), server)
     pb2_grpc.add_AdminServicer_to_server(AdminServicer(state), server)  # type: ignore[no-untyped-call]
@@ -549,12 +575,13 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         if wal is not None:
             wal.close()
         raise ConfigError(f"cannot bind {address} ({exc})") from None
-    return Server(server, state, port), port
+    return Server(server, state, port, model), port
 
 
-async def serve(config: ServerConfig, ready: Callable[[Server], None] | None = None) -> int:
+async def serve(config: ServerConfig, ready: Callable[[Server], None] | None = None,
+                model: LiveModel | None = None) -> int:
     """Run until SIGTERM or SIGINT, then drain gracefully. Returns the exit status."""
-    server, port = await create_server(config)
+    server, port = await create_server(config, model)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -588,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level, config.log_format)
     log.info("config: %s", config)
     pin_mmap_threshold()
+    if config.processes > 1:
+        from server.processes import serve_processes
+
+        return serve_processes(config)
     try:
         return asyncio.run(serve(config))
     except (ConfigError, WalError, BundleError) as exc:

@@ -48,6 +48,10 @@ class ServerConfig:
     # 429 and 399 calls/s against 398 and 338 with 4, in alternating runs.
     workers: int = field(default_factory=lambda: max(1, min(8, usable_cores())))
     threads: int = 1  # threads per ONNX Runtime / hnswlib call inside one worker
+    # Server processes sharing the port (SO_REUSEPORT), forked once the model is loaded so
+    # they share its memory: the way past one process's GIL. Serving only: added songs and
+    # reloads would reach one process of them, so those need --processes 1.
+    processes: int = 1
     capacity: int = 100_000  # index room for added songs before it must grow
     song_ef: int = 0  # HNSW ef for song searches; 0: the bundle's (manifest) value
     playlist_ef: int = 0  # HNSW ef for playlist searches (ae-neighbours, ae-hybrid); 0: bundle's
@@ -140,6 +144,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                    default=_env(environ, "SIMILAR_BATCH", int, d.similar_batch),
                    help="most concurrent SimilarSongs lookups answered by one index query "
                         "(0: one worker call per lookup)")
+    p.add_argument("--processes", type=int,
+                   default=_env(environ, "PROCESSES", int, d.processes),
+                   help="server processes sharing --port, forked after the bundle is "
+                        "loaded (its memory is shared); more than 1 needs --bundle and a "
+                        "fixed --port, and serves inference only (no --data-dir, no "
+                        "ReloadModel: restart to change the model)")
     p.add_argument("--capacity", type=int, default=_env(environ, "CAPACITY", int, d.capacity),
                    help="room in the index for added songs before it is grown")
     p.add_argument("--song-ef", type=int, default=_env(environ, "SONG_EF", int, d.song_ef),
@@ -189,7 +199,7 @@ def check_config(values: dict[str, Any], environ: Mapping[str, str]) -> ServerCo
               "max_concurrent_rpcs": (1, 100_000), "max_message_bytes": (1024, 1 << 30),
               "workers": (1, 256), "threads": (1, 256), "similar_batch": (0, 4096),
               "capacity": (0, 100_000_000), "song_ef": (0, 100_000),
-              "playlist_ef": (0, 100_000)}
+              "playlist_ef": (0, 100_000), "processes": (1, 256)}
     for name, (low, high) in limits.items():
         value = getattr(config, name)
         if not low <= value <= high:
@@ -197,6 +207,14 @@ def check_config(values: dict[str, Any], environ: Mapping[str, str]) -> ServerCo
             raise ConfigError(f"{flag}: {value} is out of range {low}..{high}")
     if config.grace_s < 0:
         raise ConfigError(f"--grace: {config.grace_s} is negative")
+    if config.processes > 1:
+        for problem, wrong in (("needs --bundle", config.bundle is None),
+                               ("needs a fixed --port, not 0", config.port == 0),
+                               ("cannot take --data-dir: songs added through one process "
+                                "would be missing from the others; run one process to "
+                                "accept AddSongs", config.data_dir is not None)):
+            if wrong:
+                raise ConfigError(f"--processes {config.processes} {problem}")
     if (config.tls_cert is None) != (config.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
     for name in ("tls_cert", "tls_key"):

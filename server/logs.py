@@ -22,6 +22,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
+            "pid": record.process,  # which of the --processes wrote it
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
