@@ -119,6 +119,9 @@ class _Scratch(threading.local):
 
 
 _scratch = _Scratch()
+# Item counts whose scratch a thread keeps: a model's songs and tags, twice over while a
+# reload swaps models; older ones (17 MB each at Melon scale) are dropped.
+_KEPT_SIZES = 4
 
 
 def tally(indptr: np.ndarray, indices: np.ndarray, n_items: int, playlists: np.ndarray,
@@ -126,11 +129,14 @@ def tally(indptr: np.ndarray, indices: np.ndarray, n_items: int, playlists: np.n
     """Votes of rows ``playlists`` (weights ``weights``) of a CSR list of items below
     ``n_items``: the candidates (ascending), their summed votes, and for each the playlist
     that gave its largest vote (the earliest one on a tie)."""
-    scratch = _scratch.arrays.get(n_items)
+    arrays = _scratch.arrays
+    scratch = arrays.pop(n_items, None)
     if scratch is None:
         scratch = np.zeros((n_items, 3), dtype=np.float64)
         scratch[:, 0] = -1.0
-        _scratch.arrays[n_items] = scratch
+        while len(arrays) >= _KEPT_SIZES:  # sizes of a model no longer served
+            del arrays[next(iter(arrays))]
+    arrays[n_items] = scratch  # the most recently used last
     items, scores, source = _tally(indptr, indices,
                                    np.ascontiguousarray(playlists, dtype=np.int64),
                                    np.ascontiguousarray(weights, dtype=np.float64), scratch)

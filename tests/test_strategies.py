@@ -327,3 +327,16 @@ def test_best_positions_is_the_head_of_a_stable_sort() -> None:
         assert best_positions(scores, n).tolist() == want.tolist()
         assert best_positions(scores.astype(np.float32), n).tolist() == \
             np.argsort(-scores.astype(np.float32), kind="stable")[:n].tolist()
+
+
+def test_tally_scratch_is_bounded_per_thread() -> None:
+    """Scratch arrays of item counts no longer used (a model reloaded with another size) are
+    dropped, the most recently used kept."""
+    from server import voting
+
+    indptr, indices = np.asarray([0, 1]), np.asarray([0])
+    for n_items in range(1, 12):
+        voting.tally(indptr, indices, n_items, np.asarray([0]), np.asarray([1.0]))
+    assert list(voting._scratch.arrays) == [8, 9, 10, 11]
+    voting.tally(indptr, indices, 9, np.asarray([0]), np.asarray([1.0]))
+    assert list(voting._scratch.arrays) == [8, 10, 11, 9]
