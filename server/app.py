@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
-from server import validation
+from server import validation, wire
 from server.batching import SimilarBatcher
 from server.bundle import BundleError, IndexParams
 from server.config import ConfigError, ServerConfig, load_config
@@ -544,6 +544,7 @@ async def create_server(config: ServerConfig, model: LiveModel | None = None
         if wal.replay.records:
             log.info("write-ahead log %s: %d songs in %d records", wal.path, len(wal),
                      wal.replay.records)
+    wire.warm_up()
     metrics = Metrics()
     if wal is not None and wal.replay.torn_bytes:
         metrics.wal_torn.inc()

@@ -588,29 +588,12 @@ class HnswSearch:
             return (labels[:, :depth].ravel().astype(np.int64),
                     sims[:, :depth].ravel().astype(np.float32),
                     np.arange(n_rows + 1, dtype=np.int64) * depth)
-        inside = labels < len(self._group_len)
-        grid = np.ones(labels.shape, dtype=np.int64)
-        grid[inside] = self._group_len[labels[inside]]
-        # Only the hits needed to fill k places: those with fewer than k rows before them.
-        grid[np.cumsum(grid, axis=1) - grid >= k] = 0
-        sizes = grid.ravel()
-        hit = np.repeat(np.arange(len(sizes)), sizes)
-        ends = np.cumsum(sizes)
-        within = np.arange(len(hit)) - (ends - sizes)[hit]
-        flat_labels, flat_inside = labels.ravel(), inside.ravel()
-        starts = np.zeros(len(sizes), dtype=np.int64)
-        starts[flat_inside] = self._group_start[flat_labels[flat_inside]]
-        grouped = self._group_rows[np.minimum(starts[hit] + within,
-                                              len(self._group_rows) - 1)]
-        rows = np.where(flat_inside[hit], grouped, flat_labels[hit]).astype(np.int64)
-        row_sims = sims.ravel()[hit].astype(np.float32)
-        # Cut each question to k: its last hit's group may run past it.
-        question = hit // width
-        totals = np.bincount(question, minlength=n_rows)
-        keep = np.arange(len(hit)) - (np.cumsum(totals) - totals)[question] < k
-        offsets = np.zeros(n_rows + 1, dtype=np.int64)
-        np.cumsum(np.minimum(totals, k), out=offsets[1:])
-        return rows[keep], row_sims[keep], offsets
+        # One compiled pass (numpy took a dozen calls per batch, all holding the GIL).
+        expanded: tuple[np.ndarray, np.ndarray, np.ndarray] = voting.expand_groups(
+            np.ascontiguousarray(labels, dtype=np.int64),
+            np.ascontiguousarray(sims, dtype=np.float32), k, self._group_len,
+            self._group_start, self._group_rows)
+        return expanded
 
     def neighbours(self, rows: np.ndarray, k: int, *, allow_short: bool = False
                    ) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -110,6 +110,44 @@ def _worse(score_a: float, pos_a: int, score_b: float, pos_b: int) -> bool:  # p
     return score_a < score_b or (score_a == score_b and pos_a > pos_b)
 
 
+@njit(nogil=True, cache=True)
+def expand_groups(labels: np.ndarray, sims: np.ndarray, k: int, group_len: np.ndarray,
+                  group_start: np.ndarray, group_rows: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover
+    """Each question's hits (a row of ``labels``, representatives of duplicate groups, or
+    labels past ``len(group_len)`` that stand for themselves) expanded to their groups'
+    rows, each with its hit's similarity, cut to the first ``k`` per question. Returns the
+    flat rows, similarities and ``offsets`` (question i is ``offsets[i]:offsets[i + 1]``)."""
+    n_questions, width = labels.shape
+    rows = np.empty(n_questions * k, dtype=np.int64)
+    out_sims = np.empty(n_questions * k, dtype=np.float32)
+    offsets = np.zeros(n_questions + 1, dtype=np.int64)
+    n = 0
+    bound = group_len.shape[0]
+    for q in range(n_questions):
+        taken = 0
+        for h in range(width):
+            if taken >= k:
+                break
+            label = labels[q, h]
+            if label < bound:
+                start = group_start[label]
+                for j in range(group_len[label]):
+                    if taken >= k:
+                        break
+                    rows[n] = group_rows[start + j]
+                    out_sims[n] = sims[q, h]
+                    n += 1
+                    taken += 1
+            else:
+                rows[n] = label
+                out_sims[n] = sims[q, h]
+                n += 1
+                taken += 1
+        offsets[q + 1] = n
+    return rows[:n], out_sims[:n], offsets
+
+
 class _Scratch(threading.local):
     """Per-thread item arrays of :func:`tally`, kept between calls: allocating and zeroing
     them for every answer (700k songs) would cost more than the tally."""
@@ -149,3 +187,6 @@ def warm_up() -> None:
     indices = np.asarray([1, 0, 1], dtype=np.int64)
     tally(indptr, indices, 2, np.asarray([0, 1]), np.asarray([1.0, 0.5]))
     best_positions(np.asarray([0.5, 1.0, 0.5]), 2)
+    expand_groups(np.zeros((1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.float32), 1,
+                  np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64),
+                  np.zeros(1, dtype=np.int64))

@@ -2,8 +2,8 @@
 
 Building a ``SimilarSongsResponse`` through the protobuf runtime costs ~0.4 us per
 neighbour (one ``Neighbour`` message each): 36 us of a k=100 answer, about as much as the
-lookup itself. Here the neighbours of every answer in a batch are encoded by a few numpy
-operations over all of them, and each answer is sliced out of the result.
+lookup itself. Here the neighbours of every answer in a batch are encoded by one compiled
+loop (numba) over all of them, and each answer is sliced out of the result.
 
 The bytes are ordinary protobuf: each ``Neighbour`` record carries its ``similarity``
 field before its ``song_id`` (parsers accept fields in any order, which keeps every
@@ -16,15 +16,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numba import njit
 
 # Tags: (field number << 3) | wire type (0 varint, 2 length-delimited, 5 fixed32).
 _SONG_ID = 0x08  # SimilarSongsResponse.song_id and Neighbour.song_id: field 1, varint
 _NEIGHBOURS = 0x12  # SimilarSongsResponse.neighbours: field 2, length-delimited
 _SIMILARITY = 0x15  # Neighbour.similarity: field 2, fixed32
 _MODEL_VERSION = 0x1A  # SimilarSongsResponse.model_version: field 3, length-delimited
-# _FIRST[m] marks the first m of 18 columns (a lookup: comparing against an arange per
-# call cost more than the whole encoding).
-_FIRST = np.arange(19)[:, None] > np.arange(18)[None, :]
 
 
 
@@ -63,32 +61,47 @@ def neighbour_records(song_ids: np.ndarray, similarities: np.ndarray
                       ) -> tuple[bytes, np.ndarray]:
     """Every ``neighbours`` entry (tag, length, Neighbour message) back to back, and the
     byte offset where each starts (one more offset at the end)."""
-    values = np.ascontiguousarray(song_ids, dtype=np.int64)
-    n = len(values)
-    if n and int(values.min()) < 0:  # two's complement: ten varint bytes, as protobuf
-        values = values.view(np.uint64)
-        width = 10
-    else:  # only as many 7-bit groups as the largest id needs (ids are mostly < 2**28)
-        width = len(varint(int(values.max()))) if n else 1
-    groups = np.empty((n, width), dtype=np.uint8)
-    lengths = np.ones(n, dtype=np.int64)
-    for j in range(width):
-        groups[:, j] = (values >> np.uint8(7 * j)) & np.uint8(0x7F) if j else values & 0x7F
-        if j:
-            lengths += values >= values.dtype.type(1 << (7 * j))
-    groups[_FIRST[lengths - 1, :width]] |= 0x80  # continuation bits
-    records = np.empty((n, 8 + width), dtype=np.uint8)
-    records[:, 0] = _NEIGHBOURS
-    records[:, 1] = lengths + 6  # the Neighbour message: 1 + 4 + 1 + varint bytes
-    records[:, 2] = _SIMILARITY
-    records[:, 3:7] = np.ascontiguousarray(similarities, dtype="<f4").view(np.uint8) \
-        .reshape(n, 4)
-    records[:, 7] = _SONG_ID
-    records[:, 8:] = groups
-    sizes = lengths + 8
+    ids = np.ascontiguousarray(song_ids, dtype=np.int64).view(np.uint64)
+    floats = np.ascontiguousarray(similarities, dtype="<f4").view(np.uint8).reshape(-1, 4)
+    data, offsets = _records(ids, floats)
+    return data.tobytes(), offsets
+
+
+_SEVEN = np.uint64(7)
+_LOW_BITS = np.uint64(0x7F)
+_HIGH_BIT = np.uint64(0x80)
+
+
+@njit(nogil=True, cache=True)
+def _records(ids: np.ndarray, floats: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover (compiled)
+    # uint64 constants throughout: numba turns uint64-with-int64 arithmetic into floats.
+    n = ids.shape[0]
+    out = np.empty(n * 18, dtype=np.uint8)  # at most 2 + 5 + 1 + 10 bytes a record
     offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    return records[_FIRST[sizes, : 8 + width]].tobytes(), offsets
+    pos = 0
+    for i in range(n):
+        value = ids[i]
+        length = 1
+        rest = value >> _SEVEN
+        while rest:
+            length += 1
+            rest >>= _SEVEN
+        out[pos] = _NEIGHBOURS
+        out[pos + 1] = length + 6  # the Neighbour message: 1 + 4 + 1 + varint bytes
+        out[pos + 2] = _SIMILARITY
+        for j in range(4):
+            out[pos + 3 + j] = floats[i, j]
+        out[pos + 7] = _SONG_ID
+        pos += 8
+        while value >= _HIGH_BIT:
+            out[pos] = (value & _LOW_BITS) | _HIGH_BIT
+            value >>= _SEVEN
+            pos += 1
+        out[pos] = value
+        pos += 1
+        offsets[i + 1] = pos
+    return out[:pos], offsets
 
 
 def similar_responses(song_ids: Sequence[int], model_version: str, neighbour_ids: np.ndarray,
@@ -101,3 +114,8 @@ def similar_responses(song_ids: Sequence[int], model_version: str, neighbour_ids
     return [WireMessage((bytes([_SONG_ID]) + varint(song_id) if song_id else b"")
                         + records[starts[a] : starts[b]] + tail)
             for song_id, a, b in zip(song_ids, bounds, bounds[1:], strict=False)]
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the encoder, so no call pays for it."""
+    neighbour_records(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float32))
