@@ -8,10 +8,11 @@ The server (``python -m server`` on ``--bundle``, default flags) and the load ge
 (:mod:`clients.loadtest`, one process, closed loop) share this machine's cores. Each RPC
 (``SimilarSongs`` k=100, ``ContinuePlaylist`` with 1-20 seeds for 100 songs + 10 tags and
 the default strategy, ``EncodeSong``) runs at every ``--concurrency`` for ``--duration``
-seconds after ``--warmup``; then :mod:`clients.echo_server`, answering with the real
-server's own response bytes, takes the same load: Python gRPC's ceiling here, and the
-ratio says what the model work costs. Requests are drawn from the split's questions when
-found (``--questions``) and from the bundle. The markdown section between
+seconds after ``--warmup``, and right after each such cell :mod:`clients.echo_server`,
+answering with the real server's own response bytes, takes the same load: Python gRPC's
+ceiling here, and the ratio says what the model work costs. Cell by cell, so that a shared
+machine's changing speed moves both sides of a ratio alike. Requests are drawn from the
+split's questions when found (``--questions``) and from the bundle. The markdown section between
 ``<!-- bench-serving:start -->`` and ``<!-- bench-serving:end -->`` of ``--out`` is
 replaced, and a latency histogram is drawn to ``--plot``.
 """
@@ -247,22 +248,26 @@ def capture_responses(target: str, workloads: Mapping[str, Sequence[Call]],
     return sizes
 
 
-def load_grid(target: str, workloads: Mapping[str, Sequence[Call]],
-              concurrency: Sequence[int], duration: float,
-              warmup: float, channels: int = 1) -> dict[tuple[str, int], LoadResult]:
-    """Every RPC at every concurrency, one closed-loop run each."""
-    results = {}
+def load_grid(targets: Mapping[str, str], workloads: Mapping[str, Sequence[Call]],
+              concurrency: Sequence[int], duration: float, warmup: float,
+              channels: int = 1) -> dict[str, dict[tuple[str, int], LoadResult]]:
+    """Every RPC at every concurrency, one closed-loop run each, against each of
+    ``targets`` (name -> host:port) in turn, cell by cell: a server's cell and the echo
+    server's for the same RPC and concurrency run back to back, so that their ratio is
+    not skewed by the shared machine speeding up or slowing down between two grids."""
+    results: dict[str, dict[tuple[str, int], LoadResult]] = {name: {} for name in targets}
     for rpc, calls in workloads.items():
         for c in concurrency:
-            config = LoadConfig(target=target, concurrency=c, duration=duration,
-                                warmup=warmup, deadline=30.0, token=token(),
-                                channels=channels)
-            result = run(config, calls, rpc)
-            results[(rpc, c)] = result
-            lat = result.report["latency_ms"]
-            print(f"  {rpc:<9} c={c:<3} {result.report['ok_per_s']:8.1f} req/s  "
-                  f"p50 {lat['p50'] or 0:7.2f} ms  p99 {lat['p99'] or 0:7.2f} ms  "
-                  f"errors {sum(result.report['errors'].values())}", flush=True)
+            for name, target in targets.items():
+                config = LoadConfig(target=target, concurrency=c, duration=duration,
+                                    warmup=warmup, deadline=30.0, token=token(),
+                                    channels=channels)
+                result = run(config, calls, rpc)
+                results[name][(rpc, c)] = result
+                lat = result.report["latency_ms"]
+                print(f"  {name:<6} {rpc:<9} c={c:<3} {result.report['ok_per_s']:8.1f} req/s"
+                      f"  p50 {lat['p50'] or 0:7.2f} ms  p99 {lat['p99'] or 0:7.2f} ms  "
+                      f"errors {sum(result.report['errors'].values())}", flush=True)
     return results
 
 
@@ -406,7 +411,8 @@ def render(bench: Bench, command: str) -> str:
         f"({bench.config.get('channels', 1)} gRPC connection(s)), closed loop, "
         f"{bench.config.get('duration', 0):g} s per cell after "
         f"{bench.config.get('warmup', 0):g} s warm-up, server and load generator on the same "
-        f"cores. Echo: `clients.echo_server` answering the real responses' bytes "
+        f"cores. Echo: `clients.echo_server` answering the real responses' bytes, each "
+        f"cell right after the server's "
         f"({', '.join(f'{k} {v} B' for k, v in bench.response_bytes.items())}). "
         f"Throughput counts successful calls.",
         "",
@@ -623,27 +629,29 @@ def bench(args: argparse.Namespace, rpcs: Sequence[str], argv: Sequence[str]) ->
         print(f"starting the server on {bundle} ...", flush=True)
         server, result.startup_s = start_server(bundle, port, server_flags,
                                                 tmp / "server.log", args.startup_timeout)
+        echo: Child | None = None
         try:
             print(f"SERVING after {result.startup_s:.1f} s", flush=True)
             with SongRecClient(target, retry=NO_RETRY) as client:
                 result.indexed_songs = client.model_info().indexed_songs
             result.memory_idle = memory_mb(server.proc.pid)
-            result.server = load_grid(target, workloads, args.concurrency, args.duration,
-                                      args.warmup, args.channels)
-            result.memory_after = memory_mb(server.proc.pid)
             responses = tmp / "responses"
             responses.mkdir()
             result.response_bytes = capture_responses(target, workloads, responses)
+            targets = {"server": target}
+            if not args.skip_echo:
+                # Up beside the server (idle while the other is measured): the echo
+                # answers the real responses' bytes.
+                echo, echo_port = start_echo(responses, manifest.code_dim, tmp / "echo.log")
+                targets["echo"] = f"127.0.0.1:{echo_port}"
+            grids = load_grid(targets, workloads, args.concurrency, args.duration,
+                              args.warmup, args.channels)
+            result.server = grids["server"]
+            result.echo = grids.get("echo", {})
+            result.memory_after = memory_mb(server.proc.pid)
         finally:
             server.stop()
-        if not args.skip_echo:
-            print("echo server ...", flush=True)
-            echo, echo_port = start_echo(responses, manifest.code_dim, tmp / "echo.log")
-            try:
-                result.echo = load_grid(f"127.0.0.1:{echo_port}", workloads,
-                                        args.concurrency, args.duration, args.warmup,
-                                        args.channels)
-            finally:
+            if echo is not None:
                 echo.stop()
     del workloads
     if not args.skip_index:

@@ -102,15 +102,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server, _ = start_server(args.bundle, port, args.server_arg,
                                          Path(tmp) / "server.log", 900.0)
                 try:
-                    load_grid(f"127.0.0.1:{port}", {rpc: calls}, [args.concurrency], 3.0, 1.0)
+                    load_grid({"server": f"127.0.0.1:{port}"}, {rpc: calls},
+                              [args.concurrency], 3.0, 1.0)
                     folded = args.out_dir / f"{rpc}.folded"
                     record = subprocess.Popen(
                         [spy, "record", "--pid", str(server.proc.pid), "--rate",
                          str(args.rate), "--duration", str(int(args.duration)), "--format",
                          "raw", "--output", str(folded), "--nonblocking"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                    load_grid(f"127.0.0.1:{port}", {rpc: calls}, [args.concurrency],
-                              args.duration, 0.5)
+                    load_grid({"server": f"127.0.0.1:{port}"}, {rpc: calls},
+                              [args.concurrency], args.duration, 0.5)
                     _, err = record.communicate(timeout=args.duration + 60)
                     if record.returncode != 0 or not folded.exists():
                         print(f"{PROG}: py-spy failed: {err.strip()[-500:]}", file=sys.stderr)
