@@ -138,7 +138,8 @@ class Engine:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise bundle_files.BundleError(f"{root / bundle_files.ENCODER}: cannot load "
                                            f"({exc})") from None
-        voting.warm_up()  # compiled (or loaded from numba's cache) before the first call
+        # Kernels compiled (or loaded from numba's cache) before the first call.
+        voting.warm_up(catalog.playlist_songs.indices.dtype)
         log.info("loaded bundle %s (model %s, %d songs, %d playlists)", root,
                  manifest.model_version, catalog.n_songs, len(catalog.playlist_ids))
         return Engine(root, manifest, catalog, song_search(root, songs, rep_of, table, codes),

@@ -181,12 +181,15 @@ def tally(indptr: np.ndarray, indices: np.ndarray, n_items: int, playlists: np.n
     return items, scores, source
 
 
-def warm_up() -> None:
-    """Compile (or load from numba's cache) every kernel, so no call pays for it."""
+def warm_up(indices_dtype: np.dtype | type = np.int32) -> None:
+    """Compile (or load from numba's cache) every kernel for the types real calls pass
+    (CSR indices of ``indices_dtype``; float64 votes and float32 tag scores), so that no
+    call pays for it: numba compiles once per combination of argument types."""
     indptr = np.asarray([0, 2, 3], dtype=np.int64)
-    indices = np.asarray([1, 0, 1], dtype=np.int64)
+    indices = np.asarray([1, 0, 1], dtype=indices_dtype)
     tally(indptr, indices, 2, np.asarray([0, 1]), np.asarray([1.0, 0.5]))
-    best_positions(np.asarray([0.5, 1.0, 0.5]), 2)
+    for scores in (np.asarray([0.5, 1.0, 0.5]), np.asarray([0.5, 1.0, 0.5], np.float32)):
+        best_positions(scores, 2)
     expand_groups(np.zeros((1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.float32), 1,
                   np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64),
                   np.zeros(1, dtype=np.int64))
