@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -30,9 +31,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(tiny_bundle: Path) -> ServerProcess:
+def two_free_ports() -> int:
+    """A port p with p + 1 free too (the second process's metrics port)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def start(tiny_bundle: Path, *more: str) -> ServerProcess:
     server = ServerProcess(["--bundle", str(tiny_bundle), "--no-verify", "--processes", "2",
-                            "--port", str(free_port()), "--log-level", "DEBUG"],
+                            "--port", str(free_port()), "--log-level", "DEBUG", *more],
                            env={"SONGREC_ADMIN_TOKEN": ADMIN})
     end = time.monotonic() + 60
     while sum(m.startswith("serving model") for m in server.messages()) < 2:
@@ -59,7 +73,8 @@ def test_processes_share_the_port_and_give_the_same_answers(tiny_bundle: Path) -
     songs = reference.engine.catalog.song_ids[:6].tolist()
     want = {s: reference.similar_one(similar_params(pb2.SimilarSongsRequest(song_id=s, k=5)))
             for s in songs}
-    server = start(tiny_bundle)
+    metrics_port = two_free_ports()
+    server = start(tiny_bundle, "--metrics-port", str(metrics_port))
     try:
         forked = children(server.pid)
         assert len(forked) == 2
@@ -74,6 +89,15 @@ def test_processes_share_the_port_and_give_the_same_answers(tiny_bundle: Path) -
         served_by = {json.loads(line)["pid"] for line in server.log_lines()
                      if '"rpc SimilarSongs OK' in line}
         assert served_by == set(forked)
+        # Each process counts its own calls on its own metrics port: 30 between them.
+        counted = 0.0
+        for port in (metrics_port, metrics_port + 1):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+                body = page.read().decode()
+            line = next(x for x in body.splitlines() if x.startswith(
+                'songrec_requests_total{code="OK",method="SimilarSongs"}'))
+            counted += float(line.split()[-1])
+        assert counted == 30
         with grpc.insecure_channel(server.target) as channel:
             admin = pb2_grpc.AdminStub(channel)
             auth = [("authorization", f"Bearer {ADMIN}")]
