@@ -25,7 +25,6 @@ _SIMILARITY = 0x15  # Neighbour.similarity: field 2, fixed32
 _MODEL_VERSION = 0x1A  # SimilarSongsResponse.model_version: field 3, length-delimited
 
 
-
 class WireMessage:
     """A response already serialized; the gate and gRPC's serializer treat it like a
     message (``SerializeToString``, ``ByteSize``)."""
