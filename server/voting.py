@@ -1,12 +1,13 @@
-"""Compiled kernels (numba, GIL released) for the per-call work of playlist continuation:
-tallying the votes of neighbour playlists and choosing the best n of a list of scores.
+"""Compiled kernels (numba, GIL released) for the per-call work of the strategies:
+tallying the votes of neighbour playlists, choosing the best n of a list of scores, and
+expanding search hits to their groups of duplicate songs.
 
 Why: profiled under load, ContinuePlaylist spent a third of the server's CPU in dozens of
 small numpy calls per answer (sorting for ``np.unique``, CSR gathers, partitions), each
 cheap but each holding the GIL, so one core ran all of it. Here each step is one loop that
 releases the GIL. The results are exactly those of the numpy definitions they replace
 (same sums in the same order, same tie-breaking), which ``tests/test_strategies.py``
-checks against full sorts.
+(tallies, top n) and ``tests/test_neighbours.py`` (expansion) check.
 """
 
 from __future__ import annotations
