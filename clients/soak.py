@@ -604,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed of the request draw")
     p.add_argument("--out", type=Path, default=None,
                    help="markdown file whose soak section is replaced (e.g. "
-                        "docs/BENCHMARKS.md)")
+                        "docs/BENCHMARKS.md); none or - only prints it")
     p.add_argument("--json-out", type=Path, default=None, help="write the report as JSON")
     return p
 
@@ -630,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     body = render(report, command.strip())
     print(body)
-    if args.out is not None:
+    if args.out is not None and str(args.out) != "-":
         write_section(args.out, body)
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -186,7 +186,7 @@ def release_memory() -> None:
     left the RSS ~20 MB higher, up to ~60% above the start after ten reloads; with it the
     RSS returns to within 2% of the start after each."""
     gc.collect()
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is not None:
         trim(0)
 
@@ -202,10 +202,6 @@ def pin_mmap_threshold(limit: int = 256 << 10) -> None:
     mallopt = _glibc("mallopt")
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, limit)
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    return _glibc("malloc_trim")
 
 
 def _glibc(name: str) -> Callable[..., int] | None:
@@ -305,10 +301,7 @@ class ServingState:
     def build(self, path: Path, verify: bool) -> tuple[LiveModel, int]:
         """Load a bundle and re-add the logged songs to it (blocking)."""
         try:
-            model = LiveModel.load(path, verify=verify, capacity=self.config.capacity,
-                                   threads=self.config.threads,
-                                   song_ef=self.config.song_ef or None,
-                                   playlist_ef=self.config.playlist_ef or None)
+            model = LiveModel.configured(self.config, path, verify)
         except OSError as exc:
             # A path the file system refuses (a name too long, no permission): the bundle
             # is unusable, the server is not broken, and the old model serves on.

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from server.config import ServerConfig
 from server.engine import Engine
 from server.errors import InvalidArgument, NotFound
 from server.locks import RWLock
@@ -85,6 +86,13 @@ class LiveModel:
         """Load and verify a bundle (raises :class:`~server.bundle.BundleError`)."""
         return LiveModel(Engine.load(path, verify=verify, capacity=capacity, threads=threads,
                                      song_ef=song_ef, playlist_ef=playlist_ef), path)
+
+    @staticmethod
+    def configured(config: ServerConfig, path: Path, verify: bool) -> LiveModel:
+        """:meth:`load` with the server's flags (index room, threads, ef overrides)."""
+        return LiveModel.load(path, verify=verify, capacity=config.capacity,
+                              threads=config.threads, song_ef=config.song_ef or None,
+                              playlist_ef=config.playlist_ef or None)
 
     # ------------------------------------------------------------ ids and rows
 

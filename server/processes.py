@@ -26,6 +26,7 @@ import os
 import signal
 from types import FrameType
 
+from server import wire
 from server.bundle import BundleError
 from server.config import ServerConfig
 from server.live import LiveModel
@@ -39,12 +40,11 @@ def serve_processes(config: ServerConfig) -> int:
     """Load the bundle, fork ``config.processes`` servers, wait for them; the exit status."""
     assert config.bundle is not None  # checked with the flags
     try:
-        model = LiveModel.load(config.bundle, verify=config.verify, capacity=config.capacity,
-                               threads=config.threads, song_ef=config.song_ef or None,
-                               playlist_ef=config.playlist_ef or None)
+        model = LiveModel.configured(config, config.bundle, config.verify)
     except (BundleError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 2
+    wire.warm_up()  # compiled once here, not in every child
     # Objects made so far go to a generation the collector never scans again: its passes
     # would otherwise write to every object's header and copy the shared pages.
     gc.collect()
