@@ -288,6 +288,7 @@ def index_comparison(bundle: Path, n_queries: int = 1000, k: int = 100,
         load_codes,
         load_hnsw,
         load_neighbours,
+        read_codes,
         read_manifest,
     )
     from server.strategies import HnswSearch
@@ -295,10 +296,7 @@ def index_comparison(bundle: Path, n_queries: int = 1000, k: int = 100,
     manifest = read_manifest(bundle, verify=False)
     index = load_hnsw(bundle, manifest.song_index, SONG_INDEX)
     labels = np.sort(np.asarray(index.get_ids_list(), dtype=np.int64))
-    # In chunks: one get_items call over 575k x 1024 builds several full copies (OOM here).
-    unit = np.concatenate([np.asarray(index.get_items(labels[i : i + 20_000]),
-                                      dtype=np.float32)
-                           for i in range(0, len(labels), 20_000)])
+    unit = read_codes(index, labels)
     unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(len(labels), size=min(n_queries, len(labels) - 1),

@@ -54,6 +54,7 @@ from clients.client import (
     encode_request,
     similar_request,
 )
+from server import bundle as bundle_files
 
 PROG = "python -m clients.loadtest"
 METHODS = {"continue": "/songrec.v1.Recommender/ContinuePlaylist",
@@ -172,17 +173,14 @@ class BundleSource:
     @classmethod
     def load(cls, bundle: Path) -> BundleSource:
         try:
-            with np.load(bundle / "arrays.npz", allow_pickle=False) as npz:
-                get = {key: npz[key] for key in (
-                    "song_ids", "popularity", "issue_dates", "playlist_songs_indptr",
-                    "playlist_songs_indices", "playlist_tags_indptr",
-                    "playlist_tags_indices", "tag_blob", "tag_offsets")}
-            columns = json.loads((bundle / "columns.json").read_text(encoding="utf-8"))
-        except (OSError, KeyError, ValueError) as exc:
-            raise LoadError(f"bundle {bundle}: unreadable ({exc})") from None
-        blob, offsets = get["tag_blob"].tobytes(), get["tag_offsets"].tolist()
-        tags = [blob[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:],
-                                                           strict=True)]
+            get = bundle_files.load_arrays(bundle, (
+                "song_ids", "popularity", "issue_dates", "playlist_songs_indptr",
+                "playlist_songs_indices", "playlist_tags_indptr", "playlist_tags_indices",
+                "tag_blob", "tag_offsets"))
+            columns = bundle_files.load_columns(bundle)
+        except bundle_files.BundleError as exc:
+            raise LoadError(f"bundle {bundle}: {exc}") from None
+        tags = bundle_files.unpack_strings(get["tag_blob"], get["tag_offsets"])
         groups = {g["name"]: [str(k) for k in g["keys"]] for g in columns.get("groups", [])}
         return cls(get["song_ids"], get["popularity"].astype(np.float64),
                    get["issue_dates"],

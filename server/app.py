@@ -1,16 +1,13 @@
 """The songrec gRPC server (grpc.aio): pure response builders, the serving state, the
-``Recommender`` and ``Admin`` servicers, then ``create_server``, ``serve`` and ``main``."""
+``Recommender`` and ``Admin`` servicers, then ``create_server`` and ``serve``."""
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import gc
 import itertools
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -27,11 +24,11 @@ from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
 from server import validation, wire
 from server.batching import SimilarBatcher
 from server.bundle import BundleError, IndexParams
-from server.config import ConfigError, ServerConfig, load_config
+from server.config import ConfigError, ServerConfig
 from server.errors import FailedPrecondition
 from server.interceptors import Gate, Tokens
 from server.live import Continuation, Encoded, LiveModel, Neighbours
-from server.logs import setup_logging
+from server.memory import release_memory
 from server.metrics import Metrics
 from server.strategies import (
     DEFAULT_STRATEGY,
@@ -177,40 +174,6 @@ def metadata_fields(songs: Sequence[NewSong], request_order: Sequence[NewSong]) 
     """Request field names (``songs[i].metadata``) of a subset of a request's songs."""
     position = {song.song_id: pos for pos, song in enumerate(request_order)}
     return [f"songs[{position[song.song_id]}].metadata" for song in songs]
-
-
-def release_memory() -> None:
-    """Collect garbage and hand the heap's free pages back to the OS (glibc's
-    ``malloc_trim``; a no-op elsewhere). Models are loaded in worker threads, whose malloc
-    arenas glibc does not shrink by itself: without this, each reload of the demo bundle
-    left the RSS ~20 MB higher, up to ~60% above the start after ten reloads; with it the
-    RSS returns to within 2% of the start after each."""
-    gc.collect()
-    trim = _glibc("malloc_trim")
-    if trim is not None:
-        trim(0)
-
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter numbers (malloc.h)
-
-
-def pin_mmap_threshold(limit: int = 256 << 10) -> None:
-    """Fix glibc's mmap threshold: by default it rises (up to 32 MB) each time a mapped
-    block is freed, so after a reload frees the old model's arrays, every later
-    request-sized buffer comes from the per-thread heaps, which fragment and keep the RSS
-    up. A fixed threshold keeps big buffers in their own mappings, returned on free."""
-    mallopt = _glibc("mallopt")
-    if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, limit)
-
-
-def _glibc(name: str) -> Callable[..., int] | None:
-    """A glibc function, or None elsewhere."""
-    try:
-        function: Callable[..., int] = getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):  # not glibc
-        return None
-    return function
 
 
 # ---------------------------------------------------------------- health
@@ -597,25 +560,3 @@ async def serve(config: ServerConfig, ready: Callable[[Server], None] | None = N
     await server.stop()
     log.info("stopped")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m server``: flags and environment -> config -> serve."""
-    try:
-        config = load_config(argv)
-    except ConfigError as exc:
-        print(f"python -m server: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config.log_level, config.log_format)
-    log.info("config: %s", config)
-    pin_mmap_threshold()
-    if config.processes > 1:
-        from server.processes import serve_processes
-
-        return serve_processes(config)
-    try:
-        return asyncio.run(serve(config))
-    except (ConfigError, WalError, BundleError) as exc:
-        log.error("cannot start: %s", exc)
-        print(f"python -m server: {exc}", file=sys.stderr)
-        return 2

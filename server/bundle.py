@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,15 +177,32 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
     return manifest
 
 
-def load_arrays(root: str | Path) -> dict[str, np.ndarray]:
-    """``arrays.npz`` as a dict, loaded without pickle."""
+def load_arrays(root: str | Path, keys: Sequence[str] | None = None
+                ) -> dict[str, np.ndarray]:
+    """``arrays.npz`` as a dict (only ``keys`` when given), loaded without pickle."""
     path = Path(root) / ARRAYS
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            return {key: npz[key] for key in (npz.files if keys is None else keys)}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         # BadZipFile: a damaged member (bad CRC) when the checksums were not verified.
         raise BundleError(f"{path}: unreadable ({exc})") from None
+
+
+def pack_strings(items: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings -> (utf-8 blob as uint8, int64 offsets): the pickle-free, compact layout of
+    every list of strings in ``arrays.npz`` (tags, title words, song names)."""
+    encoded = [s.encode("utf-8") for s in items]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+
+
+def unpack_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """The strings :func:`pack_strings` packed."""
+    raw = blob.tobytes()
+    bounds = offsets.tolist()
+    return [raw[a:b].decode("utf-8") for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def save_arrays(root: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -275,6 +292,14 @@ def load_hnsw(root: str | Path, params: IndexParams, name: str, *,
                           f"{params.count}")
     index.set_ef(params.ef)
     return index
+
+
+def read_codes(index: Any, labels: np.ndarray, chunk: int = 20_000) -> np.ndarray:
+    """The vectors an hnswlib index stores for ``labels`` (float32), read in chunks: one
+    ``get_items`` call over 575k x 1024 builds several full copies (out of memory)."""
+    return np.concatenate([np.asarray(index.get_items(labels[i : i + chunk]),
+                                      dtype=np.float32)
+                           for i in range(0, len(labels), chunk)])
 
 
 def replace_bundle(staging: Path, final: Path) -> None:

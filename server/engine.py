@@ -26,7 +26,6 @@ from server.strategies import (
     Query,
     VectorSearch,
     run_strategy,
-    unpack_strings,
 )
 
 log = logging.getLogger(__name__)
@@ -208,4 +207,4 @@ def _one_string(blob: Any, offsets: Any, i: int) -> str:
     return bytes(blob[offsets[i] : offsets[i + 1]]).decode("utf-8")
 
 
-__all__ = ["Engine", "Encoder", "SongMeta", "VectorSearch", "unpack_strings"]
+__all__ = ["Engine", "Encoder", "SongMeta", "VectorSearch"]

@@ -27,9 +27,11 @@ import signal
 from types import FrameType
 
 from server import wire
+from server.app import serve
 from server.bundle import BundleError
 from server.config import ServerConfig
 from server.live import LiveModel
+from server.memory import glibc
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +76,12 @@ def _serve_child(config: ServerConfig, model: LiveModel, number: int) -> int:
     # Each process needs a port of its own for its metrics.
     mine = dataclasses.replace(config, metrics_port=config.metrics_port + number
                                if config.metrics_port else 0)
-    from server.app import serve
-
     return asyncio.run(serve(mine, model=model))
 
 
 def _die_with_parent() -> None:
     """Ask Linux for SIGTERM when the parent dies, so no orphan keeps the port."""
-    from server.app import _glibc
-
-    prctl = _glibc("prctl")
+    prctl = glibc("prctl")
     if prctl is not None:
         prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
 

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from server import voting
+from server.bundle import pack_strings, unpack_strings
 
 STRATEGIES = ("ae-quota", "ae-neighbours", "ae-hybrid")
 # The best strategy in docs/BENCHMARKS.md (bench-quality, synthetic demo split).
@@ -52,20 +53,6 @@ def tokenize(title: str) -> list[str]:
     for word in _WORD.findall(title.lower()):
         seen.setdefault(word, None)
     return list(seen)
-
-
-def pack_strings(items: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Strings -> (utf-8 blob as uint8, int64 offsets): a pickle-free, compact npz layout."""
-    encoded = [s.encode("utf-8") for s in items]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(e) for e in encoded], out=offsets[1:])
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
-
-
-def unpack_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
-    raw = blob.tobytes()
-    bounds = offsets.tolist()
-    return [raw[a:b].decode("utf-8") for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 @dataclass(frozen=True)

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.export import export_bundle
 
         start = time.perf_counter()
-        export_bundle(trainer, args.bundle_out, codes=codes,
+        export_bundle(trainer.bundle_inputs(codes), args.bundle_out,
                       song_index=(quality["index"], quality["params"]))
         rows.append(("bundle export (ONNX, both indexes, arrays)",
                      f"{time.perf_counter() - start:.1f} s"))

@@ -128,8 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=1000,
                    help="random songs for the recall check against fp32 search")
     args = p.parse_args(argv)
-    from trainer.reindex import read_codes
-
     try:
         manifest = bundle_files.read_manifest(args.bundle)
         index = bundle_files.load_hnsw(args.bundle, manifest.song_index,
@@ -138,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     labels = np.sort(np.asarray(index.get_ids_list(), dtype=np.int64))
-    unit = read_codes(index, labels)
+    unit = bundle_files.read_codes(index, labels)
     del index
     work = args.bundle.with_name(args.bundle.name + ".work") / "neighbours"
     t0 = time.perf_counter()

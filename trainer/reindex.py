@@ -25,13 +25,6 @@ START = "<!-- reindex:start -->"
 END = "<!-- reindex:end -->"
 
 
-def read_codes(index: object, labels: np.ndarray, chunk: int = 20_000) -> np.ndarray:
-    """The stored (unit) vectors, in chunks: one huge get_items call needs several copies."""
-    return np.concatenate([np.asarray(index.get_items(labels[i : i + chunk]),  # type: ignore[attr-defined]
-                                      dtype=np.float32)
-                           for i in range(0, len(labels), chunk)])
-
-
 def recall_at(index: object, codes: np.ndarray, labels: np.ndarray, efs: list[int],
               n_queries: int, k: int = 100) -> list[tuple[int, float, float]]:
     rng = np.random.default_rng(0)
@@ -81,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     labels = np.asarray(old.get_ids_list(), dtype=np.int64)
     labels.sort()
-    codes = read_codes(old, labels)
+    codes = bundle_files.read_codes(old, labels)
     del old
     start = time.perf_counter()
     index, params = build_index(codes, args.m, args.ef_construction, args.ef or 200,

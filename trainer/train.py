@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from trainer.export import BundleInputs, IndexSettings, export_bundle
+
 log = logging.getLogger(__name__)
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -192,6 +194,19 @@ class Trainer:
                 out[start : start + len(offsets)] = self.model.encode(cols, offsets).numpy()
         self.model.train()
         return out
+
+    def bundle_inputs(self, codes: np.ndarray | None = None) -> BundleInputs:
+        """What :func:`trainer.export.export_bundle` writes for the current model (``codes``:
+        every song's code, when the caller already computed them)."""
+        cfg = self.config
+        return BundleInputs(
+            model=self.model, codes=self.song_codes() if codes is None else codes,
+            input_rows=self.matrix, catalog=self.catalog, columns=self.space,
+            songs=self.data.songs,
+            index=IndexSettings(cfg.index_m, cfg.ef_construction, cfg.ef, cfg.threads,
+                                cfg.neighbours_k),
+            hyper_parameters=cfg.to_json(), data_dir=self.data_dir, work_dir=self.work_dir,
+            epochs_trained=self.epoch, best_val_score=self.best_score)
 
     def validate(self, codes: np.ndarray | None = None) -> float | None:
         if self.validation is None:
@@ -416,9 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             (work / "best.pt").unlink(missing_ok=True)
         trainer.fit()
         if not args.no_export:
-            from trainer.export import export_bundle
-
-            manifest = export_bundle(trainer, args.out)
+            manifest = export_bundle(trainer.bundle_inputs(), args.out)
             print(f"bundle written: {args.out} (model {manifest.model_version}, "
                   f"{manifest.extra['n_songs']} songs, code dim {manifest.code_dim})")
     except (DataError, BundleError, ValueError) as exc:
