@@ -45,6 +45,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from clients.benchtools import latency_histogram
 from clients.client import (
     DEFAULT_TARGET,
     TARGET_ENV,
@@ -666,30 +667,16 @@ def plot(latencies: Mapping[str, np.ndarray], path: Path, title: str) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
     except ImportError:
         raise LoadError("--plot needs matplotlib (pip install matplotlib, or the project's "
                         "'train' extra)") from None
     present = {k: v * 1e3 for k, v in latencies.items() if len(v)}
     if not present:
         raise LoadError("--plot: no successful calls to draw")
-    low = max(min(float(v.min()) for v in present.values()), 1e-3)
-    high = max(max(float(v.max()) for v in present.values()), low * 2)
-    edges = np.geomspace(low, high, 60)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, ms in sorted(present.items()):
-        p50, p99 = np.percentile(ms, [50, 99])
-        ax.hist(ms, bins=edges.tolist(), histtype="step", linewidth=1.5,
-                label=f"{name}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, n={len(ms)}")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    latency_histogram(ax, dict(sorted(present.items())), counts=True)
     ax.set_xlabel("latency (ms, log scale)")
-    ax.set_ylabel("calls")
     ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -8,11 +8,27 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from clients.benchtools import free_port
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+__all__ = ["free_port", "wait_until"]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0,
+               what: str = "condition") -> None:
+    """Poll ``condition`` until it holds; AssertionError naming ``what`` after ``timeout``."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what}: not reached within {timeout:g} s")
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="session")

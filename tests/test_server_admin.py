@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.songrec.v1 import songrec_pb2 as pb2
@@ -69,14 +70,6 @@ def popular_song(tiny_split: Path) -> int:
 def in_flight(live: ServerThread) -> float:
     value = live.server.state.metrics.registry.get_sample_value("songrec_in_flight_requests")
     return float(value or 0.0)
-
-
-def wait_until(condition: Any, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 @pytest.fixture

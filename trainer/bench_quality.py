@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clients.benchtools import REPO, machine, replace_marked, shown_command, shown_path
 from trainer.dataset import DataError, load_dataset, read_json
 from trainer.recommend import load_questions, run_model
 from trainer.recommenders.registry import MODELS, make_recommender, needs_bundle
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "demo"
 DEMO_SPLIT = REPO / "data" / "demo-split"
 SPOTIFY = REPO.parent / "shared" / "data" / "spotify-playlists"
@@ -179,7 +177,8 @@ def bench_autoencoders(name: str, split: Path, report: Report, *, preset: str,
         print(f"{name} {label}: {scores}", file=sys.stderr)
     report.notes.append(
         f"`{name}` autoencoders: `trainer.train --preset {preset}` on the split (fit s of a "
-        f"variant's first row includes its training; bundles in `{BENCH_BUNDLES}/{name}`).")
+        f"variant's first row includes its training; bundles in "
+        f"`{shown_path(BENCH_BUNDLES / name)}`).")
 
 
 def results_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -190,20 +189,6 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
                      f"{r['tag_ndcg']:.4f} | {r['score']:.4f} | {r['fit_s']:.2f} | "
                      f"{r['predict_s']:.2f} |")
     return "\n".join(lines)
-
-
-def machine() -> str:
-    """A one-line description of this machine: core count, CPU model, OS, Python."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{os.cpu_count()}-core CPU ({cpu}), {platform.system()}, "
-            f"Python {platform.python_version()}")
 
 
 def render(report: Report, command: str) -> str:
@@ -225,20 +210,6 @@ def render(report: Report, command: str) -> str:
 def replace_section(path: Path, body: str) -> None:
     """Put ``body`` between the bench-quality markers of ``path``."""
     replace_marked(path, body, START, END)
-
-
-def replace_marked(path: Path, body: str, start_marker: str, end_marker: str) -> None:
-    """Put ``body`` between two marker lines of ``path``; appends the marked section when
-    the file has none, creates the file when missing. Every benchmark owns one section."""
-    section = f"{start_marker}\n{body.rstrip()}\n{end_marker}"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    start, end = text.find(start_marker), text.find(end_marker)
-    if start >= 0 and end > start:
-        text = text[:start] + section + text[end + len(end_marker):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    command = " ".join(["python -m trainer.bench_quality", *argv])
+    command = shown_command("python -m trainer.bench_quality", argv)
     try:
         datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
         unknown = sorted(set(datasets) - set(DATASETS))
@@ -286,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in datasets:
                 split = prepare_demo() if name == "demo" else prepare_spotify(Path(tmp))
                 if split is None:
-                    report.notes.append(f"`{name}` skipped: {SPOTIFY} not found.")
+                    report.notes.append(f"`{name}` skipped: ../shared/data/{SPOTIFY.name} not "
+                                        f"found.")
                     continue
                 bench_dataset(name, split, models, args.bundle, report,
                               progress=not args.no_progress)

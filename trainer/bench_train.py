@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.bench_quality import REPO, machine
+from clients.benchtools import REPO, machine, shown_command
 
 log = logging.getLogger(__name__)
 MELON_DATA = REPO / "data" / "melon"
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += [("implicit ALS, 128 factors, 15 iterations, same matrix", f"{als_s:.1f} s"),
                  ("AE epoch / ALS fit", f"{full_epoch_s / als_s:.2f} x")]
     if args.skip_index:
-        body = render(rows, " ".join(["python -m trainer.bench_train", *argv]))
+        body = render(rows, shown_command("python -m trainer.bench_train", argv))
         print(body)
         if args.out != "-":
             replace_section(Path(args.out), body)
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                       song_index=(quality["index"], quality["params"]))
         rows.append(("bundle export (ONNX, both indexes, arrays)",
                      f"{time.perf_counter() - start:.1f} s"))
-    command = " ".join(["python -m trainer.bench_train", *argv])
+    command = shown_command("python -m trainer.bench_train", argv)
     body = render(rows, command)
     print(body)
     if args.out != "-":

@@ -47,7 +47,7 @@ def requests(questions: list[dict[str, Any]], songs: dict[int, dict[str, Any]],
                 song_id=seeds[0], k=10 + i % 50, exclude_song_ids=seeds[1:3],
                 include_names=i % 4 == 0))
             yield (f"batch/{i}", "SimilarSongsBatch", pb2.SimilarSongsBatchRequest(
-                song_ids=seeds[:5] + [-7], k=20, exclude_song_ids=seeds[5:7],
+                song_ids=seeds[:5] + [987_654_321], k=20, exclude_song_ids=seeds[5:7],
                 include_names=i % 5 == 0))
             meta = songs.get(seeds[0])
             if meta is not None and i % 10 == 0:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from clients.benchtools import machine, replace_marked, shown_command
 from server import bundle as bundle_files
+from trainer.export import build_index
 
 START = "<!-- reindex:start -->"
 END = "<!-- reindex:end -->"
@@ -63,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="measure only; keep the bundle")
     p.add_argument("--out", default="-", help="markdown file for a reindex section, or -")
     args = p.parse_args(argv)
-    from trainer.bench_quality import machine, replace_marked
-    from trainer.export import build_index
-
     try:
         manifest = bundle_files.read_manifest(args.bundle)
         old = bundle_files.load_hnsw(args.bundle, manifest.song_index, bundle_files.SONG_INDEX)
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     index.set_ef(ef)
     rows = [f"| {e} | {r:.4f} | {ms:.2f} ms |" for e, r, ms in measured]
     body = (f"## Song index rebuilt: M={args.m}, ef_construction={args.ef_construction}\n\n"
-            f"`python -m trainer.reindex {' '.join(argv)}` on a {machine()}, "
+            f"`{shown_command('python -m trainer.reindex', argv)}` on a {machine()}, "
             f"{dt.date.today()}: {len(labels):,} x {codes.shape[1]} codes, build "
             f"{build_s:.0f} s ({args.threads} threads); recall@100 against exact search on "
             f"{args.queries} random songs, one query thread.\n\n| ef | recall@100 | query |\n"
