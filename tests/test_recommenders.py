@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.strategies import tokenize
 from trainer.dataset import Dataset, load_dataset
 from trainer.recommenders.base import Popularity, Question, Recommendation, complete
-from trainer.recommenders.knn import PlaylistKNN, gather, title_words
+from trainer.recommenders.knn import PlaylistKNN, gather
 from trainer.recommenders.popular import MostPopular, future_mask, top_k
 from trainer.recommenders.registry import (
     MODELS,
@@ -258,8 +259,9 @@ def test_als_ranks_block_songs_first(data: Dataset) -> None:
 
 
 def test_title_words_unicode() -> None:
-    assert title_words("Chill-Out 잔잔한 밤, vol.2") == ["chill", "out", "잔잔한", "밤", "vol", "2"]
-    assert title_words("  !!  ") == []
+    assert tokenize("Chill-Out 잔잔한 밤, vol.2") == ["chill", "out", "잔잔한", "밤", "vol", "2"]
+    assert tokenize("  !!  ") == []
+    assert tokenize("Rock rock ROCK roll") == ["rock", "roll"]
 
 
 def test_gather_reads_many_rows() -> None:
