@@ -247,7 +247,7 @@ def index_comparison(bundle: Path, n_queries: int = 1000, k: int = 100,
         read_codes,
         read_manifest,
     )
-    from server.strategies import HnswSearch
+    from server.search import HnswSearch
 
     manifest = read_manifest(bundle, verify=False)
     index = load_hnsw(bundle, manifest.song_index, SONG_INDEX)

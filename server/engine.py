@@ -17,16 +17,10 @@ import numpy as np
 from server import bundle as bundle_files
 from server import voting
 from server.bundle import Manifest
+from server.catalog import Catalog
 from server.columns import ColumnSpace, pad_batch
-from server.strategies import (
-    STRATEGIES,
-    Answer,
-    Catalog,
-    HnswSearch,
-    Query,
-    VectorSearch,
-    run_strategy,
-)
+from server.search import HnswSearch, VectorSearch
+from server.strategies import STRATEGIES, Answer, Query, run_strategy
 
 log = logging.getLogger(__name__)
 

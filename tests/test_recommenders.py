@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.strategies import tokenize
+from server.catalog import tokenize
 from trainer.dataset import Dataset, load_dataset
 from trainer.recommenders.base import Popularity, Question, Recommendation, complete
 from trainer.recommenders.knn import PlaylistKNN, gather

@@ -85,7 +85,7 @@ def index_quality(codes: np.ndarray, reps: np.ndarray, m: int, ef_construction: 
                   ) -> dict[str, Any]:
     """Build the HNSW index over the distinct songs (``reps``) and compare it with exact
     search on random ones."""
-    from server.strategies import ExactSearch, HnswSearch
+    from server.search import ExactSearch, HnswSearch
     from trainer.export import build_index
 
     start = time.perf_counter()
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     codes_start = time.perf_counter()
     codes = trainer.song_codes()
     rows.append(("encode all songs (codes)", f"{time.perf_counter() - codes_start:.1f} s"))
-    from server.strategies import representatives
+    from server.search import representatives
 
     rep_of = representatives(trainer.matrix.indptr, trainer.matrix.indices)
     reps = np.nonzero(rep_of == np.arange(len(rep_of)))[0]

@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from server import bundle as bundle_files
 from server.bundle import IndexParams, Manifest, pack_strings
+from server.catalog import Catalog, playlist_codes
 from server.columns import ColumnSpace
-from server.strategies import Catalog, representatives
+from server.search import representatives
 from trainer.dataset import Songs
 from trainer.neighbours import exact_neighbours, table_arrays
 
@@ -116,27 +117,6 @@ def build_index(vectors: np.ndarray, m: int, ef_construction: int, ef: int,
     return index, IndexParams("cosine", vectors.shape[1], m, ef_construction, ef, len(vectors))
 
 
-def playlist_codes(codes: np.ndarray, catalog: Catalog) -> np.ndarray:
-    """A training playlist's code: the mean of its songs' unit-normalised codes."""
-    unit = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
-    ps = catalog.playlist_songs
-    out = np.zeros((ps.n_rows, codes.shape[1]), dtype=np.float32)
-    lengths = np.diff(ps.indptr)
-    rows = np.repeat(np.arange(ps.n_rows), lengths)
-    np.add.at(out, rows, unit[ps.indices]) if len(rows) < 1_000_000 else _chunked_add(
-        out, rows, unit, ps.indices)
-    out /= np.maximum(lengths, 1)[:, None]
-    return out
-
-
-def _chunked_add(out: np.ndarray, rows: np.ndarray, unit: np.ndarray, idx: np.ndarray) -> None:
-    # np.add.at is slow on millions of rows; rows are sorted, so reduce by segments.
-    for start in range(0, len(rows), 500_000):
-        r, i = rows[start : start + 500_000], idx[start : start + 500_000]
-        bounds = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
-        out[r[bounds]] += np.add.reduceat(unit[i], bounds, axis=0)
-
-
 def data_fingerprint(data_dir: Path) -> str:
     digest = hashlib.sha256()
     for name in ("song_meta.json", "train.json"):
@@ -171,7 +151,7 @@ def export_bundle(inputs: BundleInputs, out: Path,
     t0 = time.perf_counter()
     export_onnx(inputs.model, staging / bundle_files.ENCODER)
     # Identical input rows (e.g. songs in no playlist with the same genres) give identical
-    # codes: index one representative of each (see server.strategies.HnswSearch).
+    # codes: index one representative of each (see server.search.HnswSearch).
     rep_of = representatives(inputs.input_rows.indptr, inputs.input_rows.indices)
     reps = np.nonzero(rep_of == np.arange(len(rep_of)))[0]
     if song_index is None:

@@ -211,9 +211,10 @@ class Trainer:
     def validate(self, codes: np.ndarray | None = None) -> float | None:
         if self.validation is None:
             return None
-        from server.strategies import ExactSearch
+        from server.catalog import playlist_codes
+        from server.search import ExactSearch
         from trainer.evaluate import score
-        from trainer.recommenders.ae import EmbeddingStrategy, playlist_codes
+        from trainer.recommenders.ae import EmbeddingStrategy
         from trainer.recommenders.base import Popularity, complete
 
         codes = self.song_codes() if codes is None else codes

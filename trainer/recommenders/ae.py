@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.strategies import Catalog, Query, VectorSearch, run_strategy
+from server.catalog import Catalog
+from server.search import VectorSearch
+from server.strategies import Query, run_strategy
 from trainer.dataset import Dataset
-from trainer.export import playlist_codes
 from trainer.recommenders.base import Question, Recommendation, Recommender
 
-__all__ = ["AEHybrid", "AENeighbours", "AEQuota", "EmbeddingStrategy", "playlist_codes"]
+__all__ = ["AEHybrid", "AENeighbours", "AEQuota", "EmbeddingStrategy"]
 
 
 class EmbeddingStrategy:
@@ -84,7 +85,7 @@ class AEQuota(_BundleStrategy):
         super().fit(data)
         if self.metric == "dot" and self._impl is not None:
             from server.bundle import load_arrays
-            from server.strategies import DotSearch
+            from server.search import DotSearch
 
             norms = load_arrays(self.bundle)["code_norms"]
             unit = self._impl.songs.vectors(np.arange(len(norms)))

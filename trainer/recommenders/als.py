@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from server.strategies import tokenize
+from server.catalog import tokenize
 from trainer.dataset import Dataset, Songs
 from trainer.recommenders.base import Question, Recommendation, Recommender
 from trainer.recommenders.knn import binary_csr

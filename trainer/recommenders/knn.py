@@ -7,7 +7,7 @@ songs and tags with weight ``similarity ** alpha``. This is the classic strong a
 the Melon challenge (most top entries were refinements of it).
 
 Fitting builds the playlist vectors here (scipy); finding a question's neighbours is the
-server's :class:`~server.strategies.NeighbourCF` over them, the very code ``ae-hybrid``
+server's :class:`~server.catalog.NeighbourCF` over them, the very code ``ae-hybrid``
 answers with, so the baseline and the served strategy cannot drift apart.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from server.strategies import NeighbourCF, RowLists, row_positions, tokenize
+from server.catalog import NeighbourCF, RowLists, row_positions, tokenize
 from trainer.dataset import CSR, Dataset, Songs
 from trainer.recommenders.base import Question, Recommendation, Recommender
 from trainer.recommenders.popular import future_mask, top_k
