@@ -1,10 +1,10 @@
-"""The songrec gRPC server (grpc.aio): pure response builders, the serving state, the
-``Recommender`` and ``Admin`` servicers, then ``create_server`` and ``serve``."""
+"""The songrec gRPC server (grpc.aio): the serving state, the ``Recommender`` and ``Admin``
+servicers (requests checked by :mod:`server.validation`, answers built by
+:mod:`server.responses`), then ``create_server`` and ``serve``."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import signal
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -23,25 +22,26 @@ from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
 from server import validation, wire
 from server.batching import SimilarBatcher
-from server.bundle import BundleError, IndexParams
+from server.bundle import BundleError
 from server.config import ConfigError, ServerConfig
 from server.errors import FailedPrecondition
 from server.interceptors import Gate, Tokens
-from server.live import Continuation, Encoded, LiveModel, Neighbours
+from server.live import LiveModel
 from server.memory import release_memory
 from server.metrics import Metrics
-from server.strategies import (
-    DEFAULT_STRATEGY,
-    REASON_PLAYLIST,
-    REASON_POPULAR,
-    REASON_SEED,
-    REASON_TAG,
-    REASON_TITLE,
-    STRATEGIES,
+from server.responses import (
+    added_pb,
+    batch_pb,
+    continuation_pb,
+    encoded_pb,
+    model_info_pb,
+    neighbours_pb,
+    reloaded_pb,
+    similar_responses_of,
 )
 from server.validation import NewSong
 from server.wal import SongLog, WalError
-from server.wire import WireMessage, similar_responses
+from server.wire import WireMessage
 from server.workers import Workers, deadline_of
 
 log = logging.getLogger(__name__)
@@ -53,121 +53,11 @@ ADMIN = pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-_REASON_KINDS = {REASON_SEED: pb2.Reason.SEED_NEIGHBOUR,
-                 REASON_PLAYLIST: pb2.Reason.PLAYLIST_NEIGHBOUR,
-                 REASON_TAG: pb2.Reason.TAG, REASON_TITLE: pb2.Reason.TITLE,
-                 REASON_POPULAR: pb2.Reason.POPULAR}
-
-
 # With --processes N, each process holds its own copy of the index: a write or a reload
 # taken by one would not reach the others.
 _ONE_PROCESS = ("{rpc}: this server runs {n} processes (--processes {n}), and a change "
                 "made in one would be missing from the others; restart it with the new "
                 "bundle, or run one process (with --data-dir) to change the model in place")
-
-
-# ---------------------------------------------------------------- pure response builders
-
-
-def continuation_pb(answer: Continuation, version: str) -> pb2.ContinuePlaylistResponse:
-    """A ``ContinuePlaylist`` answer as its response message."""
-    response = pb2.ContinuePlaylistResponse(unknown_seed_ids=answer.unknown_seed_ids,
-                                            unknown_tags=answer.unknown_tags,
-                                            strategy=answer.strategy, model_version=version)
-    songs = response.songs
-    # Fields are set in place: building a Reason and passing it to add() copies it, and
-    # empty name fields cost as much as the rest (upb), so both are skipped.
-    for i, (song_id, score, (kind, source)) in enumerate(zip(
-            answer.song_ids, answer.song_scores, answer.reasons, strict=True)):
-        song = songs.add(song_id=song_id, score=score)
-        reason = song.reason
-        reason.kind = _REASON_KINDS.get(kind, pb2.Reason.KIND_UNSPECIFIED)
-        if kind == REASON_SEED and isinstance(source, int):
-            reason.seed_song_id = source
-        elif kind == REASON_PLAYLIST and isinstance(source, int):
-            reason.playlist_id = source
-        elif kind == REASON_TAG and isinstance(source, str):
-            reason.tag = source
-        if answer.names is not None:
-            song.name, song.artists = answer.names[i]
-    for tag, score in zip(answer.tags, answer.tag_scores, strict=True):
-        response.tags.add(tag=tag, score=score)
-    return response
-
-
-def fill_neighbours(target: Any, found: Neighbours) -> None:
-    """Append ``found`` to a repeated ``Neighbour`` field."""
-    if found.names is None:
-        # Without the empty name fields: a third of the cost per neighbour (upb).
-        for song_id, similarity in zip(found.ids, found.similarities, strict=True):
-            target.add(song_id=song_id, similarity=similarity)
-        return
-    for song_id, similarity, (name, artists) in zip(found.ids, found.similarities,
-                                                    found.names, strict=True):
-        target.add(song_id=song_id, similarity=similarity, name=name, artists=artists)
-
-
-def neighbours_pb(found: Neighbours, version: str) -> pb2.SimilarSongsResponse:
-    """One song's neighbours as a ``SimilarSongsResponse``."""
-    response = pb2.SimilarSongsResponse(song_id=found.song_id, model_version=version)
-    fill_neighbours(response.neighbours, found)
-    return response
-
-
-def similar_responses_of(answers: Sequence[Neighbours], version: str
-                         ) -> list[pb2.SimilarSongsResponse | WireMessage]:
-    """Responses of a batch of lookups: encoded together straight to wire bytes (names
-    need the protobuf runtime: such answers are built as messages)."""
-    if any(found.names is not None for found in answers):
-        return [neighbours_pb(found, version) for found in answers]
-    ids = np.fromiter(itertools.chain.from_iterable(found.ids for found in answers),
-                      dtype=np.int64)
-    sims = np.fromiter(itertools.chain.from_iterable(found.similarities for found in answers),
-                       dtype=np.float32)
-    bounds = [0, *itertools.accumulate(len(found.ids) for found in answers)]
-    return list(similar_responses([found.song_id for found in answers], version, ids, sims,
-                                  bounds))
-
-
-def batch_pb(results: Sequence[Neighbours], unknown: Sequence[int],
-             version: str) -> pb2.SimilarSongsBatchResponse:
-    """Many songs' neighbours as a ``SimilarSongsBatchResponse``."""
-    response = pb2.SimilarSongsBatchResponse(unknown_song_ids=unknown, model_version=version)
-    for found in results:
-        item = response.results.add(song_id=found.song_id, model_version=version)
-        fill_neighbours(item.neighbours, found)
-    return response
-
-
-def encoded_pb(encoded: Encoded, version: str) -> pb2.EncodeSongResponse:
-    """An unseen song's code and neighbours as an ``EncodeSongResponse``."""
-    response = pb2.EncodeSongResponse(code=encoded.code, known_columns=encoded.known_columns,
-                                      model_version=version)
-    fill_neighbours(response.neighbours, encoded.neighbours)
-    return response
-
-
-def index_params_pb(params: IndexParams) -> pb2.IndexParams:
-    return pb2.IndexParams(space=params.space, dim=params.dim, m=params.m,
-                           ef_construction=params.ef_construction, ef=params.ef,
-                           count=params.count)
-
-
-def model_info_pb(model: LiveModel | None) -> pb2.ModelInfo:
-    """What is served; ``loaded=False`` (with the strategies) when nothing is."""
-    if model is None:
-        return pb2.ModelInfo(loaded=False, strategies=STRATEGIES,
-                             default_strategy=DEFAULT_STRATEGY)
-    info = model.info()
-    return pb2.ModelInfo(
-        loaded=True, model_version=info["model_version"], created=info["created"],
-        data_fingerprint=info["data_fingerprint"], code_dim=info["code_dim"],
-        input_dim=info["input_dim"], column_groups=info["column_groups"],
-        bundle_songs=info["bundle_songs"], added_songs=info["added_songs"],
-        indexed_songs=info["indexed_songs"], playlists=info["playlists"], tags=info["tags"],
-        strategies=info["strategies"], default_strategy=DEFAULT_STRATEGY,
-        song_index=index_params_pb(info["song_index"]),
-        playlist_index=index_params_pb(info["playlist_index"]))
 
 
 def metadata_fields(songs: Sequence[NewSong], request_order: Sequence[NewSong]) -> list[str]:
@@ -378,10 +268,7 @@ class AdminServicer(pb2_grpc.AdminServicer):
                 model.insert(fresh, codes)
                 log.info("added %d songs to model %s (%d already served)", len(fresh),
                          model.version, len(existing))
-            return pb2.AddSongsResponse(added_song_ids=[s.song_id for s in fresh],
-                                        existing_song_ids=existing,
-                                        indexed_songs=model.n_bundle + model.n_added,
-                                        model_version=model.version)
+            return added_pb(fresh, existing, model)
 
         async def after(_: pb2.AddSongsResponse) -> None:
             state.publish()
@@ -414,9 +301,7 @@ class AdminServicer(pb2_grpc.AdminServicer):
         seconds = time.perf_counter() - start
         log.info("reloaded: model %s from %s in %.1fs (was %s)", model.version, path, seconds,
                  previous.version if previous is not None else "none")
-        response = pb2.ReloadModelResponse(previous=model_info_pb(previous),
-                                           current=model_info_pb(model),
-                                           replayed_songs=replayed, seconds=seconds)
+        response = reloaded_pb(previous, model, replayed, seconds)
         del previous  # the last reference to the old model, unless a call still uses it
         await state.workers.run(release_memory)
         return response

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +17,11 @@ from server import bundle as bundle_files
 from server import voting
 from server.bundle import Manifest
 from server.catalog import Catalog
-from server.columns import ColumnSpace, pad_batch
+from server.columns import ColumnSpace, SongMeta, pad_batch
 from server.search import HnswSearch, VectorSearch
 from server.strategies import STRATEGIES, Answer, Query, run_strategy
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SongMeta:
-    """A song not in the bundle, described by its metadata (``song_meta.json`` fields)."""
-
-    genres: tuple[str, ...] = ()
-    detail_genres: tuple[str, ...] = ()
-    artists: tuple[int, ...] = ()
-    issue_date: int = 0
-    playlists: tuple[int, ...] = ()
-    tags: tuple[str, ...] = ()
 
 
 class Encoder:
@@ -155,19 +142,10 @@ class Engine:
         return name
 
     def continue_playlist(self, strategy: str, query: Query) -> Answer:
+        """``strategy`` (as :meth:`resolve_strategy` resolves it) on ``query``; the answer
+        names the strategy that ran."""
         return run_strategy(self.resolve_strategy(strategy), self.catalog, self.songs,
                             self.playlists, query)
-
-    def similar(self, rows: np.ndarray, k: int, exclude: set[int] | None = None
-                ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """For each song row, its k nearest other songs (rows, cosine similarities)."""
-        exclude = exclude or set()
-        found = self.songs.neighbours(rows, k + 1 + len(exclude))
-        out = []
-        for row, (labels, sims) in zip(rows.tolist(), found, strict=True):
-            keep = (labels != row) & ~np.isin(labels, list(exclude))
-            out.append((labels[keep][:k], sims[keep][:k]))
-        return out
 
     def nearest_to(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.songs.search(codes, k)
@@ -177,14 +155,6 @@ class Engine:
         if 0 <= row < self.catalog.n_songs and self._names[0] is not None:
             return (_one_string(*self._names, row), _one_string(*self._artists, row))
         return "", ""
-
-    def info(self) -> dict[str, Any]:
-        m = self.manifest
-        return {"model_version": m.model_version, "songs": self.songs.count(),
-                "bundle_songs": self.catalog.n_songs,
-                "playlists": len(self.catalog.playlist_ids), "tags": len(self.catalog.tags),
-                "code_dim": m.code_dim, "input_dim": m.input_dim,
-                "column_groups": m.column_groups, "song_index": m.song_index.__dict__}
 
 
 def song_search(root: Path, index: Any, rep_of: np.ndarray, table: dict[str, np.ndarray] | None,
@@ -201,4 +171,4 @@ def _one_string(blob: Any, offsets: Any, i: int) -> str:
     return bytes(blob[offsets[i] : offsets[i + 1]]).decode("utf-8")
 
 
-__all__ = ["Engine", "Encoder", "SongMeta", "VectorSearch"]
+__all__ = ["Engine", "Encoder", "VectorSearch"]

@@ -1,5 +1,7 @@
 """One served model: a loaded bundle plus the songs added at run time, behind a readers-writer
-lock, answering in external ids. Every method blocks: call them from worker threads."""
+lock, answering in external ids. The one place where rows, tag indices and playlist
+positions become song ids, tags, playlist ids and names. Every method blocks: call them
+from worker threads."""
 
 from __future__ import annotations
 
@@ -170,7 +172,7 @@ class LiveModel:
                 if kind == REASON_SEED:
                     reasons.append((kind, self.ids_of([source])[0]))
                 elif kind == REASON_PLAYLIST:
-                    reasons.append((kind, source))
+                    reasons.append((kind, int(catalog.playlist_ids[source])))
                 elif kind == REASON_TAG:
                     reasons.append((kind, catalog.tags[source]))
                 else:
@@ -179,20 +181,17 @@ class LiveModel:
         return Continuation(song_ids, answer.song_scores.tolist(), reasons, names,
                             [catalog.tags[t] for t in answer.tags.tolist()],
                             answer.tag_scores.tolist(), unknown, unknown_tags,
-                            self.engine.resolve_strategy(params.strategy))
+                            answer.strategy)
 
     def similar(self, params: SimilarParams) -> tuple[list[Neighbours], list[int]]:
         """Nearest songs of each known id (in request order), and the unknown ids."""
         with self.lock.read():
             rows, unknown = self.rows_of(params.song_ids)
             missing = set(unknown)
-            known_ids = [i for i in params.song_ids if i not in missing]
-            exclude_rows, _ = self.rows_of(sorted(params.exclude))
-            found = (self.engine.similar(rows, params.k, set(exclude_rows.tolist()))
-                     if len(rows) else [])
-            results = [self._neighbours(song_id, labels.tolist(), sims.tolist(),
-                                        params.include_names)
-                       for song_id, (labels, sims) in zip(known_ids, found, strict=True)]
+            requests = [SimilarParams((song_id,), params.k, params.exclude,
+                                      params.include_names)
+                        for song_id in params.song_ids if song_id not in missing]
+            results = self._similar_known(requests, rows) if len(rows) else []
         return results, unknown
 
     def similar_one(self, params: SimilarParams) -> Neighbours:
@@ -220,9 +219,13 @@ class LiveModel:
     def _similar_known(self, requests: Sequence[SimilarParams], rows: np.ndarray
                        ) -> list[Neighbours]:
         """One lookup for the whole batch, sliced per request: numpy's cost per call, not
-        the work, dominated when each request was answered on its own."""
-        excluded = {i: self.rows_of(sorted(p.exclude))[0]
-                    for i, p in enumerate(requests) if p.exclude}
+        the work, dominated when each request was answered on its own. Each request's song
+        itself and its exclusions are left out (call under the lock)."""
+        rows_of_exclude: dict[frozenset[int], np.ndarray] = {}  # a batch shares one set
+        for p in requests:
+            if p.exclude and p.exclude not in rows_of_exclude:
+                rows_of_exclude[p.exclude] = self.rows_of(sorted(p.exclude))[0]
+        excluded = {i: rows_of_exclude[p.exclude] for i, p in enumerate(requests) if p.exclude}
         # One query for all: deep enough for the most demanding request.
         depth = max(p.k + 1 + len(excluded.get(i, ())) for i, p in enumerate(requests))
         labels, sims, offsets = self.engine.songs.neighbour_lists(rows, depth)

@@ -24,7 +24,7 @@ the songs and tags of training playlists whose titles used them; nothing -> most
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -64,9 +64,12 @@ class Answer:
 
     songs: np.ndarray  # int64 song rows
     song_scores: np.ndarray  # float32
-    reasons: list[tuple[str, int]]  # (REASON_*, source) per song
+    # (REASON_*, source) per song; source: the seed's song row, the neighbour playlist's
+    # position, the question tag's index, or -1
+    reasons: list[tuple[str, int]]
     tags: np.ndarray  # int32 tag indices
     tag_scores: np.ndarray  # float32
+    strategy: str = ""  # the strategy that answered (set by run_strategy)
 
 
 def quotas(total: int, parts: int) -> list[int]:
@@ -314,7 +317,7 @@ def _answer_from_votes(catalog: Catalog, songs: VectorSearch, query: Query, song
                                       sources[done:].tolist(), strict=True):
             if picker.full:
                 break
-            picker.take(row, score, (REASON_PLAYLIST, int(catalog.playlist_ids[source])))
+            picker.take(row, score, (REASON_PLAYLIST, source))
         if picker.full or len(rows) == len(song_votes.items):
             break
         done = len(rows)
@@ -371,11 +374,14 @@ def ae_hybrid(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, qu
 def run_strategy(name: str, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
                  query: Query, **options: float) -> Answer:
     """Dispatch by strategy name (one of :data:`STRATEGIES`); ``options`` are the
-    strategy's keyword parameters (e.g. ``ae_weight`` for ae-hybrid)."""
+    strategy's keyword parameters (e.g. ``ae_weight`` for ae-hybrid). The answer names
+    the strategy."""
     if name == "ae-quota":
-        return ae_quota(catalog, songs, query)
-    if name == "ae-neighbours":
-        return ae_neighbours(catalog, songs, playlists, query, **options)  # type: ignore[arg-type]
-    if name == "ae-hybrid":
-        return ae_hybrid(catalog, songs, playlists, query, **options)  # type: ignore[arg-type]
-    raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+        answer = ae_quota(catalog, songs, query)
+    elif name == "ae-neighbours":
+        answer = ae_neighbours(catalog, songs, playlists, query, **options)  # type: ignore[arg-type]
+    elif name == "ae-hybrid":
+        answer = ae_hybrid(catalog, songs, playlists, query, **options)  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    return replace(answer, strategy=name)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from protos.songrec.v1 import songrec_pb2 as pb2
-from server.engine import SongMeta
+from server.columns import SongMeta
 from server.errors import InvalidArgument
 from server.strategies import DEFAULT_STRATEGY, STRATEGIES
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.engine import SongMeta
+from server.columns import SongMeta
 from server.validation import NewSong
 
 log = logging.getLogger(__name__)

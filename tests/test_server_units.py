@@ -18,8 +18,8 @@ from conftest import wait_until
 from protos.songrec.v1 import songrec_pb2 as pb2
 from server import validation
 from server.bundle import BundleError
+from server.columns import SongMeta
 from server.config import ConfigError, load_config
-from server.engine import SongMeta
 from server.errors import DeadlineExceeded, InvalidArgument, NotFound, status_for
 from server.locks import RWLock
 from server.logs import JsonFormatter
