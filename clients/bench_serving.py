@@ -59,6 +59,16 @@ from clients.loadtest import (
     build_workload,
     run,
 )
+from server.bundle import (
+    SONG_INDEX,
+    BundleError,
+    load_codes,
+    load_hnsw,
+    load_neighbours,
+    read_codes,
+    read_manifest,
+)
+from server.search import HnswSearch
 
 PROG = "python -m clients.bench_serving"
 START = "<!-- bench-serving:start -->"
@@ -239,16 +249,6 @@ def index_comparison(bundle: Path, n_queries: int = 1000, k: int = 100,
     Measured for the graph alone and, when the bundle has the neighbour table and codes,
     for the graph plus one hop over the table (``HnswSearch._refine``), at the manifest's
     ``ef`` and smaller and larger ones until recall@k reaches 0.95."""
-    from server.bundle import (
-        SONG_INDEX,
-        load_codes,
-        load_hnsw,
-        load_neighbours,
-        read_codes,
-        read_manifest,
-    )
-    from server.search import HnswSearch
-
     manifest = read_manifest(bundle, verify=False)
     index = load_hnsw(bundle, manifest.song_index, SONG_INDEX)
     labels = np.sort(np.asarray(index.get_ids_list(), dtype=np.int64))
@@ -425,7 +425,7 @@ def render(bench: Bench, command: str) -> str:
 
 def plot(bench: Bench, path: Path, concurrency: int) -> None:
     """Per RPC, the latency histograms of the server and of the echo server."""
-    import matplotlib
+    import matplotlib  # the 'train' extra; only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -528,7 +528,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def bench(args: argparse.Namespace, rpcs: Sequence[str], argv: Sequence[str]) -> int:
     """Server grid, echo grid, index comparison, then the report (see the module doc)."""
-    from server.bundle import BundleError, read_manifest
 
     bundle: Path = args.bundle
     try:

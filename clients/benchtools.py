@@ -249,6 +249,7 @@ def latency_histogram(ax: Any, series: Mapping[str, np.ndarray], *, digits: int 
                       counts: bool = False) -> None:
     """Latency histograms (milliseconds) on one matplotlib axis: shared log-spaced bins,
     so that the shapes compare, one step line per series, p50 and p99 in the legend."""
+    # matplotlib comes with the 'train' extra; only plotting needs it.
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     low = max(min(float(ms.min()) for ms in series.values()), 1e-3)

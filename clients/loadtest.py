@@ -44,6 +44,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import orjson
 
 from clients.benchtools import latency_histogram
 from clients.client import (
@@ -98,8 +99,6 @@ class RequestShape:
 
 def read_json_list(path: Path, what: str) -> list[Any]:
     try:
-        import orjson
-
         raw = orjson.loads(path.read_bytes())
     except OSError as exc:
         raise LoadError(f"{what} {path}: unreadable ({exc.strerror or exc})") from None
@@ -662,7 +661,7 @@ def render(report: Mapping[str, Any]) -> str:
 
 def plot(latencies: Mapping[str, np.ndarray], path: Path, title: str) -> None:
     """Latency histograms (log-spaced bins, one step line per RPC) into a PNG."""
-    try:
+    try:  # matplotlib comes with the 'train' extra; only --plot needs it
         import matplotlib
 
         matplotlib.use("Agg")

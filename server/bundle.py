@@ -279,6 +279,8 @@ def save_columns(root: Path, columns: Mapping[str, Any]) -> None:
 def load_hnsw(root: str | Path, params: IndexParams, name: str, *,
               max_elements: int | None = None) -> Any:
     """Load an hnswlib index and set its ``ef`` from the manifest (hnswlib forgets it)."""
+    # Imported here: the load test reads a bundle's arrays through this module and must
+    # not need the index library.
     import hnswlib
 
     path = Path(root) / name

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from server import bundle as bundle_files
 from server import voting
@@ -28,8 +29,6 @@ class Encoder:
     """ONNX Runtime session of the bundle's encoder, with deliberate thread counts."""
 
     def __init__(self, path: Path, columns: ColumnSpace, threads: int = 1) -> None:
-        import onnxruntime as ort
-
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -25,8 +25,10 @@ from typing import Any
 
 from clients.benchtools import REPO, machine, replace_marked, shown_command, shown_path
 from trainer.dataset import DataError, load_dataset, read_json
+from trainer.evaluate import score
 from trainer.recommend import load_questions, run_model
 from trainer.recommenders.registry import MODELS, make_recommender, needs_bundle
+from trainer.split import write_split
 
 DEMO_DATA = REPO / "data" / "demo"
 DEMO_SPLIT = REPO / "data" / "demo-split"
@@ -87,7 +89,6 @@ def _run_module(module: str, *args: str) -> None:
 
 def prepare_demo() -> Path:
     """``data/demo-split``, generating the synthetic demo data and its split if missing."""
-    from trainer.split import write_split
 
     if not (DEMO_SPLIT / "val_answers.json").exists():
         if not (DEMO_DATA / "train.json").exists():
@@ -99,7 +100,6 @@ def prepare_demo() -> Path:
 
 def prepare_spotify(tmp: Path) -> Path | None:
     """Split the shared Spotify sample into ``tmp``; None when the sample is absent."""
-    from trainer.split import write_split
 
     if not (SPOTIFY / "train.json").exists():
         return None
@@ -112,7 +112,6 @@ def bench_dataset(name: str, split: Path, models: Sequence[str], bundle: str | N
                   report: Report, *, progress: bool = True) -> None:
     """Fit and score each model on one split (``train.json``, ``val_questions.json``,
     ``val_answers.json``), adding a row per model and notes to ``report``."""
-    from trainer.evaluate import score
 
     data = load_dataset(split, files=["train.json"])
     questions = load_questions(data, split / "val_questions.json")
@@ -155,7 +154,6 @@ def train_variant(dataset: str, split: Path, variant: str, preset: str,
 def bench_autoencoders(name: str, split: Path, report: Report, *, preset: str,
                        retrain: bool, progress: bool) -> None:
     """Train every variant on one split and add the strategy/ablation rows."""
-    from trainer.evaluate import score
 
     data = load_dataset(split, files=["train.json"])
     questions = load_questions(data, split / "val_questions.json")

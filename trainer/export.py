@@ -68,6 +68,7 @@ class BundleInputs:
 
 def export_onnx(model: SongAutoEncoder, path: Path) -> None:
     """Write the encoder (sparse input -> code) to ONNX."""
+    # torch only here: everything else in this module works on numpy arrays.
     import torch
     from torch import nn
 

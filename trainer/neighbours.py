@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from server import bundle as bundle_files
 
@@ -34,8 +35,8 @@ def exact_neighbours(unit: np.ndarray, k: int, *, block: int = 1024, margin: int
                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """For each row of ``unit`` (unit vectors), the positions and cosine similarities of its
     ``k`` most similar other rows, best first: ``(n, k)`` int32 and float32 arrays."""
+    # torch (the 'train' extra) only here: reading and writing bundles needs none of it.
     import torch
-    from tqdm import tqdm
 
     from trainer.model import bf16_is_fast
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from server.bundle import load_arrays
 from server.catalog import Catalog
-from server.search import VectorSearch
+from server.engine import Engine
+from server.search import DotSearch, VectorSearch
 from server.strategies import Query, run_strategy
 from trainer.dataset import Dataset
 from trainer.recommenders.base import Question, Recommendation, Recommender
@@ -51,8 +53,6 @@ class _BundleStrategy(Recommender):
 
     def fit(self, data: Dataset) -> Recommender:
         """Loads the bundle; the model was trained by ``trainer.train`` on ``data``."""
-        from server.engine import Engine
-
         engine = Engine.load(self.bundle, verify=self.verify,
                              playlist_ef=self.playlist_ef or None)
         self._impl = EmbeddingStrategy(self.strategy, engine.catalog, engine.songs,
@@ -84,9 +84,6 @@ class AEQuota(_BundleStrategy):
     def fit(self, data: Dataset) -> Recommender:
         super().fit(data)
         if self.metric == "dot" and self._impl is not None:
-            from server.bundle import load_arrays
-            from server.search import DotSearch
-
             norms = load_arrays(self.bundle)["code_norms"]
             unit = self._impl.songs.vectors(np.arange(len(norms)))
             self._impl.songs = DotSearch(unit * norms[:, None])

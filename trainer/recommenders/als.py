@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def _import_implicit() -> Any:
+    """implicit is optional (the 'als' extra): imported when an ALS model is built."""
     try:
         import implicit.cpu.als
         import threadpoolctl
