@@ -53,6 +53,8 @@ def parse_issue_date(text: str) -> tuple[int, str | None]:
         return year * 10000, f"month {month:02d} is out of range 01..12"
     if month == 0:
         return year * 10000, None if day == 0 else f"day {day:02d} without a month"
+    if day <= 28:  # every month has these (the common case: no calendar lookup)
+        return value, None
     last = calendar.monthrange(year, month)[1]
     if day > last:
         return year * 10000 + month * 100, f"day {day:02d} is past {year:04d}-{month:02d}-{last}"

@@ -25,7 +25,16 @@ from server.testing import ServerThread
 from server.wal import SongLog
 from trainer.dataset import DataError, Dataset, load_dataset
 from trainer.split import write_split
-from trainer.synth import QUIRK_RATES, SynthData, generate, write_dataset
+from trainer.synth import (
+    QUIRK_RATES,
+    SCALES,
+    Scale,
+    SynthData,
+    generate,
+    quirks_by_default,
+    write_dataset,
+)
+from trainer.synth import main as synth_main
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN = "dirty-data-admin"
@@ -321,6 +330,19 @@ def test_generator_writes_every_quirk(twins: tuple[SynthData, Path, Path]) -> No
         counts["repeated_songs"]
     assert sum(p["plylst_title"] == "" for p in playlists) == counts["empty_titles"]
     assert all(1 <= len(p["tags"]) <= 10 and len(p["songs"]) <= 200 for p in playlists)
+
+
+def test_quirks_by_default_at_melon_scale_and_deterministic(tmp_path: Path) -> None:
+    assert quirks_by_default("melon") and quirks_by_default(SCALES["melon"])
+    assert not quirks_by_default("small") and not quirks_by_default(Scale(500, 10, 2, 2))
+    for name in ("a", "b"):
+        assert synth_main(["--scale", "tiny", "--seed", "3", "--quirks", "--out",
+                           str(tmp_path / name)]) == 0
+    assert synth_main(["--scale", "tiny", "--seed", "3", "--out", str(tmp_path / "c")]) == 0
+    for name in ("song_meta.json", "train.json", "val.json", "test.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "song_meta.json").read_bytes() != \
+        (tmp_path / "c" / "song_meta.json").read_bytes()
 
 
 def test_quirks_leave_the_clean_data_unchanged(twins: tuple[SynthData, Path, Path]) -> None:

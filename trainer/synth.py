@@ -1257,6 +1257,11 @@ class Quirks:
                 "emoji_tags": len(self.tags)}
 
 
+def quirks_by_default(scale: str | Scale) -> bool:
+    """The ``melon`` scale carries the real files' dirt unless told not to; others do not."""
+    return scale == "melon" or scale == SCALES["melon"]
+
+
 def _quirk_count(name: str, n: int) -> int:
     rate, minimum = QUIRK_RATES[name]
     return min(n, max(minimum, round(rate * n)))
@@ -1347,7 +1352,7 @@ def generate(scale: str | Scale, seed: int, genres: GenreTable | None = None, *,
         None: at ``melon`` scale only. The clean part is the same either way.
     """
     if quirks is None:
-        quirks = scale in ("melon", SCALES["melon"])
+        quirks = quirks_by_default(scale)
     if isinstance(scale, str):
         try:
             scale = SCALES[scale]
