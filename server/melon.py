@@ -101,9 +101,10 @@ ISSUE_DATE_PARTIAL = Kind("issue dates out of range read as partial dates")
 class LenientReads:
     """What one source read leniently: per kind, how many and the first few ids.
 
-    ``note`` is called once per record (or with ``count`` for several values of one
-    record); :meth:`lines` gives one summary line per kind, e.g. ``song_meta.json: 3 issue
-    dates out of range read as partial dates (ids 692325, 168071, ...)``.
+    ``note`` counts a record once per kind (``count``: how many of its values were read
+    leniently; a second note of the same record and kind is ignored); :meth:`lines` gives
+    one summary line per kind, e.g. ``song_meta.json: 3 issue dates out of range read as
+    partial dates (ids 692325, 168071, 5)``.
     """
 
     source: str
@@ -111,19 +112,23 @@ class LenientReads:
     counts: dict[Kind, int] = field(default_factory=dict)
     ids: dict[Kind, list[str]] = field(default_factory=dict)
     records: dict[Kind, int] = field(default_factory=dict)
+    _last: dict[Kind, str] = field(default_factory=dict, repr=False)
 
     def note(self, kind: Kind, ident: object, count: int = 1) -> None:
-        self.counts[kind] = self.counts.get(kind, 0) + count
+        """Count ``count`` lenient reads of the record ``ident`` (None: a record without an
+        id, such as the one song of an ``EncodeSong`` call)."""
         shown = self.ids.setdefault(kind, [])
-        text = str(ident)
-        if shown and shown[-1] == text:  # another value of the same record
+        if ident is None:
+            self.counts[kind] = self.counts.get(kind, 0) + count
             return
+        text = str(ident)
+        if self._last.get(kind) == text:  # another value of the same record
+            return
+        self._last[kind] = text
+        self.counts[kind] = self.counts.get(kind, 0) + count
         self.records[kind] = self.records.get(kind, 0) + 1
         if len(shown) < self.first:
             shown.append(text)
-
-    def count(self, kind: Kind) -> int:
-        return self.counts.get(kind, 0)
 
     def __bool__(self) -> bool:
         return bool(self.counts)
@@ -132,7 +137,9 @@ class LenientReads:
         out = []
         for kind, count in self.counts.items():
             shown = self.ids[kind]
-            more = ", ..." if self.records[kind] > len(shown) else ""
-            out.append(f"{self.source}: {count} {kind.text} "
-                       f"({kind.label} {', '.join(shown)}{more})")
+            line = f"{self.source}: {count} {kind.text}"
+            if shown:
+                more = ", ..." if self.records[kind] > len(shown) else ""
+                line += f" ({kind.label} {', '.join(shown)}{more})"
+            out.append(line)
         return out

@@ -254,7 +254,7 @@ def encode_params(request: pb2.EncodeSongRequest) -> EncodeParams:
         raise InvalidArgument("song: missing; give at least one of genres, detail_genres, "
                               "artist_ids, issue_date, playlist_ids, tags")
     reads = melon.LenientReads("EncodeSong")
-    params = EncodeParams(check_metadata(request.song, "song", reads, "song"),
+    params = EncodeParams(check_metadata(request.song, "song", reads),
                           optional_count("k", request, DEFAULT_K, 0, MAX_K),
                           request.include_names)
     report(reads)

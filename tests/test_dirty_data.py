@@ -228,6 +228,22 @@ def test_summary_is_one_line_per_kind_with_the_first_ids(tmp_path: Path,
         "(ids 101, 103, 105, ...)"]
 
 
+def test_lenient_reads_count_records_once_per_kind() -> None:
+    reads = melon.LenientReads("f.json", first=2)
+    kind, other = melon.Kind("things read leniently"), melon.Kind("others", "playlists")
+    assert not reads and reads.lines() == []
+    reads.note(kind, 7)
+    reads.note(kind, 7)  # a second value of record 7: one record
+    reads.note(other, 7, count=3)
+    reads.note(kind, 8)
+    reads.note(kind, 9)
+    assert reads.lines() == ["f.json: 3 things read leniently (ids 7, 8, ...)",
+                             "f.json: 3 others (playlists 7)"]
+    anonymous = melon.LenientReads("EncodeSong")
+    anonymous.note(kind, None)
+    assert anonymous.lines() == ["EncodeSong: 1 things read leniently"]
+
+
 def test_future_issue_date_is_kept_and_reported(tmp_path: Path) -> None:
     root = write_files(tmp_path / "d", songs=_song_with(1, issue_date="20220301"), train=TRAIN)
     for strict in (False, True):
@@ -507,7 +523,7 @@ def test_add_songs_reads_the_dirt_as_the_trainer_does(
             answer = stub.EncodeSong(pb2.EncodeSongRequest(song=meta, k=0))
             assert answer.known_columns > 0
         assert caplog.records[-1].getMessage() == (
-            "EncodeSong: 1 issue dates out of range read as partial dates (ids song)")
+            "EncodeSong: 1 issue dates out of range read as partial dates")
     # What was logged durably is what the trainer reads from the same records.
     logged = {s.song_id: s for s in SongLog.open(state).songs()}
     assert set(logged) == {r["id"] for r in records}
