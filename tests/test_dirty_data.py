@@ -40,6 +40,11 @@ REPO = Path(__file__).resolve().parents[1]
 ADMIN = "dirty-data-admin"
 
 
+# Song 5 of SONGS has a genre code the table lacks and an artist name without an id: the
+# base fixture is dirty itself, so these tests start from a clean copy of it.
+CLEAN_SONGS = [dict(s) for s in SONGS[:3]] + [song(5, artists=[2], issue_date="19991105")]
+
+
 def shared_data(name: str) -> Path | None:
     """``../shared/data/NAME`` beside the repository (or beside a worktree's parents)."""
     for parent in REPO.parents:
@@ -123,6 +128,28 @@ def test_split_and_recommend_refuse_an_impossible_updt_date(tmp_path: Path) -> N
             "not a date; expected YYYY-MM-DD, YYYY-MM-DD hh:mm:ss or YYYY-MM-DD hh:mm:ss.fff")
 
 
+def test_split_cli_reads_the_real_files_month_51_and_strict_refuses_it(tmp_path: Path
+                                                                       ) -> None:
+    """The issue's first step: song 692325's "20105130" failed trainer.split."""
+    songs = [dict(s) for s in CLEAN_SONGS]
+    songs[1]["issue_date"] = "20105130"
+    root = write_files(tmp_path / "d", songs=songs, train=[
+        playlist(p, [10, 20, 30, 5][: 1 + p % 4], ["x"]) for p in range(10)])
+    args = [sys.executable, "-m", "trainer.split", "--data", str(root)]
+    proc = subprocess.run([*args, "--out", str(tmp_path / "s")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert ("WARNING trainer.dataset: song_meta.json: 1 issue dates out of range read as "
+            "partial dates (ids 10)") in proc.stderr.splitlines()
+    assert load(tmp_path / "s").songs.issue_dates[1] == 20100000
+    proc = subprocess.run([*args, "--out", str(tmp_path / "t"), "--strict"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and not (tmp_path / "t").exists()
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: song_meta.json: record 1: field 'issue_date': '20105130': month 51 is out of "
+        "range 01..12 (--strict)")
+
+
 # ---------------------------------------------------------------------------------------
 # Each quirk in the loader: read leniently and reported once, or refused with --strict
 
@@ -175,11 +202,6 @@ def _read(data: Dataset, what: str) -> Any:
             "artists": lambda: songs.artists.row(row).tolist(),
             "detail": lambda: [data.genres.codes.items[c]
                                for c in songs.detail_genres.row(row)]}[what]()
-
-
-# Song 5 of SONGS has a genre code the table lacks and an artist name without an id: the
-# base fixture is dirty itself, so these tests start from a clean copy of it.
-CLEAN_SONGS = [dict(s) for s in SONGS[:3]] + [song(5, artists=[2], issue_date="19991105")]
 
 
 @pytest.mark.parametrize(("changes", "expected", "line"), SONG_QUIRKS,
