@@ -380,7 +380,7 @@ def parse_songs(raw: Any, path: Path, genres: Genres, *, strict: bool = False,
     # Genre codes seen in songs but missing from genre_gn_all.json (the real data has
     # a few) join the vocabulary, named after themselves.
     code_index = genres.codes
-    n_known = len(code_index)
+    n_known = genres.n_table
     for i, rec in enumerate(raw):
         song_id = ids[i] = _int(rec, path, i, "id")
         names.append(_str(rec, path, i, "song_name"))
