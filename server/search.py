@@ -97,14 +97,20 @@ class HnswSearch:
     Rows at or past ``len(rep_of)`` (songs added at run time) are their own group.
 
     With a precomputed ``table`` (``neighbours.npz``, exact top-k per representative),
-    :meth:`neighbours` of bundle songs is a lookup, merged with an exact scan of the songs
-    added since loading (kept here as unit vectors: they are few, and the table knows
-    nothing of them). Unseen songs and deeper questions go to the graph.
+    :meth:`neighbours` of bundle songs is a lookup. Unseen songs and deeper questions go
+    to the graph.
+
+    Songs added at run time go into a graph of their own (:class:`AddedSongs`), never into
+    the bundle's: every search merges the bundle's hits with that graph's, re-scored
+    exactly against the added songs' stored unit vectors. A search therefore costs one
+    small extra graph query however many songs were added (an exact scan of them grew
+    linearly: issue 16), and the bundle's graph is never copied to grow.
     """
 
     def __init__(self, index: object, rep_of: np.ndarray | None = None,
                  table: dict[str, np.ndarray] | None = None,
-                 codes: np.ndarray | None = None, refine_seeds: int = 10) -> None:
+                 codes: np.ndarray | None = None, refine_seeds: int = 10,
+                 capacity: int = 0) -> None:
         self.index = index
         self.refine_seeds = refine_seeds
         self.rep_of = rep_of
@@ -149,9 +155,8 @@ class HnswSearch:
         # hnswlib's get_items builds Python lists (~60 ns a float): the bundle's own copy of
         # the codes (float16, memory-mapped) reads a seed's code in microseconds instead.
         self._codes = codes
-        self._added_labels = np.empty(0, dtype=np.int64)
-        self._added_unit = np.empty((0, int(index.dim)), dtype=np.float32)  # type: ignore[attr-defined]
-        self._n_added = 0
+        self.added = AddedSongs(int(index.dim), self._n_fixed, capacity,  # type: ignore[attr-defined]
+                                ef=int(getattr(index, "ef", 100)))
 
     @property
     def table_depth(self) -> int:
@@ -160,30 +165,13 @@ class HnswSearch:
 
     def count(self) -> int:
         """Song rows searchable (duplicates included)."""
-        return int(self.index.get_current_count()) + self._hidden  # type: ignore[attr-defined]
+        return (int(self.index.get_current_count()) + self._hidden  # type: ignore[attr-defined]
+                + self.added.count)
 
     def add(self, codes: np.ndarray, labels: np.ndarray) -> None:
-        """Insert songs (call with writers excluded): into the graph, growing it
-        geometrically when full (a resize copies the graph), and into the exact scan
-        that complements the table."""
-        index: Any = self.index
-        needed = index.get_current_count() + len(labels)
-        if needed > index.get_max_elements():
-            index.resize_index(max(needed, 2 * index.get_max_elements()))
-        index.add_items(codes, labels)
-        if self._table_rows is None:
-            return
-        unit = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
-        end = self._n_added + len(labels)
-        if end > len(self._added_unit):
-            grown = np.empty((max(end, 2 * len(self._added_unit), 64), unit.shape[1]),
-                             dtype=np.float32)
-            grown[: self._n_added] = self._added_unit[: self._n_added]
-            self._added_unit = grown
-            self._added_labels = np.resize(self._added_labels, len(grown))
-        self._added_unit[self._n_added : end] = unit
-        self._added_labels[self._n_added : end] = labels
-        self._n_added = end
+        """Insert songs added at run time (call with writers excluded): rows
+        ``n_fixed + added.count ...`` in order, into the added songs' own graph."""
+        self.added.add(codes, labels)
 
     def _labels(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
@@ -196,7 +184,14 @@ class HnswSearch:
 
     def vectors(self, labels: np.ndarray) -> np.ndarray:
         reps = self._labels(labels)
-        if self._codes is not None and len(reps) and bool((reps < self._n_fixed).all()):
+        fixed = reps < self._n_fixed
+        if not bool(fixed.all()):
+            out = np.empty((len(reps), self.added.dim), dtype=np.float32)
+            out[~fixed] = self.added.vectors(reps[~fixed])
+            if bool(fixed.any()):
+                out[fixed] = self.vectors(reps[fixed])
+            return out
+        if self._codes is not None and len(reps):
             stored: np.ndarray = self._codes[self._slot_of[reps]].astype(np.float32)
             return stored
         got = self.index.get_items(reps)  # type: ignore[attr-defined]
@@ -204,8 +199,17 @@ class HnswSearch:
 
     def search(self, vectors: np.ndarray, k: int, skip: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest (expanded to duplicate groups); ``skip[i]``: one label query ``i`` must
-        not return (its own song, for leave-one-out measurements), -1 for none."""
+        """k nearest (expanded to duplicate groups), bundle and added songs together;
+        ``skip[i]``: one label query ``i`` must not return (its own song, for leave-one-out
+        measurements), -1 for none."""
+        labels, sims = self.search_bundle(vectors, k, skip)
+        if not self.added.count:
+            return labels, sims
+        return self.added.merge(np.atleast_2d(vectors), labels, sims, k)
+
+    def search_bundle(self, vectors: np.ndarray, k: int, skip: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` over the bundle's songs only."""
         queries = np.atleast_2d(vectors)
         k = min(k, int(self.index.get_current_count()))  # type: ignore[attr-defined]
         asked = k + (skip is not None)
@@ -308,18 +312,103 @@ class HnswSearch:
         cand = np.concatenate([reps[:, None], table[slots].astype(np.int64)], axis=1)
         cand_sims = np.concatenate([np.ones((len(rows), 1), dtype=np.float32),
                                     self._table_sims[slots].astype(np.float32)], axis=1)
-        if self._n_added:
-            added = self._added_unit[: self._n_added]
-            scores = self.vectors(rows) @ added.T
-            depth = min(k, self._n_added)
-            top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
-            cand = np.concatenate([cand, self._added_labels[top]], axis=1)
-            cand_sims = np.concatenate([cand_sims, np.take_along_axis(scores, top, axis=1)],
-                                       axis=1)
-            order = np.argsort(-cand_sims, axis=1, kind="stable")
-            cand = np.take_along_axis(cand, order, axis=1)
-            cand_sims = np.take_along_axis(cand_sims, order, axis=1)
+        if self.added.count:
+            # Duplicates expand first (each hit stands for its whole group), then the
+            # added songs' hits merge in by similarity.
+            labels, sims, offsets = self._expand_rows(cand, cand_sims, k)
+            if (np.diff(offsets) == offsets[1]).all():
+                merged = self.added.merge(self.vectors(rows), labels.reshape(len(rows), -1),
+                                          sims.reshape(len(rows), -1), k)
+                return (merged[0].ravel(), merged[1].ravel(),
+                        np.arange(len(rows) + 1, dtype=np.int64) * merged[0].shape[1])
+            parts = [self.added.merge(self.vectors(rows[i : i + 1]),
+                                      labels[None, offsets[i] : offsets[i + 1]],
+                                      sims[None, offsets[i] : offsets[i + 1]], k)
+                     for i in range(len(rows))]
+            lengths = [p[0].shape[1] for p in parts]
+            return (np.concatenate([p[0].ravel() for p in parts]),
+                    np.concatenate([p[1].ravel() for p in parts]),
+                    np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         return self._expand_rows(cand, cand_sims, k)
+
+
+class AddedSongs:
+    """Songs added at run time: their unit vectors (rows ``first``, ``first + 1``, ... in
+    the order they came) and an hnswlib graph over them, separate from the bundle's.
+
+    Searches ask the graph for ``max(k, ef)`` candidates and re-score them exactly against
+    the stored vectors. The graph starts with room for ``capacity`` songs and doubles when
+    full (a resize copies only this graph, never the bundle's)."""
+
+    def __init__(self, dim: int, first: int, capacity: int, *, m: int = 16,
+                 ef_construction: int = 100, ef: int = 100) -> None:
+        self.dim, self.first = dim, first
+        self.capacity = max(int(capacity), 1)
+        self.m, self.ef_construction, self.ef = m, ef_construction, max(ef, 50)
+        self.count = 0
+        self._unit = np.empty((0, dim), dtype=np.float32)
+        self._index: Any = None
+        self.resizes = 0  # how often the graph grew past its capacity
+
+    def add(self, codes: np.ndarray, labels: np.ndarray) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        expected = np.arange(self.first + self.count, self.first + self.count + len(labels))
+        if not np.array_equal(labels, expected):
+            raise ValueError(f"added songs must take rows {expected[:1].tolist()}.. in order")
+        if not len(labels):
+            return
+        unit = np.asarray(codes, dtype=np.float32)
+        unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+        end = self.count + len(labels)
+        if end > len(self._unit):
+            grown = np.empty((max(end, 2 * len(self._unit), 64), self.dim), dtype=np.float32)
+            grown[: self.count] = self._unit[: self.count]
+            self._unit = grown
+        self._unit[self.count : end] = unit
+        if self._index is None:
+            # hnswlib only here: the load test reads bundles through this package.
+            import hnswlib
+
+            self._index = hnswlib.Index(space="cosine", dim=self.dim)
+            self._index.init_index(max_elements=max(self.capacity, end),
+                                   ef_construction=self.ef_construction, M=self.m)
+            self._index.set_ef(self.ef)
+            self._index.set_num_threads(1)
+        if end > self._index.get_max_elements():
+            self._index.resize_index(max(end, 2 * self._index.get_max_elements()))
+            self.resizes += 1
+        self._index.add_items(unit, labels)
+        self.count = end
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        return self._unit[np.asarray(labels, dtype=np.int64) - self.first]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest added songs of each query, exactly re-scored, best first."""
+        queries = np.atleast_2d(queries).astype(np.float32)
+        depth = min(self.count, max(k, self.ef))
+        cand, _ = self._index.knn_query(queries, k=depth)
+        unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        cand = cand.astype(np.int64)
+        scores = np.einsum("qkd,qd->qk", self._unit[cand - self.first], unit)
+        take = min(k, depth)
+        top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        return (np.take_along_axis(np.take_along_axis(cand, top, axis=1), order, axis=1),
+                np.take_along_axis(top_scores, order, axis=1).astype(np.float32))
+
+    def merge(self, queries: np.ndarray, labels: np.ndarray, sims: np.ndarray, k: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """The bundle's hits (``labels``, ``sims``: a row per query, best first) merged
+        with the added songs' ``k`` nearest: the first ``max(k, bundle width)`` by
+        similarity (ties: bundle songs first)."""
+        add_labels, add_sims = self.search(queries, k)
+        cand = np.concatenate([labels.astype(np.int64), add_labels], axis=1)
+        cand_sims = np.concatenate([sims.astype(np.float32), add_sims], axis=1)
+        order = np.argsort(-cand_sims, axis=1, kind="stable")[:, : max(k, labels.shape[1])]
+        return (np.take_along_axis(cand, order, axis=1),
+                np.take_along_axis(cand_sims, order, axis=1))
 
 
 def _drop(labels: np.ndarray, sims: np.ndarray, skip: np.ndarray, k: int
