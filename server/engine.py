@@ -17,7 +17,7 @@ import onnxruntime as ort
 from server import bundle as bundle_files
 from server import voting
 from server.bundle import Manifest
-from server.catalog import Catalog
+from server.catalog import CANDIDATES, Catalog, pick_anchors
 from server.columns import ColumnSpace, SongMeta, pad_batch
 from server.search import HnswSearch, VectorSearch
 from server.strategies import STRATEGIES, Answer, Query, run_strategy
@@ -122,9 +122,11 @@ class Engine:
         voting.warm_up(catalog.playlist_songs.indices.dtype)
         log.info("loaded bundle %s (model %s, %d songs, %d playlists)", root,
                  manifest.model_version, catalog.n_songs, len(catalog.playlist_ids))
-        return Engine(root, manifest, catalog,
-                      song_search(root, songs, rep_of, table, codes, capacity),
-                      HnswSearch(playlists), encoder, arrays)
+        engine = Engine(root, manifest, catalog,
+                        song_search(root, songs, rep_of, table, codes, capacity),
+                        HnswSearch(playlists), encoder, arrays)
+        engine.attach_bundle_songs()
+        return engine
 
     @property
     def model_version(self) -> str:
@@ -147,6 +149,30 @@ class Engine:
         names the strategy that ran."""
         return run_strategy(self.resolve_strategy(strategy), self.catalog, self.songs,
                             self.playlists, query)
+
+    def attach_bundle_songs(self, chunk: int = 10_000) -> None:
+        """Attach the bundle's songs that no training playlist holds to their anchors,
+        read from the exact neighbour table (no graph query); without a table they stay
+        unattached (see ``Catalog.attached``)."""
+        if not self.songs.table_depth:
+            return
+        cold = np.flatnonzero(self.catalog.popularity == 0)
+        for start in range(0, len(cold), chunk):
+            rows = cold[start : start + chunk]
+            cand, sims, offsets = self.songs.neighbour_lists(rows, self.songs.table_depth,
+                                                             allow_short=True)
+            anchors, anchor_sims = pick_anchors(cand, sims, offsets, self.catalog.popularity)
+            self.catalog.attached.set_bundle(rows, anchors, anchor_sims)
+        if len(cold):
+            log.info("%d of %d songs no training playlist holds attached to their nearest "
+                     "songs playlists hold", self.catalog.attached.count, len(cold))
+
+    def anchors(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Anchors of songs added at run time, by their codes: the nearest bundle songs
+        that playlists hold (see ``Catalog.attached``). Reads the bundle's graph only."""
+        labels, sims = self.songs.search_bundle(codes, CANDIDATES)
+        offsets = np.arange(len(labels) + 1, dtype=np.int64) * labels.shape[1]
+        return pick_anchors(labels.ravel(), sims.ravel(), offsets, self.catalog.popularity)
 
     def nearest_to(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.songs.search(codes, k)

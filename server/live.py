@@ -296,9 +296,13 @@ class LiveModel:
         """Add encoded songs to the index (exclusive lock; grows the index when full)."""
         if not songs:
             return
+        with self.lock.read():  # the bundle's graph only: no writer changes it
+            anchors, anchor_sims = self.engine.anchors(codes)
         with self.lock.write():
             start = self.n_bundle + len(self._added_ids)
-            self.engine.songs.add(codes, np.arange(start, start + len(songs), dtype=np.int64))
+            rows = np.arange(start, start + len(songs), dtype=np.int64)
+            self.engine.songs.add(codes, rows)
+            self.engine.catalog.attached.attach(rows, anchors, anchor_sims)
             for offset, song in enumerate(songs):
                 self._row_of_added[song.song_id] = start + offset
                 self._added_ids.append(song.song_id)

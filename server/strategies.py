@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from server import voting
-from server.catalog import Catalog, RowLists, gather_rows, tokenize
+from server.catalog import NEW_SHARE, Catalog, RowLists, gather_rows, tokenize
 from server.search import VectorSearch
 from server.voting import best_first
 
@@ -305,9 +305,27 @@ def _ae_playlists(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch
     return labels[0], np.maximum(sims[0].astype(np.float64), 0.0) ** alpha, title_tags
 
 
+def _with_attached(catalog: Catalog, votes: Votes, limit: int, share: float) -> Votes:
+    """The votes plus the songs attached to the best ``limit`` voted songs (new songs: see
+    ``Catalog.attached``)."""
+    if not catalog.attached.count or share <= 0:
+        return votes
+    rows, scores, sources = votes.ranked(limit)
+    items, shared, shared_sources = catalog.attached.share(rows, scores, sources, share)
+    if not len(items):
+        return votes
+    order = np.argsort(np.concatenate([votes.items, items]), kind="stable")
+    return Votes(np.concatenate([votes.items, items])[order],
+                 np.concatenate([votes.scores, shared])[order],
+                 np.concatenate([votes.source, shared_sources])[order])
+
+
 def _answer_from_votes(catalog: Catalog, songs: VectorSearch, query: Query, song_votes: Votes,
-                       tag_votes: Votes, title_tags: np.ndarray | None) -> Answer:
+                       tag_votes: Votes, title_tags: np.ndarray | None,
+                       new_share: float = NEW_SHARE) -> Answer:
     picker = _Picker(catalog, query, songs.count())
+    song_votes = _with_attached(catalog, song_votes, 2 * query.n_songs + len(query.seeds),
+                                new_share)
     # Most answers fill from the best few hundred candidates: rank only those first.
     limit = 2 * query.n_songs + len(query.seeds)
     rows, scores, sources = song_votes.ranked(limit)
@@ -341,18 +359,23 @@ def _answer_from_votes(catalog: Catalog, songs: VectorSearch, query: Query, song
 
 
 def ae_neighbours(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
-                  query: Query, n_playlists: int = 50, alpha: float = 2.0) -> Answer:
-    """Sum of seed codes -> nearest training playlists -> their songs and tags."""
+                  query: Query, n_playlists: int = 50, alpha: float = 2.0,
+                  new_share: float = NEW_SHARE) -> Answer:
+    """Sum of seed codes -> nearest training playlists -> their songs and tags (and the
+    songs attached to those songs, with ``new_share`` of their votes)."""
     pls, weights, title_tags = _ae_playlists(catalog, songs, playlists, query, n_playlists,
                                              alpha)
     return _answer_from_votes(catalog, songs, query,
                               Votes.of(catalog.playlist_songs, pls, weights),
-                              Votes.of(catalog.playlist_tags, pls, weights), title_tags)
+                              Votes.of(catalog.playlist_tags, pls, weights), title_tags,
+                              new_share)
 
 
 def ae_hybrid(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, query: Query,
-              ae_weight: float = 0.25, n_playlists: int = 50, alpha: float = 2.0) -> Answer:
-    """Neighbour-CF votes + ``ae_weight`` x ``ae-neighbours`` votes (each normalised)."""
+              ae_weight: float = 0.25, n_playlists: int = 50, alpha: float = 2.0,
+              new_share: float = NEW_SHARE) -> Answer:
+    """Neighbour-CF votes + ``ae_weight`` x ``ae-neighbours`` votes (each normalised), and
+    the songs attached to the voted songs with ``new_share`` of their votes."""
     if catalog.cf is None:
         raise ValueError("this bundle has no neighbour-CF arrays: ae-hybrid needs a bundle "
                          "exported by a trainer with it (retrain)")
@@ -368,7 +391,8 @@ def ae_hybrid(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, qu
         song_votes = song_votes.blend(Votes.of(catalog.playlist_songs, pls, weights),
                                       ae_weight)
         tag_votes = tag_votes.blend(Votes.of(catalog.playlist_tags, pls, weights), ae_weight)
-    return _answer_from_votes(catalog, songs, query, song_votes, tag_votes, title_tags)
+    return _answer_from_votes(catalog, songs, query, song_votes, tag_votes, title_tags,
+                              new_share)
 
 
 def run_strategy(name: str, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
