@@ -17,7 +17,7 @@ import onnxruntime as ort
 from server import bundle as bundle_files
 from server import voting
 from server.bundle import Manifest
-from server.catalog import CANDIDATES, Catalog, pick_anchors
+from server.catalog import ANCHORS, CANDIDATES, Catalog, pick_anchors
 from server.columns import ColumnSpace, SongMeta, pad_batch
 from server.search import HnswSearch, VectorSearch
 from server.strategies import STRATEGIES, Answer, Query, run_strategy
@@ -68,6 +68,9 @@ class Engine:
         self.encoder = encoder
         self._names = (arrays.get("song_name_blob"), arrays.get("song_name_offsets"))
         self._artists = (arrays.get("song_artist_blob"), arrays.get("song_artist_offsets"))
+        # Anchors of songs compacted into the bundle (trainer.compact), if any.
+        self._stored_anchors = tuple(arrays.get(k) for k in (
+            "attached_rows", "attached_anchors", "attached_sims"))
 
     @staticmethod
     def load(root: str | Path, *, verify: bool = True, capacity: int = 100_000,
@@ -154,15 +157,29 @@ class Engine:
         """Attach the bundle's songs that no training playlist holds to their anchors,
         read from the exact neighbour table (no graph query); without a table they stay
         unattached (see ``Catalog.attached``)."""
-        if not self.songs.table_depth:
-            return
+        # Songs compacted into the bundle keep the anchors they had when added
+        # (trainer.compact stores them); the others' come from the table.
+        parts = []
+        stored, stored_anchors, stored_sims = self._stored_anchors
+        if stored is not None and stored_anchors is not None and stored_sims is not None:
+            parts.append((stored.astype(np.int64), stored_anchors, stored_sims))
         cold = np.flatnonzero(self.catalog.popularity == 0)
-        for start in range(0, len(cold), chunk):
-            rows = cold[start : start + chunk]
-            cand, sims, offsets = self.songs.neighbour_lists(rows, self.songs.table_depth,
-                                                             allow_short=True)
-            anchors, anchor_sims = pick_anchors(cand, sims, offsets, self.catalog.popularity)
-            self.catalog.attached.set_bundle(rows, anchors, anchor_sims)
+        if stored is not None:
+            cold = np.setdiff1d(cold, stored.astype(np.int64))
+        if self.songs.table_depth:
+            for start in range(0, len(cold), chunk):
+                rows = cold[start : start + chunk]
+                cand, sims, offsets = self.songs.neighbour_lists(
+                    rows, self.songs.table_depth, allow_short=True)
+                parts.append((rows, *pick_anchors(cand, sims, offsets,
+                                                  self.catalog.popularity)))
+        if not parts:
+            return
+        width = ANCHORS
+        self.catalog.attached.set_bundle(
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1][:, :width] for p in parts]).astype(np.int64),
+            np.concatenate([p[2][:, :width] for p in parts]).astype(np.float32))
         if len(cold):
             log.info("%d of %d songs no training playlist holds attached to their nearest "
                      "songs playlists hold", self.catalog.attached.count, len(cold))
