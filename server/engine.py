@@ -184,12 +184,17 @@ class Engine:
             log.info("%d of %d songs no training playlist holds attached to their nearest "
                      "songs playlists hold", self.catalog.attached.count, len(cold))
 
-    def anchors(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def anchors(self, codes: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
         """Anchors of songs added at run time, by their codes: the nearest bundle songs
-        that playlists hold (see ``Catalog.attached``). Reads the bundle's graph only."""
+        that playlists hold (see ``Catalog.attached``), their similarities, and the
+        nearest bundle songs searched (for ``HnswSearch.add``). Reads the bundle's graph
+        only."""
         labels, sims = self.songs.search_bundle(codes, CANDIDATES)
         offsets = np.arange(len(labels) + 1, dtype=np.int64) * labels.shape[1]
-        return pick_anchors(labels.ravel(), sims.ravel(), offsets, self.catalog.popularity)
+        anchors, anchor_sims = pick_anchors(labels.ravel(), sims.ravel(), offsets,
+                                            self.catalog.popularity)
+        return anchors, anchor_sims, (labels, sims)
 
     def nearest_to(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.songs.search(codes, k)

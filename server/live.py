@@ -297,11 +297,11 @@ class LiveModel:
         if not songs:
             return
         with self.lock.read():  # the bundle's graph only: no writer changes it
-            anchors, anchor_sims = self.engine.anchors(codes)
+            anchors, anchor_sims, hits = self.engine.anchors(codes)
         with self.lock.write():
             start = self.n_bundle + len(self._added_ids)
             rows = np.arange(start, start + len(songs), dtype=np.int64)
-            self.engine.songs.add(codes, rows)
+            self.engine.songs.add(codes, rows, hits)
             self.engine.catalog.attached.attach(rows, anchors, anchor_sims)
             for offset, song in enumerate(songs):
                 self._row_of_added[song.song_id] = start + offset

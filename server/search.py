@@ -87,6 +87,12 @@ class DotSearch(ExactSearch):
                 np.take_along_axis(top_scores, order, axis=1))
 
 
+# A bundle song's SimilarSongs up to this depth stays a table lookup as songs are added.
+NEAR_DEPTH = 20
+# Bundle songs searched per added song to find those it is among the nearest of.
+NEAR_CANDIDATES = 200
+
+
 class HnswSearch:
     """hnswlib cosine index (space 'cosine': similarity = 1 - distance) over song rows.
 
@@ -168,10 +174,38 @@ class HnswSearch:
         return (int(self.index.get_current_count()) + self._hidden  # type: ignore[attr-defined]
                 + self.added.count)
 
-    def add(self, codes: np.ndarray, labels: np.ndarray) -> None:
+    def add(self, codes: np.ndarray, labels: np.ndarray,
+            bundle_hits: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Insert songs added at run time (call with writers excluded): rows
-        ``n_fixed + added.count ...`` in order, into the added songs' own graph."""
+        ``n_fixed + added.count ...`` in order, into the added songs' own graph.
+
+        ``bundle_hits``: each song's nearest bundle songs (:meth:`search_bundle`, a row per
+        song). A song goes into the lists of those bundle songs it is one of the
+        ``near_depth`` nearest of (its similarity reaches their table's ``near_depth``-th),
+        so their SimilarSongs stays a lookup (table + these lists) up to that depth. A
+        song whose bundle neighbours are not given is searched here."""
         self.added.add(codes, labels)
+        if self._table_rows is None or not self.near_depth:
+            return
+        hits, sims = bundle_hits or self.search_bundle(codes, NEAR_CANDIDATES)
+        reps = self._labels(hits.ravel()).reshape(hits.shape)
+        inside = (reps >= 0) & (reps < self._n_fixed)
+        slots = self._slot_of[np.where(inside, reps, 0)]
+        inside &= slots >= 0
+        bar = self._table_sims[np.where(inside, slots, 0), self.near_depth - 1]
+        near = inside & (sims >= bar)
+        owner = np.broadcast_to(np.asarray(labels, dtype=np.int64)[:, None], hits.shape)
+        # A group of duplicates appears once per row: link its representative once.
+        pairs, first = np.unique(np.stack([reps[near], owner[near]], axis=1), axis=0,
+                                 return_index=True)
+        if len(pairs):
+            self.added.link(pairs[:, 0], pairs[:, 1], sims[near][first])
+
+    @property
+    def near_depth(self) -> int:
+        """How deep a bundle song's SimilarSongs is a lookup with songs added (the table's
+        depth, at most NEAR_DEPTH)."""
+        return min(NEAR_DEPTH, self.table_depth)
 
     def _labels(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
@@ -312,6 +346,23 @@ class HnswSearch:
         cand = np.concatenate([reps[:, None], table[slots].astype(np.int64)], axis=1)
         cand_sims = np.concatenate([np.ones((len(rows), 1), dtype=np.float32),
                                     self._table_sims[slots].astype(np.float32)], axis=1)
+        if self.added.count and k <= self.near_depth + 1:
+            # Lookup: the table's lists and each song's linked added songs, merged.
+            width = cand.shape[1]
+            extra = [self.added.near_of(int(r)) for r in reps.tolist()]
+            most = max(len(e[0]) for e in extra)
+            if most:
+                more = np.full((len(rows), most), -1, dtype=np.int64)
+                more_sims = np.full((len(rows), most), -np.inf, dtype=np.float32)
+                for i, (songs, sims) in enumerate(extra):
+                    more[i, : len(songs)] = songs
+                    more_sims[i, : len(songs)] = sims
+                cand = np.concatenate([cand, more], axis=1)
+                cand_sims = np.concatenate([cand_sims, more_sims], axis=1)
+                order = np.argsort(-cand_sims, axis=1, kind="stable")[:, :width]
+                cand = np.take_along_axis(cand, order, axis=1)
+                cand_sims = np.take_along_axis(cand_sims, order, axis=1)
+            return self._expand_rows(cand, cand_sims, k)
         if self.added.count:
             # Duplicates expand first (each hit stands for its whole group), then the
             # added songs' hits merge in by similarity.
@@ -336,9 +387,10 @@ class AddedSongs:
     """Songs added at run time: their unit vectors (rows ``first``, ``first + 1``, ... in
     the order they came) and an hnswlib graph over them, separate from the bundle's.
 
-    Searches ask the graph for ``max(k, ef)`` candidates and re-score them exactly against
-    the stored vectors. The graph starts with room for ``capacity`` songs and doubles when
-    full (a resize copies only this graph, never the bundle's)."""
+    Searches ask the graph for ``k`` candidates (searching ``max(k, ef)`` deep) and
+    re-score them exactly against the stored vectors. The graph starts with room for
+    ``capacity`` songs and doubles when full (a resize copies only this graph, never the
+    bundle's)."""
 
     def __init__(self, dim: int, first: int, capacity: int, *, m: int = 16,
                  ef_construction: int = 100, ef: int = 100) -> None:
@@ -349,6 +401,32 @@ class AddedSongs:
         self._unit = np.empty((0, dim), dtype=np.float32)
         self._index: Any = None
         self.resizes = 0  # how often the graph grew past its capacity
+        # Bundle song (representative) -> positions in the arrays below of the added songs
+        # among its nearest (see HnswSearch.link): its SimilarSongs stays a lookup.
+        self.near: dict[int, list[int]] = {}
+        self._near_song = np.empty(0, dtype=np.int64)
+        self._near_sim = np.empty(0, dtype=np.float32)
+        self._n_near = 0
+
+    def link(self, bundle_reps: np.ndarray, songs: np.ndarray, sims: np.ndarray) -> None:
+        """Record added ``songs[i]`` among the nearest of bundle song ``bundle_reps[i]``."""
+        end = self._n_near + len(songs)
+        if end > len(self._near_song):
+            size = max(end, 2 * len(self._near_song), 1024)
+            self._near_song = np.resize(self._near_song, size)
+            self._near_sim = np.resize(self._near_sim, size)
+        self._near_song[self._n_near : end] = songs
+        self._near_sim[self._n_near : end] = sims
+        for offset, rep in enumerate(bundle_reps.tolist()):
+            self.near.setdefault(rep, []).append(self._n_near + offset)
+        self._n_near = end
+
+    def near_of(self, rep: int) -> tuple[np.ndarray, np.ndarray]:
+        """The added songs linked to bundle song ``rep`` and their similarities."""
+        positions = self.near.get(rep)
+        if not positions:
+            return self._near_song[:0], self._near_sim[:0]
+        return self._near_song[positions], self._near_sim[positions]
 
     def add(self, codes: np.ndarray, labels: np.ndarray) -> None:
         labels = np.asarray(labels, dtype=np.int64)
@@ -386,7 +464,7 @@ class AddedSongs:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest added songs of each query, exactly re-scored, best first."""
         queries = np.atleast_2d(queries).astype(np.float32)
-        depth = min(self.count, max(k, self.ef))
+        depth = min(self.count, k)  # the graph searches max(ef, k) deep anyway
         cand, _ = self._index.knn_query(queries, k=depth)
         unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
         cand = cand.astype(np.int64)

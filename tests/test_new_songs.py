@@ -78,7 +78,7 @@ def test_added_songs_reach_every_strategy(tiny_bundle: Path, tiny_split: Path) -
     # similarity to its anchors is ~0.5), so the playlist strategies get a larger share.
     n = model.n_bundle
     engine = model.engine
-    anchors, _ = engine.anchors(engine.songs.vectors(np.arange(n, n + 60)))
+    anchors, _, _ = engine.anchors(engine.songs.vectors(np.arange(n, n + 60)))
     for strategy in STRATEGIES:
         share = {} if strategy == "ae-quota" else {"new_share": 4.0}
         got = [run_strategy(strategy, engine.catalog, engine.songs, engine.playlists,

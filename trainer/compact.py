@@ -94,8 +94,10 @@ def compact(bundle: Path, data_dir: Path, out: Path, *, threads: int = 2,
             arrays["song_artist_blob"], arrays["song_artist_offsets"],
             [s.artists for s in served])
     # Anchors: the compacted songs keep those AddSongs gave them.
-    anchors, anchor_sims = engine.anchors(unit_new) if n_new else (
-        np.zeros((0, 1), np.int64), np.zeros((0, 1), np.float32))
+    if n_new:
+        anchors, anchor_sims, _ = engine.anchors(unit_new)
+    else:
+        anchors, anchor_sims = np.zeros((0, 1), np.int64), np.zeros((0, 1), np.float32)
     old_rows = arrays.get("attached_rows")
     if old_rows is not None:
         anchors = np.concatenate([arrays["attached_anchors"], anchors])
