@@ -6,8 +6,8 @@ run time against none, as a markdown table.
 
 Two models of the same bundle are loaded in this process: one stays as loaded, the other
 grows by AddSongs' own path (``LiveModel.encode_new`` then ``LiveModel.insert``: encoder,
-the added songs' graph, anchors). The songs added are the split's ``song_meta.json``
-records under fresh ids (metadata only), cycled. At each step both models answer the same
+the added songs' graph, the links that keep SimilarSongs a lookup). The songs added are
+the split's ``song_meta.json`` records under fresh ids (metadata only), cycled. At each step both models answer the same
 calls one at a time, alternating, and the table gives each model's median (p50) and p90
 latency and the ratio grown / as loaded, so noise from other work on the machine hits both.
 """
@@ -114,7 +114,7 @@ def run(bundle: Path, data: Path, steps: Sequence[int], n_calls: int
         seconds = grow(grown, records, step)
         if step:
             notes.append(f"{step:,} added: {seconds:.0f} s to add the last batch of steps "
-                         f"(encoder, graph, anchors).")
+                         f"(encoder, graph, links).")
         for name in loads["base"]:
             for _ in range(2):  # warm both once, then measure
                 timed(loads["base"][name][:5])
@@ -129,8 +129,8 @@ def run(bundle: Path, data: Path, steps: Sequence[int], n_calls: int
                   file=sys.stderr)
     songs = grown.engine.songs
     notes.append(f"The added songs' graph grew {songs.added.resizes} time(s) past "
-                 f"--capacity {capacity:,}; {grown.engine.catalog.attached.count:,} songs "
-                 f"attached to anchors.")
+                 f"--capacity {capacity:,}; {len(songs.added.near):,} bundle songs have "
+                 f"added songs among their {songs.near_depth} nearest.")
     return rows, notes
 
 

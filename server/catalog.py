@@ -150,118 +150,6 @@ class NeighbourCF:
                            int(n_playlists), int(k), float(alpha))
 
 
-# Songs no training playlist holds (issue 16). ``ae-neighbours`` and ``ae-hybrid`` score
-# songs by the votes of neighbour playlists, and such a song gets none: one added at run
-# time (AddSongs), one compacted into a bundle (``trainer.compact``), or a bundle song only
-# validation playlists hold. The policy: each is attached to its ``ANCHORS`` nearest songs by
-# code among those playlists hold (its anchors, with their cosine similarities); when an
-# anchor is among a question's best-voted candidates, the attached song is a candidate too,
-# scored ``new_share x anchor's votes x similarity`` (its best anchor counts), with that
-# anchor's playlist as its reason. A new song thus ranks just below the songs it resembles,
-# and only for questions that vote for them.
-ANCHORS = 5  # anchors per attached song
-CANDIDATES = 200  # nearest songs searched for anchors (metadata-only codes sit apart)
-NEW_SHARE = 0.5  # default share of an anchor's votes (strategy option ``new_share``)
-
-
-class Attachments:
-    """Anchor song row -> the songs attached to it (and their similarity to it).
-
-    Bundle songs' attachments are one CSR block built at load; songs added at run time go
-    into a dict of per-anchor lists (appends cost O(ANCHORS), where rebuilding a CSR grew
-    with every song). Call :meth:`attach` with writers excluded."""
-
-    def __init__(self, n_songs: int) -> None:
-        self._bundle = RowLists(np.zeros(n_songs + 1, dtype=np.int64),
-                                np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32))
-        self._added: dict[int, list[int]] = {}  # anchor -> flat positions in the arrays below
-        self._rows = np.empty(0, dtype=np.int64)
-        self._sims = np.empty(0, dtype=np.float32)
-        self._n_flat = 0
-        self.count = 0  # attached songs
-
-    def set_bundle(self, rows: np.ndarray, anchors: np.ndarray, sims: np.ndarray) -> None:
-        """The bundle's own attached songs: ``rows[i]`` has anchors ``anchors[i]`` (-1:
-        none) with similarities ``sims[i]``."""
-        keep = anchors >= 0
-        owner = np.broadcast_to(np.asarray(rows, dtype=np.int64)[:, None], anchors.shape)[keep]
-        anchor, sim = anchors[keep].astype(np.int64), sims[keep].astype(np.float32)
-        order = np.argsort(anchor, kind="stable")
-        n = self._bundle.n_rows
-        indptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(np.bincount(anchor, minlength=n), out=indptr[1:])
-        self._bundle = RowLists(indptr, owner[order].astype(np.int32), sim[order])
-        self.count += int(keep.any(axis=1).sum())
-
-    def attach(self, rows: np.ndarray, anchors: np.ndarray, sims: np.ndarray) -> None:
-        """Attach songs added at run time (same layout as :meth:`set_bundle`)."""
-        end = self._n_flat + anchors.size
-        if end > len(self._rows):
-            size = max(end, 2 * len(self._rows), 1024)
-            self._rows = np.resize(self._rows, size)
-            self._sims = np.resize(self._sims, size)
-        self._rows[self._n_flat : end] = np.repeat(np.asarray(rows, dtype=np.int64),
-                                                   anchors.shape[1])
-        self._sims[self._n_flat : end] = sims.ravel()
-        for offset, anchor in enumerate(anchors.ravel().tolist()):
-            if anchor >= 0:
-                self._added.setdefault(anchor, []).append(self._n_flat + offset)
-        self._n_flat = end
-        self.count += int((anchors >= 0).any(axis=1).sum())
-
-    def share(self, rows: np.ndarray, scores: np.ndarray, sources: np.ndarray, share: float
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Candidates attached to the voted ``rows`` (with their ``scores`` and source
-        playlists): each attached song once, scored ``share x score x similarity`` by its
-        best anchor among ``rows``, with that anchor's source."""
-        empty = (np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int64))
-        if not self.count or not len(rows) or share <= 0:
-            return empty
-        rows = np.asarray(rows, dtype=np.int64)
-        inside = rows < self._bundle.n_rows
-        owner, attached, sims = gather_rows(self._bundle, rows[inside])
-        owner = np.flatnonzero(inside)[owner]
-        parts_owner, parts_rows, parts_sims = [owner], [attached.astype(np.int64)], [sims]
-        if self._added:
-            for i, row in enumerate(rows.tolist()):
-                flat = self._added.get(row)
-                if flat:
-                    parts_owner.append(np.full(len(flat), i, dtype=np.int64))
-                    parts_rows.append(self._rows[flat])
-                    parts_sims.append(self._sims[flat])
-        owner = np.concatenate(parts_owner)
-        if not len(owner):
-            return empty
-        cand = np.concatenate(parts_rows)
-        value = share * scores[owner].astype(np.float64) * np.concatenate(parts_sims)
-        order = np.lexsort((-value, cand))  # by song, its best anchor first
-        first = np.ones(len(order), dtype=bool)
-        first[1:] = cand[order][1:] != cand[order][:-1]
-        best = order[first]
-        return cand[best], value[best], sources[owner[best]]
-
-
-def pick_anchors(cand: np.ndarray, sims: np.ndarray, offsets: np.ndarray,
-                 popularity: np.ndarray, n_anchors: int = ANCHORS
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """From flat neighbour lists (``offsets[i]:offsets[i + 1]`` is song ``i``'s, best
-    first), each song's first ``n_anchors`` neighbours that playlists hold: ``(n,
-    n_anchors)`` rows (-1 where fewer) and similarities."""
-    n = len(offsets) - 1
-    owner = np.repeat(np.arange(n), np.diff(offsets))
-    ok = (cand >= 0) & (cand < len(popularity))
-    ok[ok] = popularity[cand[ok]] > 0
-    rank = np.cumsum(ok) - 1
-    first_of_owner = np.concatenate([[0], np.cumsum(ok)])[offsets[:-1]]
-    rank = rank - first_of_owner[owner]
-    keep = ok & (rank < n_anchors)
-    anchors = np.full((n, n_anchors), -1, dtype=np.int64)
-    out_sims = np.zeros((n, n_anchors), dtype=np.float32)
-    anchors[owner[keep], rank[keep]] = cand[keep]
-    out_sims[owner[keep], rank[keep]] = sims[keep]
-    return anchors, out_sims
-
-
 class RowIndex:
     """Song id -> bundle row, as two sorted arrays. A dict of 700k ids costs ~80 MB of
     Python objects, spread through the allocator's arenas, where a reload under load left
@@ -324,12 +212,8 @@ class Catalog:
     popular_tags: np.ndarray = field(init=False)
     tag_order: np.ndarray = field(init=False)  # every tag, most popular first
     row_of_id: RowIndex = field(init=False)
-    # Songs no training playlist holds, attached to songs playlists hold (filled by the
-    # engine at load and by each AddSongs).
-    attached: Attachments = field(init=False)
 
     def __post_init__(self) -> None:
-        self.attached = Attachments(len(self.song_ids))
         self.tag_index = {t: i for i, t in enumerate(self.tags)}
         self.word_index = {w: i for i, w in enumerate(self.words)}
         self.popular_songs = np.argsort(-self.popularity, kind="stable")[:5000]

@@ -17,7 +17,7 @@ import onnxruntime as ort
 from server import bundle as bundle_files
 from server import voting
 from server.bundle import Manifest
-from server.catalog import ANCHORS, CANDIDATES, Catalog, pick_anchors
+from server.catalog import Catalog
 from server.columns import ColumnSpace, SongMeta, pad_batch
 from server.search import HnswSearch, VectorSearch
 from server.strategies import STRATEGIES, Answer, Query, run_strategy
@@ -68,9 +68,6 @@ class Engine:
         self.encoder = encoder
         self._names = (arrays.get("song_name_blob"), arrays.get("song_name_offsets"))
         self._artists = (arrays.get("song_artist_blob"), arrays.get("song_artist_offsets"))
-        # Anchors of songs compacted into the bundle (trainer.compact), if any.
-        self._stored_anchors = tuple(arrays.get(k) for k in (
-            "attached_rows", "attached_anchors", "attached_sims"))
 
     @staticmethod
     def load(root: str | Path, *, verify: bool = True, capacity: int = 100_000,
@@ -128,7 +125,6 @@ class Engine:
         engine = Engine(root, manifest, catalog,
                         song_search(root, songs, rep_of, table, codes, capacity),
                         HnswSearch(playlists), encoder, arrays)
-        engine.attach_bundle_songs()
         return engine
 
     @property
@@ -152,49 +148,6 @@ class Engine:
         names the strategy that ran."""
         return run_strategy(self.resolve_strategy(strategy), self.catalog, self.songs,
                             self.playlists, query)
-
-    def attach_bundle_songs(self, chunk: int = 10_000) -> None:
-        """Attach the bundle's songs that no training playlist holds to their anchors,
-        read from the exact neighbour table (no graph query); without a table they stay
-        unattached (see ``Catalog.attached``)."""
-        # Songs compacted into the bundle keep the anchors they had when added
-        # (trainer.compact stores them); the others' come from the table.
-        parts = []
-        stored, stored_anchors, stored_sims = self._stored_anchors
-        if stored is not None and stored_anchors is not None and stored_sims is not None:
-            parts.append((stored.astype(np.int64), stored_anchors, stored_sims))
-        cold = np.flatnonzero(self.catalog.popularity == 0)
-        if stored is not None:
-            cold = np.setdiff1d(cold, stored.astype(np.int64))
-        if self.songs.table_depth:
-            for start in range(0, len(cold), chunk):
-                rows = cold[start : start + chunk]
-                cand, sims, offsets = self.songs.neighbour_lists(
-                    rows, self.songs.table_depth, allow_short=True)
-                parts.append((rows, *pick_anchors(cand, sims, offsets,
-                                                  self.catalog.popularity)))
-        if not parts:
-            return
-        width = ANCHORS
-        self.catalog.attached.set_bundle(
-            np.concatenate([p[0] for p in parts]),
-            np.concatenate([p[1][:, :width] for p in parts]).astype(np.int64),
-            np.concatenate([p[2][:, :width] for p in parts]).astype(np.float32))
-        if len(cold):
-            log.info("%d of %d songs no training playlist holds attached to their nearest "
-                     "songs playlists hold", self.catalog.attached.count, len(cold))
-
-    def anchors(self, codes: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        """Anchors of songs added at run time, by their codes: the nearest bundle songs
-        that playlists hold (see ``Catalog.attached``), their similarities, and the
-        nearest bundle songs searched (for ``HnswSearch.add``). Reads the bundle's graph
-        only."""
-        labels, sims = self.songs.search_bundle(codes, CANDIDATES)
-        offsets = np.arange(len(labels) + 1, dtype=np.int64) * labels.shape[1]
-        anchors, anchor_sims = pick_anchors(labels.ravel(), sims.ravel(), offsets,
-                                            self.catalog.popularity)
-        return anchors, anchor_sims, (labels, sims)
 
     def nearest_to(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.songs.search(codes, k)

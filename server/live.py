@@ -18,6 +18,7 @@ from server.config import ServerConfig
 from server.engine import Engine
 from server.errors import InvalidArgument, NotFound
 from server.locks import RWLock
+from server.search import NEAR_CANDIDATES
 from server.strategies import (
     REASON_PLAYLIST,
     REASON_SEED,
@@ -297,12 +298,11 @@ class LiveModel:
         if not songs:
             return
         with self.lock.read():  # the bundle's graph only: no writer changes it
-            anchors, anchor_sims, hits = self.engine.anchors(codes)
+            hits = self.engine.songs.search_bundle(codes, NEAR_CANDIDATES)
         with self.lock.write():
             start = self.n_bundle + len(self._added_ids)
             rows = np.arange(start, start + len(songs), dtype=np.int64)
             self.engine.songs.add(codes, rows, hits)
-            self.engine.catalog.attached.attach(rows, anchors, anchor_sims)
             for offset, song in enumerate(songs):
                 self._row_of_added[song.song_id] = start + offset
                 self._added_ids.append(song.song_id)

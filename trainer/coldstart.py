@@ -9,9 +9,9 @@ ties by id) are removed from the training playlists and from ``song_meta.json`` 
 of the split; a bundle is trained on that copy (``trainer.train --preset P --groups
 ...``, metadata groups included: a new song has nothing else); the held-out songs are then
 added to the loaded model by :meth:`server.live.LiveModel.replay`, the code AddSongs and
-the write-ahead log replay run (encoder on metadata, then the index and the attachments of
-``server.catalog.Attachments``). Every validation question is answered by every strategy
-with and without the added songs, and by two metadata baselines:
+the write-ahead log replay run (encoder on metadata, then the added songs' graph). Every
+validation question is answered by every strategy with and without the added songs, and by
+two metadata baselines:
 
 - ``baseline-popular-new``: the held-out songs, most popular artist first (an artist's
   popularity: how many training playlist entries its songs have), the same list for every
@@ -289,8 +289,7 @@ def evaluate(split: Path, work: Path, fraction: float, preset: str, groups: str,
             "held_out_songs": len(held), "added": added, "unplaceable": skipped,
             "add_seconds": round(add_s, 2), "train_seconds": round(train_s, 1),
             "questions": len(questions), "held_out_in_answers": in_answers,
-            "fraction": fraction, "preset": preset, "groups": groups,
-            "attached": catalog.attached.count}
+            "fraction": fraction, "preset": preset, "groups": groups}
 
 
 def table(report: dict[str, Any]) -> str:
@@ -311,7 +310,7 @@ def render(report: dict[str, Any], name: str, command: str) -> str:
             f"{report['held_out_songs']} held-out songs (the newest "
             f"{report['fraction']:.0%} of those training playlists hold), "
             f"{report['added']} added through the add path ({report['unplaceable']} "
-            f"unplaceable, {report['attached']} attached to anchors) in "
+            f"unplaceable) in "
             f"{report['add_seconds']} s; {report['questions']} validation questions whose "
             f"answers hold {report['held_out_in_answers']} held-out songs; bundle: "
             f"`--preset {report['preset']} --groups {report['groups']}`.\n\n"

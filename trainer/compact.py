@@ -3,13 +3,13 @@
     python -m trainer.compact --bundle bundles/demo --data-dir DATA_DIR --out bundles/demo-c1
 
 Reads the songs logged in the server's ``--data-dir`` (read only: a running server may keep
-appending), encodes them with the bundle's own encoder and attaches them exactly as AddSongs
-does (:meth:`server.live.LiveModel.replay`), then writes a new bundle in which they are
-ordinary bundle songs (rows after the old ones): in the song graph, in ``codes.npy``, in
-the exact neighbour table (recomputed over every song, so old songs' lists include the new
-ones), in the song arrays (ids, names, issue dates; no playlists, popularity 0) and with
-their anchors (``attached_*`` arrays), so ``ae-neighbours``/``ae-hybrid`` rank them as
-before. Encoder, playlists and neighbour CF are unchanged.
+appending), encodes them with the bundle's own encoder exactly as AddSongs does
+(:meth:`server.live.LiveModel.replay`), then writes a new bundle in which they are ordinary
+bundle songs (rows after the old ones): in the song graph, in ``codes.npy``, in the exact
+neighbour table (recomputed over every song, so old songs' lists include the new ones) and
+in the song arrays (ids, names, issue dates; no playlists, popularity 0, so the strategies
+treat them as they treated them added: see ``server.strategies._with_seed_neighbours``).
+Encoder, playlists and neighbour CF are unchanged.
 
 ``Admin.ReloadModel`` to the new bundle serves the same songs, SimilarSongs of the compacted
 ones now being table lookups. The log is not touched: songs added after the compaction stay
@@ -93,21 +93,6 @@ def compact(bundle: Path, data_dir: Path, out: Path, *, threads: int = 2,
         arrays["song_artist_blob"], arrays["song_artist_offsets"] = _append_strings(
             arrays["song_artist_blob"], arrays["song_artist_offsets"],
             [s.artists for s in served])
-    # Anchors: the compacted songs keep those AddSongs gave them.
-    if n_new:
-        anchors, anchor_sims, _ = engine.anchors(unit_new)
-    else:
-        anchors, anchor_sims = np.zeros((0, 1), np.int64), np.zeros((0, 1), np.float32)
-    old_rows = arrays.get("attached_rows")
-    if old_rows is not None:
-        anchors = np.concatenate([arrays["attached_anchors"], anchors])
-        anchor_sims = np.concatenate([arrays["attached_sims"], anchor_sims])
-        rows_attached = np.concatenate([old_rows, rows])
-    else:
-        rows_attached = rows
-    arrays["attached_rows"] = rows_attached.astype(np.int64)
-    arrays["attached_anchors"] = anchors.astype(np.int32)
-    arrays["attached_sims"] = anchor_sims.astype(np.float32)
     bundle_files.save_arrays(staging, arrays)
     # The song graph: the bundle's, plus the new songs.
     index = bundle_files.load_hnsw(bundle, manifest.song_index, bundle_files.SONG_INDEX,
