@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # PostgreSQL and nginx from the Debian packages: the replica tests, benchmarks and demo
-# start their own throwaway servers of both (server/sidecars.py). Needs root (CI is root).
+# start their own throwaway servers of both (clients/sidecars.py). Needs root (CI is root).
 sidecars:
 	@if command -v nginx >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		echo "postgresql and nginx: installed"; \

@@ -572,7 +572,10 @@ class Server:
         await state.health.set("", NOT_SERVING)
         await state.health.set(RECOMMENDER, NOT_SERVING)
         await state.health.set(ADMIN, SERVING)
-        await self.grpc.start()
+        late = state.config.listen_after_load and (self.preloaded is not None
+                                                   or state.config.bundle is not None)
+        if not late:
+            await self.grpc.start()
         if state.config.metrics_port:
             self.metrics_port = state.metrics.serve(state.config.host,
                                                     state.config.metrics_port)
@@ -591,6 +594,8 @@ class Server:
         else:
             log.info("no --bundle: NOT_SERVING on %s until Admin.ReloadModel",
                      state.config.target)
+        if late:
+            await self.grpc.start()
         if state.store is not None:
             state.metrics.store_up.set(1)
             self.follower = asyncio.create_task(state.follow(), name="songrec-store-follower")

@@ -60,6 +60,9 @@ class ServerConfig:
     playlist_ef: int = 0  # HNSW ef for playlist searches (ae-neighbours, ae-hybrid); 0: bundle's
     similar_batch: int = 256  # most SimilarSongs lookups per index query; 0: no batching
     verify: bool = True  # sha256 of every bundle file at load
+    # Bind the port only once --bundle is loaded: behind a balancer without active health
+    # checks (nginx), no call then reaches a replica that cannot answer yet.
+    listen_after_load: bool = False
     grace_s: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
     log_format: str = "text"
     log_level: str = "INFO"
@@ -183,6 +186,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    default=_env(environ, "VERIFY", _bool, d.verify),
                    help="skip the sha256 check of the bundle's files at start-up")
+    p.add_argument("--listen-after-load", action="store_true",
+                   default=_env(environ, "LISTEN_AFTER_LOAD", _bool, d.listen_after_load),
+                   help="open the port only once --bundle is loaded (default: at once, "
+                        "with health NOT_SERVING until loaded); for balancers that do not "
+                        "probe health, such as nginx")
     p.add_argument("--grace", dest="grace_s", type=float,
                    default=_env(environ, "GRACE", float, d.grace_s),
                    help="seconds in-flight calls get to finish after SIGTERM")

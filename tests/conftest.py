@@ -72,7 +72,7 @@ def _sidecar_missing(reason: str) -> None:
 @pytest.fixture(scope="session")
 def postgres():  # type: ignore[no-untyped-def]
     """A PostgreSQL server (the Debian package's) for the whole session, on loopback."""
-    from server.sidecars import LocalPostgres, SidecarError, postgres_bin
+    from clients.sidecars import LocalPostgres, SidecarError, postgres_bin
 
     if postgres_bin() is None:
         _sidecar_missing("PostgreSQL is not installed")
@@ -98,7 +98,7 @@ def pg_url(postgres, request: pytest.FixtureRequest) -> str:  # type: ignore[no-
 
 @pytest.fixture(scope="session")
 def nginx_available() -> None:
-    from server.sidecars import nginx_bin
+    from clients.sidecars import nginx_bin
 
     if nginx_bin() is None:
         _sidecar_missing("nginx is not installed")

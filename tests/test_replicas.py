@@ -15,12 +15,12 @@ from typing import Any
 import grpc
 import pytest
 
+from clients.sidecars import free_port
 from clients.soak import ServerProcess
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
 from server.config import ServerConfig
 from server.engine import SongMeta
-from server.sidecars import free_port
 from server.store import open_store
 from server.testing import ServerThread
 from server.validation import NewSong
