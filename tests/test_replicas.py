@@ -225,3 +225,28 @@ def test_processes_accept_add_songs_and_all_serve_them(tiny_bundle: Path,
         assert server.wait(timeout=60) == 0
     finally:
         server.kill()
+
+
+def test_add_songs_on_a_full_store_writes_nothing_and_recovers(tiny_bundle: Path,
+                                                               tmp_path: Path) -> None:
+    """The store cannot grow (SQLite's page limit: a full disk as SQLite sees it):
+    AddSongs answers RESOURCE_EXHAUSTED, serves and stores none of the call's songs, and
+    works again once there is room. Inference goes on throughout."""
+    url = f"sqlite:///{tmp_path / 'songs.db'}"
+    with replica(tiny_bundle, url, tmp_path, "a") as a:
+        add(a.target, new_songs(87_000_000, 1))
+        store = a.server.state.store
+        conn = store._conn  # type: ignore[union-attr]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+        big = [pb2.NewSong(song_id=87_000_100 + i, metadata=META, name="n" * 900)
+               for i in range(100)]
+        with pytest.raises(grpc.RpcError) as exc:
+            add(a.target, big)
+        assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert "no space left" in exc.value.details()  # type: ignore[attr-defined]
+        assert not serves(a.target, 87_000_100) and serves(a.target, 87_000_000)
+        assert store.count() == 1  # type: ignore[union-attr]
+        conn.execute("PRAGMA max_page_count = 1073741823")
+        assert len(add(a.target, big).added_song_ids) == 100
+        assert serves(a.target, 87_000_199)
