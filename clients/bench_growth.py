@@ -7,9 +7,10 @@ run time against none, as a markdown table.
 Two models of the same bundle are loaded in this process: one stays as loaded, the other
 grows by AddSongs' own path (``LiveModel.encode_new`` then ``LiveModel.insert``: encoder,
 the added songs' graph, the links that keep SimilarSongs a lookup). The songs added are
-the split's ``song_meta.json`` records under fresh ids (metadata only), cycled. At each step both models answer the same
-calls one at a time, alternating, and the table gives each model's median (p50) and p90
-latency and the ratio grown / as loaded, so noise from other work on the machine hits both.
+the split's ``song_meta.json`` records under fresh ids (metadata only), cycled. At each
+step both models answer the same calls one at a time, alternating, and the table gives each
+model's median (p50) and p90 latency and the ratio grown / as loaded, so noise from other
+work on the machine hits both.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Compaction: a bundle that holds the songs added at run time, without retraining.
 
     python -m trainer.compact --bundle bundles/demo --data-dir DATA_DIR --out bundles/demo-c1
+    python -m trainer.compact --bundle B --store postgresql://... --out B2
 
-Reads the songs logged in the server's ``--data-dir`` (read only: a running server may keep
-appending), encodes them with the bundle's own encoder exactly as AddSongs does
+Reads the songs added at run time from the server's song store (``--store URL``, default the
+SQLite file in ``--data-dir``; a ``songs.wal`` there not yet imported is read too, without
+touching it), while servers may keep adding; encodes them with the bundle's own encoder exactly as AddSongs does
 (:meth:`server.live.LiveModel.replay`), then writes a new bundle in which they are ordinary
 bundle songs (rows after the old ones): in the song graph, in ``codes.npy``, in the exact
 neighbour table (recomputed over every song, so old songs' lists include the new ones) and
@@ -12,8 +14,8 @@ treat them as they treated them added: see ``server.strategies._with_seed_neighb
 Encoder, playlists and neighbour CF are unchanged.
 
 ``Admin.ReloadModel`` to the new bundle serves the same songs, SimilarSongs of the compacted
-ones now being table lookups. The log is not touched: songs added after the compaction stay
-in it and are re-added on reload, and songs the bundle now holds are skipped (never
+ones now being table lookups. The store is not touched: songs added after the compaction
+stay in it and are added on reload, and songs the bundle now holds are skipped (never
 duplicated). The neighbour table is the slow part (see ``trainer.neighbours``; resumable
 through ``OUT.work``).
 """
@@ -33,6 +35,8 @@ import numpy as np
 from server import bundle as bundle_files
 from server.bundle import BundleError
 from server.live import LiveModel
+from server.store import SQLITE_FILE, StoreConfigError, StoreError, default_url, open_store
+from server.validation import NewSong
 from server.wal import WalError, read_songs
 from trainer.neighbours import exact_neighbours, table_arrays
 
@@ -46,10 +50,29 @@ def _append_strings(blob: np.ndarray, offsets: np.ndarray, items: Sequence[str]
             np.concatenate([offsets, offsets[-1] + extra_off[1:]]))
 
 
-def compact(bundle: Path, data_dir: Path, out: Path, *, threads: int = 2,
-            progress: bool = True) -> dict[str, int]:
-    """Write ``out``: ``bundle`` plus the songs logged in ``data_dir``. Returns counts."""
-    songs = read_songs(data_dir)
+def stored_songs(data_dir: Path | None, url: str | None) -> list[NewSong]:
+    """Every song added at run time: the store's (in commit order), then those of a log in
+    ``data_dir`` the store lacks. A data directory without a store file has none."""
+    songs: list[NewSong] = []
+    if url is None and data_dir is not None and (data_dir / SQLITE_FILE).exists():
+        url = default_url(data_dir)
+    if url is not None:
+        store = open_store(url)
+        try:
+            songs = [s.song for s in store.all()]
+        finally:
+            store.close()
+    if data_dir is not None:
+        known = {s.song_id for s in songs}
+        songs += [s for s in read_songs(data_dir) if s.song_id not in known]
+    return songs
+
+
+def compact(bundle: Path, data_dir: Path | None, out: Path, *, store: str | None = None,
+            threads: int = 2, progress: bool = True) -> dict[str, int]:
+    """Write ``out``: ``bundle`` plus the songs added at run time (see
+    :func:`stored_songs`). Returns counts."""
+    songs = stored_songs(data_dir, store)
     model = LiveModel.load(bundle, verify=True, capacity=max(len(songs), 1), threads=threads)
     added, unplaceable = model.replay(songs)
     engine = model.engine
@@ -134,8 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.compact",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, required=True, help="the bundle served now")
-    p.add_argument("--data-dir", type=Path, required=True,
-                   help="the server's --data-dir (its log of added songs)")
+    p.add_argument("--data-dir", type=Path,
+                   help="the server's --data-dir (its SQLite song store, or old log)")
+    p.add_argument("--store", help="the servers' --store URL (default: sqlite in --data-dir)")
     p.add_argument("--out", type=Path, required=True, help="the new bundle to write")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -144,13 +168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --out must differ from --bundle (the server may be reading it)",
               file=sys.stderr)
         return 2
+    if args.data_dir is None and args.store is None:
+        print("error: name the added songs: --data-dir DIR or --store URL", file=sys.stderr)
+        return 2
     try:
-        counts = compact(args.bundle, args.data_dir, args.out, threads=args.threads)
-    except (BundleError, WalError) as exc:
+        counts = compact(args.bundle, args.data_dir, args.out, store=args.store,
+                         threads=args.threads)
+    except (BundleError, WalError, StoreError, StoreConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {counts['songs']} songs, {counts['compacted']} of "
-          f"{counts['logged']} logged songs compacted ({counts['unplaceable']} unplaceable)")
+          f"{counts['logged']} added songs compacted ({counts['unplaceable']} unplaceable)")
     return 0
 
 
