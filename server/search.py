@@ -3,6 +3,7 @@ reference, and training-time validation) and the hnswlib index the server answer
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Protocol
 
 import numpy as np
@@ -401,6 +402,12 @@ class AddedSongs:
         self._unit = np.empty((0, dim), dtype=np.float32)
         self._index: Any = None
         self.resizes = 0  # how often the graph grew past its capacity
+        # Songs with identical metadata have identical codes, and exact duplicates break
+        # HNSW's graph (as in the bundle's): the graph holds the first of each, and hits
+        # expand to the others.
+        self._first_of: dict[bytes, int] = {}
+        self._twins: dict[int, list[int]] = {}
+        self.in_graph = 0
         # Bundle song (representative) -> positions in the arrays below of the added songs
         # among its nearest (see HnswSearch.link): its SimilarSongs stays a lookup.
         self.near: dict[int, list[int]] = {}
@@ -443,20 +450,34 @@ class AddedSongs:
             grown[: self.count] = self._unit[: self.count]
             self._unit = grown
         self._unit[self.count : end] = unit
+        fresh = []
+        for i, label in enumerate(labels.tolist()):
+            # A 16-byte digest, not the code itself: 100k codes of 1024 floats as keys
+            # would hold 400 MB.
+            key = hashlib.blake2b(unit[i].tobytes(), digest_size=16).digest()
+            first = self._first_of.setdefault(key, label)
+            if first == label:
+                fresh.append(i)
+            else:
+                self._twins.setdefault(first, []).append(label)
+        self.count = end
+        if not fresh:
+            return
         if self._index is None:
             # hnswlib only here: the load test reads bundles through this package.
             import hnswlib
 
             self._index = hnswlib.Index(space="cosine", dim=self.dim)
-            self._index.init_index(max_elements=max(self.capacity, end),
+            self._index.init_index(max_elements=max(self.capacity, len(fresh)),
                                    ef_construction=self.ef_construction, M=self.m)
             self._index.set_ef(self.ef)
             self._index.set_num_threads(1)
-        if end > self._index.get_max_elements():
-            self._index.resize_index(max(end, 2 * self._index.get_max_elements()))
+        needed = self.in_graph + len(fresh)
+        if needed > self._index.get_max_elements():
+            self._index.resize_index(max(needed, 2 * self._index.get_max_elements()))
             self.resizes += 1
-        self._index.add_items(unit, labels)
-        self.count = end
+        self._index.add_items(unit[fresh], labels[fresh])
+        self.in_graph = needed
 
     def vectors(self, labels: np.ndarray) -> np.ndarray:
         return self._unit[np.asarray(labels, dtype=np.int64) - self.first]
@@ -464,10 +485,21 @@ class AddedSongs:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest added songs of each query, exactly re-scored, best first."""
         queries = np.atleast_2d(queries).astype(np.float32)
-        depth = min(self.count, k)  # the graph searches max(ef, k) deep anyway
-        cand, _ = self._index.knn_query(queries, k=depth)
-        unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        depth = min(self.in_graph, k)  # the graph searches max(ef, k) deep anyway
+        while True:
+            try:
+                cand, _ = self._index.knn_query(queries, k=depth)
+                break
+            except RuntimeError:
+                # The graph could not reach ``depth`` songs from a query: fewer, not none.
+                if depth <= 1:
+                    raise
+                depth //= 2
         cand = cand.astype(np.int64)
+        if self._twins:
+            cand = self._with_twins(cand, k)
+            depth = cand.shape[1]
+        unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
         scores = np.einsum("qkd,qd->qk", self._unit[cand - self.first], unit)
         take = min(k, depth)
         top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
@@ -475,6 +507,21 @@ class AddedSongs:
         order = np.argsort(-top_scores, axis=1, kind="stable")
         return (np.take_along_axis(np.take_along_axis(cand, top, axis=1), order, axis=1),
                 np.take_along_axis(top_scores, order, axis=1).astype(np.float32))
+
+    def _with_twins(self, cand: np.ndarray, k: int) -> np.ndarray:
+        """Each row of graph hits followed by their twins, cut to ``k`` (or the shortest
+        row's length, so the rows stay a matrix)."""
+        rows = []
+        for hits in cand.tolist():
+            row: list[int] = []
+            for label in hits:
+                row.append(label)
+                row.extend(self._twins.get(label, ()))
+                if len(row) >= k:
+                    break
+            rows.append(row[:k])
+        width = min(len(r) for r in rows)
+        return np.asarray([r[:width] for r in rows], dtype=np.int64)
 
     def merge(self, queries: np.ndarray, labels: np.ndarray, sims: np.ndarray, k: int
               ) -> tuple[np.ndarray, np.ndarray]:

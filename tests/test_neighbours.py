@@ -253,3 +253,22 @@ def test_added_songs_have_their_own_graph_with_recall_against_exact_search(
     labels, sims = songs.search(added[:5], 5)
     assert (labels[:, 0] == n + np.arange(5)).all()
     assert np.allclose(sims[:, 0], 1.0, atol=1e-4)
+
+
+def test_added_twins_stay_searchable() -> None:
+    """Many added songs with identical codes (identical metadata) go into the added
+    songs' graph once and come back as a group, where exact duplicates would break it."""
+    from server.search import AddedSongs
+
+    added = AddedSongs(8, first=100, capacity=4)
+    base = _unit(5, 8, seed=4)
+    codes = np.concatenate([np.repeat(base[:1], 60, axis=0), base[1:]])
+    for start in range(0, len(codes), 16):
+        part = codes[start : start + 16]
+        added.add(part, np.arange(100 + start, 100 + start + len(part)))
+    assert added.count == 64 and added.in_graph == 5
+    labels, sims = added.search(base[:1], 10)
+    assert labels.shape == (1, 10) and set(labels[0].tolist()) <= set(range(100, 160))
+    assert np.allclose(sims, 1.0, atol=1e-5)
+    labels, _ = added.search(base[4:5], 1)
+    assert labels[0, 0] == 163
