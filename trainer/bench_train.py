@@ -24,8 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from clients.benchtools import REPO, machine, shown_command
+from clients.benchtools import REPO, machine, replace_marked, shown_command
+from server.search import ExactSearch, HnswSearch, representatives
+from trainer.export import build_index, export_bundle
+from trainer.split import write_split
+from trainer.synth import generate, write_dataset
+from trainer.train import PRESETS, TrainConfig, Trainer, resolve_precision, set_threads
 
 log = logging.getLogger(__name__)
 MELON_DATA = REPO / "data" / "melon"
@@ -40,8 +46,6 @@ def peak_rss_gb() -> float:
 
 def matmul_gflops(dtype_name: str, repeats: int = 20) -> float:
     """Speed of the 1024x2048 @ 2048x1024 (and back) matmuls the middle layers run."""
-    import torch
-
     dtype = getattr(torch, dtype_name)
     a = torch.randn(2048, 2048, dtype=dtype)
     b = torch.randn(2048, 1024, dtype=dtype)
@@ -55,13 +59,9 @@ def matmul_gflops(dtype_name: str, repeats: int = 20) -> float:
 
 
 def prepare_melon(data: Path) -> Path:
-    from trainer.split import write_split
-
     if (data / "val_answers.json").exists():
         return data
     if not (MELON_DATA / "train.json").exists():
-        from trainer.synth import generate, write_dataset
-
         write_dataset(generate("melon", seed=1, progress=True), MELON_DATA, progress=True)
     write_split(MELON_DATA, data, progress=True)
     return data
@@ -69,6 +69,7 @@ def prepare_melon(data: Path) -> Path:
 
 def time_als(matrix: Any, threads: int) -> float:
     """implicit ALS, 128 factors, 15 iterations, on the songs x columns matrix."""
+    # implicit is optional (the 'als' extra): --skip-als runs without it.
     from implicit.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
@@ -85,9 +86,6 @@ def index_quality(codes: np.ndarray, reps: np.ndarray, m: int, ef_construction: 
                   ) -> dict[str, Any]:
     """Build the HNSW index over the distinct songs (``reps``) and compare it with exact
     search on random ones."""
-    from server.search import ExactSearch, HnswSearch
-    from trainer.export import build_index
-
     start = time.perf_counter()
     index, params = build_index(codes[reps], m, ef_construction, ef, threads, labels=reps)
     build_s = time.perf_counter() - start
@@ -118,9 +116,7 @@ def render(rows: list[tuple[str, str]], command: str) -> str:
 
 
 def replace_section(path: Path, body: str) -> None:
-    from trainer import bench_quality
-
-    bench_quality.replace_marked(path, body, START, END)
+    replace_marked(path, body, START, END)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="stop after the epoch and ALS: no codes, index or bundle")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from trainer.train import PRESETS, TrainConfig, Trainer, resolve_precision, set_threads
 
     set_threads(args.threads)
     data = prepare_melon(args.data)
@@ -192,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     codes_start = time.perf_counter()
     codes = trainer.song_codes()
     rows.append(("encode all songs (codes)", f"{time.perf_counter() - codes_start:.1f} s"))
-    from server.search import representatives
 
     rep_of = representatives(trainer.matrix.indptr, trainer.matrix.indices)
     reps = np.nonzero(rep_of == np.arange(len(rep_of)))[0]
@@ -209,8 +203,6 @@ def main(argv: list[str] | None = None) -> int:
         ("peak RSS overall", f"{peak_rss_gb():.2f} GB"),
     ]
     if args.bundle_out:
-        from trainer.export import export_bundle
-
         start = time.perf_counter()
         export_bundle(trainer.bundle_inputs(codes), args.bundle_out,
                       song_index=(quality["index"], quality["params"]))

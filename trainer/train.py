@@ -23,9 +23,30 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from server.bundle import BundleError
+from server.catalog import playlist_codes
+from server.search import ExactSearch
+from trainer.catalog import build_catalog
+from trainer.dataset import DataError, load_dataset, read_json
+from trainer.evaluate import score
 from trainer.export import BundleInputs, IndexSettings, export_bundle
+from trainer.features import FeatureConfig, build_song_matrix
+from trainer.model import (
+    ModelConfig,
+    RowSparseAdam,
+    SongAutoEncoder,
+    batch_loss,
+    bf16_is_fast,
+    make_batch,
+)
+from trainer.plots import plot_training
+from trainer.recommenders.ae import EmbeddingStrategy
+from trainer.recommenders.base import Popularity, complete, questions_from
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +116,8 @@ class TrainConfig:
 
 def set_threads(n: int) -> None:
     """Pin torch's intra-op pool; warn when OMP_NUM_THREADS would oversubscribe."""
-    import torch
-
     torch.set_num_threads(n)
-    try:
-        import numba
-
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:
-        pass
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     omp = os.environ.get("OMP_NUM_THREADS")
     if omp is None or int(omp) > (os.cpu_count() or n):
         log.warning("OMP_NUM_THREADS=%s: set it to at most the core count (%s) so BLAS and "
@@ -115,8 +129,6 @@ def resolve_precision(precision: str) -> str:
     here), else fp32."""
     if precision != "auto":
         return precision
-    from trainer.model import bf16_is_fast
-
     return "bf16" if bf16_is_fast() else "fp32"
 
 
@@ -125,13 +137,6 @@ class Trainer:
 
     def __init__(self, data_dir: Path, work_dir: Path, config: TrainConfig, *,
                  strict: bool = False) -> None:
-        import torch
-
-        from trainer.catalog import build_catalog
-        from trainer.dataset import load_dataset
-        from trainer.features import FeatureConfig, build_song_matrix
-        from trainer.model import ModelConfig, RowSparseAdam, SongAutoEncoder
-
         self.config = config
         self.work_dir = work_dir
         self.data_dir = data_dir
@@ -166,9 +171,6 @@ class Trainer:
     # -- validation -------------------------------------------------------------------
 
     def _validation_set(self) -> tuple[list[Any], list[dict[str, Any]]] | None:
-        from trainer.dataset import read_json
-        from trainer.recommenders.base import questions_from
-
         q_path = self.data_dir / "val_questions.json"
         a_path = self.data_dir / "val_answers.json"
         if not (q_path.exists() and a_path.exists()):
@@ -183,8 +185,6 @@ class Trainer:
 
     def song_codes(self, batch_size: int = 4096) -> np.ndarray:
         """Codes of every song row (eval mode, no dropout)."""
-        import torch
-
         self.model.eval()
         out = np.empty((self.matrix.shape[0], self.model_config.code_dim), dtype=np.float32)
         with torch.no_grad():
@@ -212,11 +212,6 @@ class Trainer:
     def validate(self, codes: np.ndarray | None = None) -> float | None:
         if self.validation is None:
             return None
-        from server.catalog import playlist_codes
-        from server.search import ExactSearch
-        from trainer.evaluate import score
-        from trainer.recommenders.ae import EmbeddingStrategy
-        from trainer.recommenders.base import Popularity, complete
 
         codes = self.song_codes() if codes is None else codes
         strategy = EmbeddingStrategy(
@@ -233,11 +228,6 @@ class Trainer:
     # -- training ---------------------------------------------------------------------
 
     def run_epoch(self) -> dict[str, float]:
-        import torch
-        from tqdm import tqdm
-
-        from trainer.model import batch_loss, make_batch
-
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, self.epoch])
         torch.manual_seed(cfg.seed * 100_003 + self.epoch)
@@ -310,8 +300,6 @@ class Trainer:
     # -- checkpoints, log, plot --------------------------------------------------------
 
     def save_checkpoint(self, name: str) -> None:
-        import torch
-
         state = {"config": self.config.to_json(), "epoch": self.epoch,
                  "best_score": self.best_score, "bad_rounds": self.bad_rounds,
                  "history": self.history, "model": self.model.state_dict(),
@@ -322,8 +310,6 @@ class Trainer:
         os.replace(tmp, self.work_dir / name)
 
     def load_checkpoint(self, path: Path, weights_only: bool = False) -> None:
-        import torch
-
         state = torch.load(path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
         if weights_only:
@@ -342,8 +328,6 @@ class Trainer:
             fh.write(json.dumps(record) + "\n")
 
     def plot(self) -> None:
-        from trainer.plots import plot_training
-
         plot_training(self.history, self.work_dir / "training.png")
 
 
@@ -417,8 +401,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.bundle import BundleError
-    from trainer.dataset import DataError
 
     try:
         config = config_from_args(args)
