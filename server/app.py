@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from protos.songrec.v1 import songrec_pb2 as pb2
@@ -25,6 +24,8 @@ from server.batching import SimilarBatcher
 from server.bundle import BundleError
 from server.config import ConfigError, ServerConfig
 from server.errors import FailedPrecondition
+from server.following import catch_up, open_configured_store
+from server.health import Health
 from server.interceptors import Gate, Tokens
 from server.live import LiveModel
 from server.memory import release_memory
@@ -39,8 +40,12 @@ from server.responses import (
     reloaded_pb,
     similar_responses_of,
 )
+from server.store import (
+    SongStore,
+    StoreError,
+)
 from server.validation import NewSong
-from server.wal import SongLog, WalError
+from server.wal import WalError
 from server.wire import WireMessage
 from server.workers import Workers, deadline_of
 
@@ -53,11 +58,12 @@ ADMIN = pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-# With --processes N, each process holds its own copy of the index: a write or a reload
-# taken by one would not reach the others.
+# With --processes N, each process holds its own model: a reload taken by one would not
+# reach the others. (Added songs do: every process follows the song store.)
 _ONE_PROCESS = ("{rpc}: this server runs {n} processes (--processes {n}), and a change "
                 "made in one would be missing from the others; restart it with the new "
-                "bundle, or run one process (with --data-dir) to change the model in place")
+                "bundle, or run one process to change the model in place")
+FOLLOW_BACKOFF_S = (0.1, 5.0)  # first and longest wait before retrying an unreachable store
 
 
 def metadata_fields(songs: Sequence[NewSong], request_order: Sequence[NewSong]) -> list[str]:
@@ -66,53 +72,22 @@ def metadata_fields(songs: Sequence[NewSong], request_order: Sequence[NewSong]) 
     return [f"songs[{position[song.song_id]}].metadata" for song in songs]
 
 
-# ---------------------------------------------------------------- health
-
-
-class Health(health_aio.HealthServicer):  # type: ignore[misc]
-    """grpc.health.v1 whose ``Watch`` streams end once a drain begins (after telling the
-    watcher NOT_SERVING): the stock servicer keeps them open, and an open stream holds
-    ``server.stop(grace)`` for the whole grace period. Otherwise the stock ``Watch``."""
-
-    async def Watch(self, request: health_pb2.HealthCheckRequest,
-                    context: grpc.aio.ServicerContext) -> None:
-        service = request.service
-        condition = self._server_watchers[service]
-        self._watcher_count_by_service[service] += 1
-        last = None
-        try:
-            async with condition:
-                while True:
-                    status = self._server_status.get(
-                        service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-                    if status != last:
-                        await context.write(health_pb2.HealthCheckResponse(status=status))
-                    last = status
-                    if self._gracefully_shutting_down:
-                        return
-                    await condition.wait()
-        finally:
-            self._watcher_count_by_service[service] -= 1
-            if self._watcher_count_by_service[service] == 0:
-                del self._server_watchers[service]
-                del self._watcher_count_by_service[service]
-
-
 # ---------------------------------------------------------------- serving state
 
 
 class ServingState:
-    """What the servicers share: the model (swapped whole on reload), the log of added
-    songs, the worker pool, health and metrics. Index writes and reloads run one at a time,
-    each in a shielded task, so a caller that gives up cannot leave one half done."""
+    """What the servicers share: the model (swapped whole on reload), the song store, the
+    worker pool, health and metrics. Index writes, reloads and the follower's catch-ups run
+    one at a time, each in a shielded task, so a caller that gives up cannot leave one half
+    done."""
 
     def __init__(self, config: ServerConfig, workers: Workers, metrics: Metrics,
-                 health: Health, wal: SongLog | None) -> None:
+                 health: Health, store: SongStore | None) -> None:
         self.config = config
         self.workers = workers
         self.metrics = metrics
         self.health = health
-        self.wal = wal
+        self.store = store
         self.batcher = (SimilarBatcher(workers, metrics, similar_responses_of,
                                       config.similar_batch)
                         if config.similar_batch else None)
@@ -152,7 +127,7 @@ class ServingState:
             await asyncio.wait(list(self._pending), timeout=timeout)
 
     def build(self, path: Path, verify: bool) -> tuple[LiveModel, int]:
-        """Load a bundle and re-add the logged songs to it (blocking)."""
+        """Load a bundle and add the store's songs to it (blocking)."""
         try:
             model = LiveModel.configured(self.config, path, verify)
         except OSError as exc:
@@ -160,11 +135,64 @@ class ServingState:
             # is unusable, the server is not broken, and the old model serves on.
             raise BundleError(f"{path}: unreadable ({exc.strerror or exc})") from None
         replayed = 0
-        if self.wal is not None and len(self.wal):
-            replayed, _ = model.replay(self.wal.songs())
-            log.info("re-added %d songs from the write-ahead log to model %s", replayed,
-                     model.version)
+        if self.store is not None:
+            replayed = catch_up(model, self.store)
+            if replayed or model.unplaceable:
+                log.info("added %d songs from the song store %s to model %s", replayed,
+                         self.store.url, model.version)
         return model, replayed
+
+    def apply_store(self) -> int:
+        """Serve the songs stored since the served model last looked (blocking; run it
+        with :meth:`exclusive`). Returns how many were added."""
+        model = self.model
+        if model is None or self.store is None:
+            return 0
+        added = catch_up(model, self.store)
+        if added:
+            log.info("applied %d songs from the song store (seq %d)", added,
+                     model.applied_seq)
+        return added
+
+    async def follow(self) -> None:
+        """Apply songs other servers add, until cancelled: wait for a NOTIFY (PostgreSQL)
+        or the poll interval, then catch up if the store's last seq moved. An unreachable
+        store is retried with exponential backoff; inference goes on meanwhile."""
+        store = self.store
+        assert store is not None
+        backoff = FOLLOW_BACKOFF_S[0]
+        down = False
+        while True:
+            try:
+                await asyncio.to_thread(store.wait, store.poll_s)
+                model = self.model
+                if model is not None:
+                    last = await asyncio.to_thread(store.last_seq)
+                    if last > model.applied_seq:
+                        await self.exclusive(self.apply_store, None, self._published)
+                if down:
+                    log.info("song store %s answers again; caught up to seq %d", store.url,
+                             model.applied_seq if model is not None else 0)
+                    self.metrics.store_up.set(1)
+                    down = False
+                backoff = FOLLOW_BACKOFF_S[0]
+            except StoreError as exc:
+                self.metrics.store_errors.labels("follow", exc.code.name).inc()
+                if not down:
+                    log.warning("song store unreachable, retrying with backoff (inference "
+                                "goes on): %s", exc)
+                    self.metrics.store_up.set(0)
+                    down = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, FOLLOW_BACKOFF_S[1])
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a bug here must not stop following
+                log.exception("song store follower failed; retrying")
+                await asyncio.sleep(FOLLOW_BACKOFF_S[1])
+
+    async def _published(self, _: object) -> None:
+        self.publish()
 
     async def install(self, built: tuple[LiveModel, int]) -> None:
         """Serve a freshly built model (runs on the loop, after :meth:`build`)."""
@@ -183,6 +211,8 @@ class ServingState:
         else:
             self.metrics.set_model(model.version, model.n_bundle + model.n_added,
                                    model.n_added)
+            self.metrics.store_applied_seq.set(model.applied_seq)
+            self.metrics.store_unplaceable.set(model.unplaceable)
 
 
 # ---------------------------------------------------------------- servicers
@@ -251,24 +281,38 @@ class AdminServicer(pb2_grpc.AdminServicer):
         songs = validation.new_songs(request)
         state = self.state
         state.require_model()
-        wal = state.wal
-        if state.config.processes > 1:
-            raise FailedPrecondition(_ONE_PROCESS.format(rpc="AddSongs",
-                                                         n=state.config.processes))
-        if wal is None:
-            raise FailedPrecondition("AddSongs needs a write-ahead log: start the server "
-                                     "with --data-dir")
+        store = state.store
+        if store is None:
+            raise FailedPrecondition("AddSongs needs a song store: start the server with "
+                                     "--data-dir (a SQLite file there) or --store URL")
 
         def add() -> pb2.AddSongsResponse:
             model = state.require_model()  # the one served now, after any reload
-            fresh, existing = model.absent(songs)
+            fresh, _ = model.absent(songs)
+            added: list[int] = []
             if fresh:
                 codes = model.encode_new(fresh, metadata_fields(fresh, songs))
-                wal.append(fresh)  # durable before it is visible or acknowledged
-                model.insert(fresh, codes)
-                log.info("added %d songs to model %s (%d already served)", len(fresh),
-                         model.version, len(existing))
-            return added_pb(fresh, existing, model)
+                try:
+                    # Committed before it is visible or acknowledged; on failure nothing
+                    # was written and nothing is served.
+                    stored = {s.song.song_id for s in store.add(fresh)}
+                except StoreError as exc:
+                    state.metrics.store_errors.labels("add", exc.code.name).inc()
+                    log.warning("AddSongs failed: %s", exc)
+                    raise
+                keep = [i for i, song in enumerate(fresh) if song.song_id in stored]
+                model.insert([fresh[i] for i in keep], codes[keep])
+                added = [fresh[i].song_id for i in keep]
+                log.info("added %d songs to model %s (%d already served or stored)",
+                         len(added), model.version, len(songs) - len(added))
+            try:
+                # Songs another replica stored first (and any others it added meanwhile):
+                # served before this call answers, as ours are.
+                catch_up(model, store)
+            except StoreError as exc:  # ours are durable: the follower catches up later
+                log.warning("AddSongs: catching up with the song store failed: %s", exc)
+            new = set(added)
+            return added_pb(added, [s.song_id for s in songs if s.song_id not in new], model)
 
         async def after(_: pb2.AddSongsResponse) -> None:
             state.publish()
@@ -321,6 +365,7 @@ class Server:
         self.port = port
         self.metrics_port = 0
         self.preloaded = model  # loaded before this process was forked (--processes)
+        self.follower: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Accept calls (health NOT_SERVING), then load ``--bundle`` if given; returns once
@@ -329,7 +374,10 @@ class Server:
         await state.health.set("", NOT_SERVING)
         await state.health.set(RECOMMENDER, NOT_SERVING)
         await state.health.set(ADMIN, SERVING)
-        await self.grpc.start()
+        late = state.config.listen_after_load and (self.preloaded is not None
+                                                   or state.config.bundle is not None)
+        if not late:
+            await self.grpc.start()
         if state.config.metrics_port:
             self.metrics_port = state.metrics.serve(state.config.host,
                                                     state.config.metrics_port)
@@ -348,6 +396,11 @@ class Server:
         else:
             log.info("no --bundle: NOT_SERVING on %s until Admin.ReloadModel",
                      state.config.target)
+        if late:
+            await self.grpc.start()
+        if state.store is not None:
+            state.metrics.store_up.set(1)
+            self.follower = asyncio.create_task(state.follow(), name="songrec-store-follower")
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls, let in-flight ones finish within
@@ -355,11 +408,16 @@ class Server:
         state = self.state
         grace = state.config.grace_s if grace is None else grace
         await state.health.enter_graceful_shutdown()
+        if state.store is not None:
+            state.store.interrupt()
+        if self.follower is not None:
+            self.follower.cancel()
+            await asyncio.gather(self.follower, return_exceptions=True)
         await self.grpc.stop(grace)
         await state.settle(timeout=max(grace, 1.0))
         await asyncio.to_thread(state.workers.shutdown)
-        if state.wal is not None:
-            state.wal.close()
+        if state.store is not None:
+            state.store.close()
         state.metrics.close()
 
 
@@ -377,20 +435,16 @@ async def create_server(config: ServerConfig, model: LiveModel | None = None
     """Build the server for ``config`` and bind its port (0 picks one); not started yet.
     ``model``: one already loaded (``--processes``), served instead of loading ``--bundle``.
 
-    Opens (and replays) the write-ahead log, so a corrupt log fails here.
+    Opens the song store (importing a write-ahead log of ``--data-dir`` into it), so an
+    unusable store or a corrupt log fails here.
     """
-    wal = None
-    if config.data_dir is not None:
-        wal = SongLog.open(config.data_dir)
-        if wal.replay.records:
-            log.info("write-ahead log %s: %d songs in %d records", wal.path, len(wal),
-                     wal.replay.records)
+    store, torn = open_configured_store(config)
     wire.warm_up()
     metrics = Metrics()
-    if wal is not None and wal.replay.torn_bytes:
+    if torn:
         metrics.wal_torn.inc()
     health = Health()
-    state = ServingState(config, Workers(config.workers), metrics, health, wal)
+    state = ServingState(config, Workers(config.workers), metrics, health, store)
     gate = Gate(metrics, config.max_concurrent_rpcs, Tokens(config.admin_token, config.token),
                 max_response_bytes=config.max_message_bytes)
     server = grpc.aio.server(
@@ -414,8 +468,8 @@ async def create_server(config: ServerConfig, model: LiveModel | None = None
         else:
             port = server.add_insecure_port(address)
     except (RuntimeError, ConfigError) as exc:
-        if wal is not None:
-            wal.close()
+        if store is not None:
+            store.close()
         raise ConfigError(f"cannot bind {address} ({exc})") from None
     return Server(server, state, port, model), port
 

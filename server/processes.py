@@ -11,9 +11,10 @@ gRPC must not be started before a fork: nothing here touches it until each child
 a child dies on its own it stops the others and exits non-zero. A process manager then
 restarts the whole server, rather than one half-configured child.
 
-Serving only: each process owns its copy of the index, so AddSongs and ReloadModel (which
-would reach one of them) are refused with FAILED_PRECONDITION. Change the model by
-restarting, or run one process with ``--data-dir``.
+Songs: the parent adds the song store's songs before forking; then each child follows the
+store on its own connection (as separate replicas do), so a song added through any one
+process is served by all within a second. ReloadModel would reach one process only, and is
+refused with FAILED_PRECONDITION: change the model by restarting.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ from types import FrameType
 from server import wire
 from server.app import serve
 from server.bundle import BundleError
-from server.config import ServerConfig
+from server.config import ConfigError, ServerConfig
+from server.following import catch_up, open_configured_store
 from server.live import LiveModel
 from server.memory import glibc
+from server.store import StoreError
+from server.wal import WalError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,16 @@ def serve_processes(config: ServerConfig) -> int:
     assert config.bundle is not None  # checked with the flags
     try:
         model = LiveModel.configured(config, config.bundle, config.verify)
-    except (BundleError, OSError) as exc:
+        # Connections are not shared across a fork: this one is closed before it.
+        store, _ = open_configured_store(config)
+        if store is not None:
+            try:
+                added = catch_up(model, store)
+                log.info("added %d songs from the song store %s before forking", added,
+                         store.url)
+            finally:
+                store.close()
+    except (BundleError, OSError, ConfigError, WalError, StoreError) as exc:
         log.error("cannot start: %s", exc)
         return 2
     wire.warm_up()  # compiled once here, not in every child
