@@ -425,6 +425,15 @@ class Trainer:
         self.bad_rounds = int(state["bad_rounds"])
         self.history = list(state["history"])
 
+    def rewrite_log(self) -> None:
+        """The JSONL log as the checkpoint's history: a run stopped between appending an
+        epoch's record and saving its checkpoint would otherwise log that epoch twice."""
+        if not self.dist.is_main:
+            return
+        tmp = self.work_dir / "train_log.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        os.replace(tmp, self.work_dir / "train_log.jsonl")
+
     def _append_log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
@@ -540,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main:
             if resume and last.exists():
                 trainer.load_checkpoint(last)
+                trainer.rewrite_log()
                 resumed = True
                 log.info("resumed from %s at epoch %d", last, trainer.epoch)
             elif not resume:
@@ -562,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = (f"the last checkpoint is {work / 'last.pt'} (epoch {done})" if done
                  else "no epoch was completed, so there is no checkpoint yet")
         print(f"error: rank {dist.rank} of {dist.world}: the training group lost a worker "
-              f"after {done} completed epochs ({exc}); training stops, {saved}. Run the "
+              f"after {done} completed epoch(s) ({exc}); training stops, {saved}. Run the "
               "same torchrun command with --resume to continue from the last checkpoint, "
               "or launch with torchrun --max-restarts=N to restart and resume "
               "automatically.", file=sys.stderr)
