@@ -96,17 +96,20 @@ def exact_neighbours(unit: np.ndarray, k: int, *, block: int = 1024, margin: int
 
 def sharded_neighbours(unit: np.ndarray, k: int, dist: Dist = SINGLE, *, block: int = 1024,
                        margin: int = 60, threads: int = 2, work_dir: Path | None = None,
-                       progress: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
+                       progress: bool = True, queries: int | None = None
+                       ) -> tuple[np.ndarray, np.ndarray] | None:
     """:func:`exact_neighbours` split by rank: every rank (all holding all of ``unit``)
     computes its :func:`~trainer.distributed.block_range` of query blocks, and rank 0
     gathers them in row order. Rank 0 gets the ``(n, k)`` arrays, the others None; one
-    process is the plain call."""
-    lo, hi = block_range(len(unit), block, dist.rank, dist.world)
+    process is the plain call. ``queries``: only the first rows as queries (benchmarks
+    time a subset of the blocks)."""
+    n = len(unit) if queries is None else min(queries, len(unit))
+    lo, hi = block_range(n, block, dist.rank, dist.world)
     pos, sim = exact_neighbours(unit, k, block=block, margin=margin, threads=threads,
                                 work_dir=work_dir, progress=progress and dist.is_main,
                                 rows=(lo, hi))
-    all_pos = collect_rows(pos, len(unit), block, dist, to_all=False)
-    all_sim = collect_rows(sim, len(unit), block, dist, to_all=False)
+    all_pos = collect_rows(pos, n, block, dist, to_all=False)
+    all_sim = collect_rows(sim, n, block, dist, to_all=False)
     if all_pos is None or all_sim is None:
         return None
     return all_pos, all_sim
