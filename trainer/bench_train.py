@@ -177,7 +177,7 @@ def ddp_train_worker(data: Path, max_steps: int, precision: str, out: Path) -> N
               "n_rows": len(trainer.train_rows), "batch_size": config.batch_size,
               "columns": trainer.space.dim, "songs": trainer.matrix.shape[0],
               "distinct": int((rep_of == np.arange(len(rep_of))).sum()),
-              "loss": stats["loss"]}
+              "loss": stats["loss"], "exchange_s": stats.get("row_exchange_seconds", 0.0)}
     (out / f"train-{dist.world}-{dist.rank}.json").write_text(json.dumps(result))
     shutdown(dist)
 
@@ -232,65 +232,85 @@ def _results(folder: Path, stage: str, world: int) -> list[dict[str, Any]]:
             for r in range(world)]
 
 
-def bench_ddp(data: Path, worlds: list[int], max_steps: int, blocks: int,
-              precision: str) -> tuple[list[str], list[str], dict[str, Any]]:
-    """Run the workers under torchrun for each world size; the two tables' rows."""
-    import tempfile
+DDP_RESULTS = REPO / "bundles" / "bench-ddp.work" / "results"
 
+
+def run_ddp(data: Path, worlds: list[int], max_steps: int, blocks: int, precision: str,
+            command: str) -> None:
+    """Run the workers under torchrun for each world size; their JSON results (with the
+    command and date) land in :data:`DDP_RESULTS`, replacing the previous run's."""
+    import shutil
+
+    shutil.rmtree(DDP_RESULTS, ignore_errors=True)
+    DDP_RESULTS.mkdir(parents=True)
+    (DDP_RESULTS / "run.json").write_text(json.dumps({
+        "command": command, "date": dt.date.today().isoformat(), "machine": machine(),
+        "worlds": worlds, "max_steps": max_steps, "blocks": blocks}))
+    for world in worlds:
+        _torchrun(world, "--ddp-worker", "train", "--data", str(data), "--max-steps",
+                  str(max_steps), "--precision", precision, "--result", str(DDP_RESULTS))
+    n = json.loads((DDP_RESULTS / f"train-{worlds[0]}-0.json").read_text())["distinct"]
+    for world in worlds:
+        _torchrun(world, "--ddp-worker", "neighbours", "--neighbour-rows", str(n),
+                  "--neighbour-blocks", str(blocks), "--result", str(DDP_RESULTS))
+
+
+def ddp_section(folder: Path) -> str:
+    """The bench-ddp section from a run's results."""
+    run = json.loads((folder / "run.json").read_text())
     train_rows, nb_rows = [], []
-    first: dict[str, Any] = {}
     base_epoch = base_nb = 0.0
-    with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
-        folder = Path(tmp)
-        for world in worlds:
-            _torchrun(world, "--ddp-worker", "train", "--data", str(data), "--max-steps",
-                      str(max_steps), "--precision", precision, "--result", str(folder))
-            res = _results(folder, "train", world)
-            head = res[0]
-            first = first or head
-            per_step = max(r["seconds"] for r in res) / max(head["steps"], 1)
-            n_batches = -(-head["n_rows"] // head["batch_size"])
-            epoch_s = per_step * n_batches
-            base_epoch = base_epoch or epoch_s
-            cpu_share = sum(r["cpu_s"] for r in res) / max(r["seconds"] for r in res)
-            train_rows.append(
-                f"| {world} | {head['threads']} | {head['steps']} | {per_step:.2f} s | "
-                f"{epoch_s:.0f} s ({epoch_s / 60:.1f} min) | {base_epoch / epoch_s:.2f} x | "
-                f"{head['batch_size'] * head['steps'] / max(r['seconds'] for r in res):.0f}"
-                f" | {cpu_share:.2f} | "
-                f"{_rss(res)} GB | "
-                f"{max(r['setup_s'] for r in res):.0f} s | "
-                f"{head['load_before']:.1f} / {head['load_after']:.1f} |")
-        n = int(first["distinct"])
-        total_blocks = -(-n // 1024)
-        for world in worlds:
-            _torchrun(world, "--ddp-worker", "neighbours", "--neighbour-rows", str(n),
-                      "--neighbour-blocks", str(blocks), "--result", str(folder))
-            res = _results(folder, "neighbours", world)
-            seconds = res[0]["seconds"]  # rank 0: its share, then the merge
-            base_nb = base_nb or seconds
-            cpu_share = sum(r["cpu_s"] for r in res) / seconds
-            full = seconds * total_blocks / blocks
-            nb_rows.append(
-                f"| {world} | {res[0]['threads']} | {blocks} of {total_blocks} | "
-                f"{seconds:.1f} s | {seconds / blocks:.2f} s | "
-                f"{full:.0f} s ({full / 60:.0f} min) | {base_nb / seconds:.2f} x | "
-                f"{cpu_share:.2f} | {_rss(res)} GB | "
-                f"{res[0]['load_before']:.1f} / {res[0]['load_after']:.1f} |")
-    return train_rows, nb_rows, first
+    info: dict[str, Any] = {}
+    for world in run["worlds"]:
+        res = _results(folder, "train", world)
+        head = res[0]
+        info = info or head
+        wall = max(r["seconds"] for r in res)
+        per_step = wall / max(head["steps"], 1)
+        epoch_s = per_step * -(-head["n_rows"] // head["batch_size"])
+        base_epoch = base_epoch or epoch_s
+        cpu = sum(r["cpu_s"] for r in res)
+        train_rows.append(
+            f"| {world} | {head['threads']} | {head['steps']} | {per_step:.2f} s | "
+            f"{epoch_s:.0f} s ({epoch_s / 60:.1f} min) | {base_epoch / epoch_s:.2f} x | "
+            f"{head['batch_size'] * head['steps'] / wall:.0f} | {cpu / wall:.2f} | "
+            f"{cpu / max(head['steps'], 1):.2f} s | "
+            + (f"{max(r['exchange_s'] for r in res) / max(head['steps'], 1):.2f} s | "
+               if world > 1 else "none | ") +
+            f"{_rss(res)} GB | "
+            f"{max(r['setup_s'] for r in res):.0f} s | "
+            f"{head['load_before']:.1f} / {head['load_after']:.1f} |")
+    total_blocks = -(-int(info["distinct"]) // 1024)
+    for world in run["worlds"]:
+        res = _results(folder, "neighbours", world)
+        seconds = res[0]["seconds"]  # rank 0: its share, then the merge
+        blocks = res[0]["blocks"]
+        base_nb = base_nb or seconds
+        cpu = sum(r["cpu_s"] for r in res)
+        full = seconds * total_blocks / blocks
+        nb_rows.append(
+            f"| {world} | {res[0]['threads']} | {blocks} of {total_blocks} | "
+            f"{seconds:.1f} s | {seconds / blocks:.2f} s | "
+            f"{full:.0f} s ({full / 60:.0f} min) | {base_nb / seconds:.2f} x | "
+            f"{cpu / seconds:.2f} | {cpu / blocks:.2f} s | {_rss(res)} GB | "
+            f"{res[0]['load_before']:.1f} / {res[0]['load_after']:.1f} |")
+    return render_ddp(train_rows, nb_rows, info, run)
 
 
 def render_ddp(train_rows: list[str], nb_rows: list[str], info: dict[str, Any],
-               command: str, max_steps: int) -> str:
+               run: dict[str, Any]) -> str:
     n = int(info["distinct"])
+    command, max_steps = run["command"], run["max_steps"]
     return (
         f"## Data-parallel training and the sharded neighbour step (torchrun)\n\n"
-        f"`{command}` on a {machine()}, {dt.date.today().isoformat()} (no GPU was lent "
+        f"`{command}` on a {run['machine']}, {run['date']} (no GPU was lent "
         f"to this run). Each process count runs under `torchrun --standalone "
         f"--nproc_per_node=N` with the cores split between the processes; the machine "
         f"was shared with other jobs, so the load average (1 min, before / after the "
         f"timed part) and the CPU the processes actually got (CPU seconds / wall "
-        f"seconds, summed over the processes; 2.0 = both cores) are in the tables.\n\n"
+        f"seconds, summed over the processes; 2.0 = both cores) are in the tables, with "
+        f"the CPU seconds each step or block cost, summed over the processes (the work, "
+        f"nearly independent of the load).\n\n"
         f"Training: the melon preset on {info['songs']:,} songs ({info['n_rows']:,} "
         f"training rows, {info['columns']:,} columns), batch {info['batch_size']} split "
         f"between the ranks, {max_steps} steps timed after {WARMUP_STEPS} warm-up steps, "
@@ -300,10 +320,12 @@ def render_ddp(train_rows: list[str], nb_rows: list[str], info: dict[str, Any],
         f"{info['touched_rows'] * info['hidden0'] * 4 / 1e6:,.0f} MB of row gradients per "
         f"table per step (all-reduce of the union of their rows), next to "
         f"{info['columns'] * info['hidden0'] * 4 / 1e6:,.0f} MB for a dense all-reduce of a "
-        f"whole table.\n\n"
+        f"whole table. The exchange column is the time each step spends in "
+        f"`average_row_grads`, waiting for the slower rank included.\n\n"
         f"| processes | threads each | steps timed | s / step | one epoch (extrapolated) | "
-        f"speed-up | songs / s | CPU got | peak RSS per process | set-up (load, features) "
-        f"| load avg |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        f"speed-up | songs / s | CPU got | CPU s / step | row-gradient exchange / step | "
+        f"peak RSS per process | set-up (load, features) | load avg |\n"
+        f"|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
         + "\n".join(train_rows) + "\n\n"
         f"Exact neighbour tables (`sharded_neighbours`, k = 100, blocks of 1024 queries): "
         f"a fixed subset, the first blocks of the {n:,} distinct songs' table, timed on "
@@ -313,8 +335,8 @@ def render_ddp(train_rows: list[str], nb_rows: list[str], info: dict[str, Any],
         f"re-rank) does not depend on the values. Every block costs the same, so the "
         f"full step is extrapolated as time x total blocks / blocks timed.\n\n"
         f"| ranks | threads each | blocks | time | per block | full step (extrapolated) | "
-        f"speed-up | CPU got | peak RSS per rank | load avg |\n"
-        f"|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(nb_rows) + "\n")
+        f"speed-up | CPU got | CPU s / block | peak RSS per rank | load avg |\n"
+        f"|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(nb_rows) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
                    "counts, e.g. 1,2 (writes the bench-ddp section)")
     p.add_argument("--neighbour-blocks", type=int, default=16,
                    help="with --ddp: neighbour-table blocks of 1024 songs to time")
+    p.add_argument("--ddp-reuse", action="store_true",
+                   help="with --ddp: rewrite the section from the last run's results "
+                   "(bundles/bench-ddp.work/results) without measuring again")
     p.add_argument("--ddp-worker", choices=["train", "neighbours"], help=argparse.SUPPRESS)
     p.add_argument("--neighbour-rows", type=int, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -346,13 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         ddp_neighbour_worker(args.neighbour_rows, args.neighbour_blocks, args.result)
         return 0
     if args.ddp:
-        steps = args.max_steps or 30
-        data = prepare_melon(args.data)
-        train_rows, nb_rows, info = bench_ddp(
-            data, [int(x) for x in args.ddp.split(",")], steps, args.neighbour_blocks,
-            args.precision)
-        body = render_ddp(train_rows, nb_rows, info,
-                          " ".join(["python -m trainer.bench_train", *argv]), steps)
+        if not args.ddp_reuse:
+            run_ddp(prepare_melon(args.data), [int(x) for x in args.ddp.split(",")],
+                    args.max_steps or 30, args.neighbour_blocks, args.precision,
+                    " ".join(["python -m trainer.bench_train", *argv]))
+        body = ddp_section(DDP_RESULTS)
         print(body)
         if args.out != "-":
             from trainer import bench_quality

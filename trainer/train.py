@@ -291,6 +291,7 @@ class Trainer:
         started = time.perf_counter()
         songs_done = 0
         steps = 0
+        exchange_s = 0.0  # waiting for and averaging the other ranks' row gradients
         self.model.train()
         bar = tqdm(range(n_batches), desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    unit="batch", file=sys.stderr, disable=None if dist.is_main else True)
@@ -309,7 +310,10 @@ class Trainer:
             parts = self.step_module(batch, sample, whole)
             self.dense_opt.zero_grad(set_to_none=True)
             (parts.loss * dist.world).backward()
-            self.row_opt.step(average_row_grads(parts.row_grads, self.row_tables, dist))
+            t0 = time.perf_counter()
+            row_grads = average_row_grads(parts.row_grads, self.row_tables, dist)
+            exchange_s += time.perf_counter() - t0
+            self.row_opt.step(row_grads)
             self.dense_opt.step()
             totals["loss"] += float(parts.loss.detach())
             totals["masked_mse"] += parts.masked_mse
@@ -328,6 +332,8 @@ class Trainer:
         stats = {k: v / max(steps, 1) for k, v in totals.items()}
         stats.update(seconds=seconds, songs_per_s=summed[3] / max(seconds, 1e-9),
                      steps=steps)
+        if dist.enabled:
+            stats["row_exchange_seconds"] = exchange_s
         return stats
 
     def fit(self) -> None:
