@@ -290,6 +290,32 @@ def test_killed_worker_fails_clearly_and_resume_continues(tiny_data: Path,
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
+def test_torchrun_restart_resumes_by_itself(tiny_data: Path, tmp_path: Path) -> None:
+    """With --max-restarts, torchrun restarts the group with the same arguments (no
+    --resume): the trainer sees TORCHELASTIC_RESTART_COUNT and resumes."""
+    out = tmp_path / "b"
+    work = tmp_path / "b.work"
+    args = ["--data", str(tiny_data), "--out", str(out), "--preset", "tiny", "--epochs", "4",
+            "--batch-size", "16", "--no-export", "--threads", "1"]
+    proc = _torchrun(args, extra=["--max-restarts=1"])
+    try:
+        deadline = time.monotonic() + 300
+        while not (work / "last.pt").exists():
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+        text, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, text[-3000:]
+    assert f"resumed from {work / 'last.pt'} at epoch 1" in text
+    assert [r["epoch"] for r in _log(out)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
 def test_two_rank_bundle_scores_within_noise(tiny_split: Path, tmp_path: Path) -> None:
     """With dropout on (the ranks draw their own masks), the 2-rank bundle's official score
     on the validation questions differs from the single-process bundle's by less than 3
