@@ -259,13 +259,13 @@ class Trainer:
         stay right under DDP:
 
         - the sampled output columns come from ``rng``, seeded by (seed, epoch) alone, so
-          every rank draws the same columns at every step: the ranks' shares of the
-          sampled zero-part estimate add up to the single-process estimate over the whole
-          batch (ranks drawing their own columns would each scale by D / S and average
-          differently-sampled rows, a different estimator from the one the single-process
-          run and the tests check);
-        - each rank's loss is its share of the whole batch's loss (``totals``: the MSEs
-          divided by the whole batch's positives and rows), and backward runs on share x
+          every rank draws the same columns at every step, and the ranks' shares of the
+          sampled zero-part estimate add up to exactly the single-process estimate over
+          the whole batch (columns drawn per rank would give another estimator, each rank
+          scaling its own draw by D / S, that no longer reproduces the single-process run);
+        - each rank's loss is its share of the whole batch's loss (``whole``, given to
+          ``batch_loss`` as ``totals``: the MSEs divided by the whole batch's positives and
+          rows), and backward runs on share x
           world size: DDP's average of the dense gradients, and ``average_row_grads``'
           average of the row-sparse table gradients over the union of the ranks' rows,
           are then exactly the whole batch's gradient;
