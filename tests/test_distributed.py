@@ -343,6 +343,8 @@ def test_two_rank_bundle_scores_within_noise(tiny_split: Path, tmp_path: Path) -
         per_question.append(SONG_WEIGHT * song + TAG_WEIGHT * tag)
     diff = per_question[1] - per_question[0]
     se = diff.std(ddof=1) / np.sqrt(len(diff))
+    print(f"score one process {per_question[0].mean():.4f}, two ranks "
+          f"{per_question[1].mean():.4f}, paired difference {diff.mean():+.4f} (SE {se:.4f})")
     assert per_question[0].mean() > 0.05  # both bundles learned something
     assert abs(diff.mean()) <= 3 * se + 1e-9, (per_question[0].mean(),
                                                per_question[1].mean(), se)
