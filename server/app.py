@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from protos.songrec.v1 import songrec_pb2 as pb2
@@ -25,6 +24,8 @@ from server.batching import SimilarBatcher
 from server.bundle import BundleError
 from server.config import ConfigError, ServerConfig
 from server.errors import FailedPrecondition
+from server.following import catch_up, open_configured_store
+from server.health import Health
 from server.interceptors import Gate, Tokens
 from server.live import LiveModel
 from server.memory import release_memory
@@ -41,10 +42,7 @@ from server.responses import (
 )
 from server.store import (
     SongStore,
-    StoreConfigError,
     StoreError,
-    import_log,
-    open_store,
 )
 from server.validation import NewSong
 from server.wal import WalError
@@ -72,38 +70,6 @@ def metadata_fields(songs: Sequence[NewSong], request_order: Sequence[NewSong]) 
     """Request field names (``songs[i].metadata``) of a subset of a request's songs."""
     position = {song.song_id: pos for pos, song in enumerate(request_order)}
     return [f"songs[{position[song.song_id]}].metadata" for song in songs]
-
-
-# ---------------------------------------------------------------- health
-
-
-class Health(health_aio.HealthServicer):  # type: ignore[misc]
-    """grpc.health.v1 whose ``Watch`` streams end once a drain begins (after telling the
-    watcher NOT_SERVING): the stock servicer keeps them open, and an open stream holds
-    ``server.stop(grace)`` for the whole grace period. Otherwise the stock ``Watch``."""
-
-    async def Watch(self, request: health_pb2.HealthCheckRequest,
-                    context: grpc.aio.ServicerContext) -> None:
-        service = request.service
-        condition = self._server_watchers[service]
-        self._watcher_count_by_service[service] += 1
-        last = None
-        try:
-            async with condition:
-                while True:
-                    status = self._server_status.get(
-                        service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-                    if status != last:
-                        await context.write(health_pb2.HealthCheckResponse(status=status))
-                    last = status
-                    if self._gracefully_shutting_down:
-                        return
-                    await condition.wait()
-        finally:
-            self._watcher_count_by_service[service] -= 1
-            if self._watcher_count_by_service[service] == 0:
-                del self._server_watchers[service]
-                del self._watcher_count_by_service[service]
 
 
 # ---------------------------------------------------------------- serving state
@@ -249,18 +215,6 @@ class ServingState:
             self.metrics.store_unplaceable.set(model.unplaceable)
 
 
-def catch_up(model: LiveModel, store: SongStore) -> int:
-    """Add to ``model`` every song stored after its ``applied_seq`` (blocking; the caller
-    holds the write lock). Returns how many it added."""
-    added = 0
-    while True:
-        batch = store.since(model.applied_seq)
-        if not batch:
-            return added
-        added += model.replay([stored.song for stored in batch])[0]
-        model.applied_seq = batch[-1].seq
-
-
 # ---------------------------------------------------------------- servicers
 
 
@@ -358,8 +312,7 @@ class AdminServicer(pb2_grpc.AdminServicer):
             except StoreError as exc:  # ours are durable: the follower catches up later
                 log.warning("AddSongs: catching up with the song store failed: %s", exc)
             new = set(added)
-            return added_pb([s for s in fresh if s.song_id in new],
-                            [s.song_id for s in songs if s.song_id not in new], model)
+            return added_pb(added, [s.song_id for s in songs if s.song_id not in new], model)
 
         async def after(_: pb2.AddSongsResponse) -> None:
             state.publish()
@@ -519,34 +472,6 @@ async def create_server(config: ServerConfig, model: LiveModel | None = None
             store.close()
         raise ConfigError(f"cannot bind {address} ({exc})") from None
     return Server(server, state, port, model), port
-
-
-def open_configured_store(config: ServerConfig) -> tuple[SongStore | None, int]:
-    """The song store of ``config`` (None: none configured), after importing a write-ahead
-    log found in ``--data-dir``; and the torn bytes that import dropped. Raises
-    :class:`ConfigError` when the store cannot be opened, :class:`WalError` for a corrupt
-    log."""
-    url = config.store_url
-    if url is None:
-        return None, 0
-    try:
-        store = open_store(url)
-    except (StoreConfigError, StoreError) as exc:
-        raise ConfigError(str(exc)) from None
-    torn = 0
-    try:
-        if config.data_dir is not None:
-            imported = import_log(store, config.data_dir)
-            if imported is not None:
-                torn = imported[2]
-    except StoreError as exc:
-        store.close()
-        raise ConfigError(f"importing the write-ahead log: {exc}") from None
-    except BaseException:
-        store.close()
-        raise
-    log.info("song store %s: %d songs", store.url, store.count())
-    return store, torn
 
 
 async def serve(config: ServerConfig, ready: Callable[[Server], None] | None = None,

@@ -28,9 +28,10 @@ import signal
 from types import FrameType
 
 from server import wire
-from server.app import catch_up, open_configured_store, serve
+from server.app import serve
 from server.bundle import BundleError
 from server.config import ConfigError, ServerConfig
+from server.following import catch_up, open_configured_store
 from server.live import LiveModel
 from server.memory import glibc
 from server.store import StoreError

@@ -22,7 +22,6 @@ from server.strategies import (
     REASON_TITLE,
     STRATEGIES,
 )
-from server.validation import NewSong
 from server.wire import WireMessage, similar_responses
 
 # Why a song was recommended: the strategies' reason codes as the API's enum.
@@ -133,11 +132,10 @@ def model_info_pb(model: LiveModel | None) -> pb2.ModelInfo:
         playlist_index=index_params_pb(info["playlist_index"]))
 
 
-def added_pb(fresh: Sequence[NewSong], existing: Sequence[int], model: LiveModel
+def added_pb(added: Sequence[int], existing: Sequence[int], model: LiveModel
              ) -> pb2.AddSongsResponse:
-    """What ``AddSongs`` added (``fresh``), what was served already, and the index size."""
-    return pb2.AddSongsResponse(added_song_ids=[s.song_id for s in fresh],
-                                existing_song_ids=existing,
+    """What ``AddSongs`` added, what was served or stored already, and the index size."""
+    return pb2.AddSongsResponse(added_song_ids=added, existing_song_ids=existing,
                                 indexed_songs=model.n_bundle + model.n_added,
                                 model_version=model.version)
 

@@ -25,13 +25,15 @@ __all__ = ["free_port", "wait_until"]
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0,
-               what: str = "condition") -> None:
-    """Poll ``condition`` until it holds; AssertionError naming ``what`` after ``timeout``."""
-    end = time.monotonic() + timeout
+               what: str = "condition") -> float:
+    """Poll ``condition`` until it holds and return the seconds that took; AssertionError
+    naming ``what`` after ``timeout``."""
+    start = time.monotonic()
     while not condition():
-        if time.monotonic() > end:
+        if time.monotonic() - start > timeout:
             raise AssertionError(f"{what}: not reached within {timeout:g} s")
         time.sleep(0.01)
+    return time.monotonic() - start
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,13 @@
 
 Reads the songs added at run time from the server's song store (``--store URL``, default the
 SQLite file in ``--data-dir``; a ``songs.wal`` there not yet imported is read too, without
-touching it), while servers may keep adding; encodes them with the bundle's own encoder exactly as AddSongs does
-(:meth:`server.live.LiveModel.replay`), then writes a new bundle in which they are ordinary
-bundle songs (rows after the old ones): in the song graph, in ``codes.npy``, in the exact
-neighbour table (recomputed over every song, so old songs' lists include the new ones) and
-in the song arrays (ids, names, issue dates; no playlists, popularity 0, so the strategies
-treat them as they treated them added: see ``server.strategies._with_seed_neighbours``).
+touching it), while servers may keep adding; encodes them with the bundle's own encoder
+exactly as AddSongs does (:meth:`server.live.LiveModel.replay`), then writes a new bundle in
+which they are ordinary bundle songs (rows after the old ones): in the song graph, in
+``codes.npy``, in the exact neighbour table (recomputed over every song, so old songs' lists
+include the new ones) and in the song arrays (ids, names, issue dates; no playlists,
+popularity 0, so the strategies treat them as they treated them added: see
+``server.strategies._with_seed_neighbours``).
 Encoder, playlists and neighbour CF are unchanged.
 
 ``Admin.ReloadModel`` to the new bundle serves the same songs, SimilarSongs of the compacted

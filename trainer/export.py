@@ -28,7 +28,8 @@ from server.catalog import Catalog, playlist_codes
 from server.columns import ColumnSpace
 from server.search import representatives
 from trainer.dataset import Songs
-from trainer.neighbours import exact_neighbours, table_arrays
+from trainer.distributed import Dist
+from trainer.neighbours import sharded_neighbours, table_arrays
 
 if TYPE_CHECKING:  # torch is imported only to export (the serving side reads the result)
     from trainer.model import SongAutoEncoder
@@ -64,6 +65,7 @@ class BundleInputs:
     work_dir: Path  # the training log and curves are copied from here
     epochs_trained: int
     best_val_score: float
+    dist: Dist  # under torchrun: this rank's place (the neighbour tables are sharded)
 
 
 def export_onnx(model: SongAutoEncoder, path: Path) -> None:
@@ -137,39 +139,48 @@ def song_metadata_arrays(songs: Songs) -> dict[str, np.ndarray]:
 
 
 def export_bundle(inputs: BundleInputs, out: Path,
-                  song_index: tuple[Any, IndexParams] | None = None) -> Manifest:
+                  song_index: tuple[Any, IndexParams] | None = None) -> Manifest | None:
     """Write the bundle of ``inputs`` into ``out`` (atomically).
 
     ``song_index`` (built over the representatives, as here) may be passed when the caller
-    already built it."""
+    already built it. Under torchrun every rank calls this: the exact neighbour tables are
+    split by rank (:func:`trainer.neighbours.sharded_neighbours`; the codes were encoded
+    split by rank too, ``Trainer.song_codes``), then rank 0 writes the bundle and returns
+    its manifest; the other ranks return None."""
     settings = inputs.index
     codes = inputs.codes
+    t0 = time.perf_counter()
+    # Identical input rows (e.g. songs in no playlist with the same genres) give identical
+    # codes: index one representative of each (see server.search.HnswSearch).
+    rep_of = representatives(inputs.input_rows.indptr, inputs.input_rows.indices)
+    reps = np.nonzero(rep_of == np.arange(len(rep_of)))[0]
+    unit = codes[reps] / np.maximum(np.linalg.norm(codes[reps], axis=1, keepdims=True), 1e-12)
+    extra: dict[str, Any] = {}
+    tables = None
+    if settings.neighbours_k > 0 and len(reps) > 1:
+        started = time.perf_counter()
+        tables = sharded_neighbours(unit, settings.neighbours_k, inputs.dist,
+                                    threads=settings.threads,
+                                    work_dir=inputs.work_dir / "neighbours")
+        if tables is not None:
+            extra["song_neighbours"] = {"k": int(tables[0].shape[1]),
+                                        "seconds": round(time.perf_counter() - started, 1)}
+    if not inputs.dist.is_main:
+        return None
     out = Path(out)
     staging = out.with_name(out.name + ".staging")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    t0 = time.perf_counter()
     export_onnx(inputs.model, staging / bundle_files.ENCODER)
-    # Identical input rows (e.g. songs in no playlist with the same genres) give identical
-    # codes: index one representative of each (see server.search.HnswSearch).
-    rep_of = representatives(inputs.input_rows.indptr, inputs.input_rows.indices)
-    reps = np.nonzero(rep_of == np.arange(len(rep_of)))[0]
     if song_index is None:
         song_index = build_index(codes[reps], settings.m, settings.ef_construction,
                                  settings.ef, settings.threads, labels=reps)
     index, song_params = song_index
     index.save_index(str(staging / bundle_files.SONG_INDEX))
-    extra: dict[str, Any] = {}
-    unit = codes[reps] / np.maximum(np.linalg.norm(codes[reps], axis=1, keepdims=True), 1e-12)
     bundle_files.save_codes(staging, unit)
-    if settings.neighbours_k > 0 and len(reps) > 1:
-        started = time.perf_counter()
-        pos, sim = exact_neighbours(unit, settings.neighbours_k, threads=settings.threads,
-                                    work_dir=inputs.work_dir / "neighbours")
-        bundle_files.save_neighbours(staging, table_arrays(reps, pos, sim))
-        extra["song_neighbours"] = {"k": int(pos.shape[1]),
-                                    "seconds": round(time.perf_counter() - started, 1)}
+    if tables is not None:
+        bundle_files.save_neighbours(staging, table_arrays(reps, *tables))
     pl_codes = playlist_codes(codes, inputs.catalog)
     pl_index, pl_params = build_index(pl_codes, settings.m, settings.ef_construction,
                                       settings.ef, settings.threads)
