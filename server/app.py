@@ -306,6 +306,13 @@ class ServingState:
             # A path the file system refuses (a name too long, no permission): the bundle
             # is unusable, the server is not broken, and the old model serves on.
             raise BundleError(f"{path}: unreadable ({exc.strerror or exc})") from None
+        except BundleError:
+            raise
+        except Exception as exc:
+            # A check the loader lacks (a bug, logged with its traceback): the bundle is
+            # still refused, and the old model serves on.
+            log.exception("loading %s failed unexpectedly", path)
+            raise BundleError(f"{path}: cannot load ({exc!r})") from None
         replayed = 0
         if self.wal is not None and len(self.wal):
             replayed, _ = model.replay(self.wal.songs())
