@@ -115,13 +115,10 @@ class Manifest:
     def from_json(raw: Mapping[str, Any], where: Path) -> Manifest:
         """Parse and range-check a manifest (every number must be a JSON integer in its
         range); :class:`BundleError` naming the field otherwise."""
-        version = raw.get("schema_version")
-        if version != SCHEMA_VERSION or type(version) is not int:
-            raise BundleError(f"{where}: schema_version {version!r}, this build reads "
-                              f"{SCHEMA_VERSION}; rebuild the bundle with this trainer")
+        check_schema(raw, where)
         try:
             manifest = Manifest(
-                schema_version=version,
+                schema_version=SCHEMA_VERSION,
                 model_version=str(raw["model_version"]),
                 created=str(raw["created"]),
                 code_dim=_integer(raw, "code_dim", 1, MAX_DIM),
@@ -145,6 +142,15 @@ class Manifest:
             raise BundleError(f"{where}: column_groups add up to {groups} columns, input_dim "
                               f"is {manifest.input_dim}")
         return manifest
+
+
+def check_schema(raw: Mapping[str, Any], where: Path) -> None:
+    """A manifest of the schema this build reads (checked first: other schemas may
+    differ in everything else, the digest included)."""
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION or type(version) is not int:
+        raise BundleError(f"{where}: schema_version {version!r:.40}, this build reads "
+                          f"{SCHEMA_VERSION}; rebuild the bundle with this trainer")
 
 
 def _mapping(raw: Mapping[str, Any], key: str, optional: bool = False) -> Mapping[str, Any]:
@@ -250,6 +256,7 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
         raise BundleError(f"{path}: unreadable manifest ({exc})") from None
     if not isinstance(raw, dict):
         raise BundleError(f"{path}: manifest is not a JSON object")
+    check_schema(raw, path)
     stated = raw.get(DIGEST)
     if stated is None:
         # Bundles written before manifests carried a digest: every number is still

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
+from server.bundle import seal
 from server.config import ServerConfig
 from server.testing import ServerThread
 from server.wal import FILE_NAME, HEADER
@@ -245,7 +246,7 @@ def test_reload_model_success_and_failure(admin_server: ServerThread, copy_bundl
     fresh = copy_bundle("next")
     manifest = json.loads((fresh / "manifest.json").read_text())
     manifest["model_version"] = "reloaded-v2"
-    (fresh / "manifest.json").write_text(json.dumps(manifest))
+    (fresh / "manifest.json").write_text(json.dumps(seal(manifest)))
     broken = copy_bundle("broken")
     data = bytearray((broken / "arrays.npz").read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, wrong checksum
