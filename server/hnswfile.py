@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 HEADER = struct.Struct("<QQQQQQiIQQQdQ")
+FIELDS = ("offsetLevel0", "max_elements", "cur_element_count", "size_data_per_element",
+          "label_offset", "offsetData", "maxlevel", "enterpoint_node", "maxM", "maxM0", "M",
+          "mult", "ef_construction")  # HEADER's fields, in order
 EMPTY = 0xFFFFFFFF  # enterpoint_node of an index without elements
 CHUNK = 1 << 16  # level-0 records checked at a time (bounded memory)
 
