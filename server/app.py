@@ -55,6 +55,9 @@ RECOMMENDER = pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 ADMIN = pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Each drains: SIGHUP too, which a closed terminal or a process manager may send, and
+# which by default would end the process without draining.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 _REASON_KINDS = {REASON_SEED: pb2.Reason.SEED_NEIGHBOUR,
                  REASON_PLAYLIST: pb2.Reason.PLAYLIST_NEIGHBOUR,
@@ -581,11 +584,11 @@ async def create_server(config: ServerConfig, model: LiveModel | None = None
 
 async def serve(config: ServerConfig, ready: Callable[[Server], None] | None = None,
                 model: LiveModel | None = None) -> int:
-    """Run until SIGTERM or SIGINT, then drain gracefully. Returns the exit status."""
+    """Run until SIGTERM, SIGINT or SIGHUP, then drain gracefully. Returns the exit status."""
     server, port = await create_server(config, model)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stopping.set)
     try:
         await server.start()
@@ -623,6 +626,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(serve(config))
     except (ConfigError, WalError, BundleError) as exc:
-        log.error("cannot start: %s", exc)
-        print(f"python -m server: {exc}", file=sys.stderr)
+        log.error("cannot start: %s", exc)  # one line on stderr, in the chosen log format
         return 2
