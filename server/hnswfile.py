@@ -19,8 +19,9 @@ checks everything hnswlib follows: header fields against each other, against the
 and against what the manifest states; every link count against its maximum; every
 neighbour id against the element count and, above level 0, against the neighbour's own
 level; the entry point and top level; every label against the labels the bundle expects;
-every vector for finite values. What it cannot know is whether finite vector values or
-in-bounds links are the ones the trainer wrote: that is what the sha256 check is for.
+every vector for finite values of unit length (the cosine space stores them normalised).
+What it cannot know is whether such values, or links within bounds, are the ones the
+trainer wrote: that is what the sha256 check is for.
 """
 
 from __future__ import annotations
@@ -141,6 +142,13 @@ def _check_level0(path: Path, cur: int, per_element: int, max_m0: int, offset_da
             if not np.isfinite(vectors).all():
                 row = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
                 raise IndexFileError(f"element {start + row}: vector holds NaN or infinity")
+            # The cosine space stores unit vectors (zero stays zero): another length would
+            # make similarities outside [-1, 1].
+            norms = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
+            bad = np.flatnonzero((np.abs(norms - 1.0) > 1e-3) & (norms != 0.0))
+            if len(bad):
+                raise IndexFileError(f"element {start + bad[0]}: vector of squared length "
+                                     f"{norms[bad[0]]:.6g}, not a unit vector")
             lo = part[:, label_offset // 4].astype(np.uint64)
             hi = part[:, label_offset // 4 + 1].astype(np.uint64)
             held[start : start + len(part)] = lo | (hi << np.uint64(32))

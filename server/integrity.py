@@ -115,17 +115,24 @@ def check_table(table: dict[str, np.ndarray], reps: np.ndarray, n_songs: int) ->
     if rows.dtype.kind not in "iu" or (rows.size and (
             int(rows.min()) < 0 or int(rows.max()) >= n_songs or not is_rep[rows].all())):
         raise IntegrityError("rows name songs that are not in the song index")
-    if sims.dtype.kind != "f" or not np.isfinite(sims).all():
-        raise IntegrityError("sims hold NaN, infinity or no floats")
+    if sims.dtype.kind != "f" or sims.size and not (
+            np.isfinite(sims).all() and -1.001 <= sims.min() and sims.max() <= 1.001):
+        raise IntegrityError("sims are not cosine similarities (floats in -1..1)")
 
 
 def check_codes(codes: np.ndarray, chunk: int = 1 << 16) -> None:
-    """``codes.npy``: floats, finite (checked in chunks: it is memory-mapped)."""
+    """``codes.npy``: unit vectors (zero stays zero), within float16's precision; checked
+    in chunks, as it is memory-mapped."""
     if codes.dtype.kind != "f":
         raise IntegrityError(f"dtype {codes.dtype}, expected floats")
     for start in range(0, len(codes), chunk):
-        if not np.isfinite(codes[start : start + chunk]).all():
-            raise IntegrityError(f"NaN or infinity in the codes from row {start}")
+        part = np.asarray(codes[start : start + chunk], dtype=np.float64)
+        norms = np.einsum("ij,ij->i", part, part)
+        bad = np.flatnonzero(~np.isfinite(norms) | ((np.abs(norms - 1.0) > 1e-2)
+                                                    & (norms != 0.0)))
+        if len(bad):
+            raise IntegrityError(f"row {start + bad[0]}: not a unit code (squared length "
+                                 f"{norms[bad[0]]:.6g})")
 
 
 def check_strings(name: str, blob: np.ndarray | None, offsets: np.ndarray | None,
