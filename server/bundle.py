@@ -283,15 +283,28 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
     return manifest
 
 
+def read_npz(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Members of an ``.npz`` (all, or ``keys``), loaded without pickle. Members must be
+    stored uncompressed, as ``np.savez`` writes them: a compressed one could expand to any
+    size in memory (a decompression bomb)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = [i.filename for i in archive.infolist()
+                      if i.compress_type != zipfile.ZIP_STORED]
+        if packed:
+            raise BundleError(f"{path}: member {packed[0]} is compressed; bundles store "
+                              f"them uncompressed (np.savez)")
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in (npz.files if keys is None else keys)}
+    except (OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile) as exc:
+        # BadZipFile: a damaged member (bad CRC) when the checksums were not verified;
+        # MemoryError: a member whose header declares a shape larger than memory.
+        raise BundleError(f"{path}: unreadable ({exc!r})") from None
+
+
 def load_arrays(root: str | Path) -> dict[str, np.ndarray]:
     """``arrays.npz`` as a dict, loaded without pickle."""
-    path = Path(root) / ARRAYS
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        # BadZipFile: a damaged member (bad CRC) when the checksums were not verified.
-        raise BundleError(f"{path}: unreadable ({exc})") from None
+    return read_npz(Path(root) / ARRAYS)
 
 
 def save_arrays(root: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -314,11 +327,7 @@ def load_neighbours(root: str | Path, manifest: Manifest) -> dict[str, np.ndarra
     if NEIGHBOURS not in manifest.files:
         return None
     path = Path(root) / NEIGHBOURS
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            table = {key: npz[key] for key in ("labels", "rows", "sims")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise BundleError(f"{path}: unreadable ({exc!r})") from None
+    table = read_npz(path, ("labels", "rows", "sims"))
     labels, rows, sims = table["labels"], table["rows"], table["sims"]
     if (labels.ndim != 1 or rows.ndim != 2 or rows.shape != sims.shape
             or len(labels) != len(rows) or len(labels) != manifest.song_index.count):
@@ -342,7 +351,7 @@ def load_codes(root: str | Path, manifest: Manifest) -> np.ndarray | None:
     path = Path(root) / CODES
     try:
         codes: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise BundleError(f"{path}: unreadable ({exc})") from None
     if codes.ndim != 2 or codes.shape != (manifest.song_index.count, manifest.code_dim):
         raise BundleError(f"{path}: shape {codes.shape}, expected "
@@ -395,7 +404,7 @@ def load_hnsw(root: str | Path, params: IndexParams, name: str, *,
                           f"{params.count}")
     index.set_ef(params.ef)
     try:
-        found, distances = index.knn_query(held.sample, k=min(10, params.count))
+        found, distances = index.knn_query(held.sample, k=1)
     except RuntimeError as exc:
         raise BundleError(f"{path}: a search for its own vectors failed ({exc})") from None
     if not np.isfinite(distances).all() or (

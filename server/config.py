@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from server.bundle import MAX_EF
+
 T = TypeVar("T")
 
 ENV_PREFIX = "SONGREC_"
@@ -213,8 +215,8 @@ def check_config(values: dict[str, Any], environ: Mapping[str, str]) -> ServerCo
     limits = {"port": (0, 65535), "metrics_port": (0, 65535),
               "max_concurrent_rpcs": (1, 100_000), "max_message_bytes": (1024, 1 << 30),
               "workers": (1, 256), "threads": (1, 256), "similar_batch": (0, 4096),
-              "capacity": (0, 100_000_000), "song_ef": (0, 100_000),
-              "playlist_ef": (0, 100_000), "processes": (1, 256)}
+              "capacity": (0, 100_000_000), "song_ef": (0, MAX_EF),
+              "playlist_ef": (0, MAX_EF), "processes": (1, 256)}
     for name, (low, high) in limits.items():
         value = getattr(config, name)
         if not low <= value <= high:

@@ -264,6 +264,15 @@ def test_manifest_numbers_are_typed_and_ranged(copy_bundle: Any, path: str, valu
         read_manifest(bundle, verify=False)
 
 
+def test_compressed_arrays_are_refused(copy_bundle: Any) -> None:
+    """np.savez writes members stored; a compressed member could expand to any size."""
+    bundle = copy_bundle()
+    arrays = bundle_files.load_arrays(bundle)
+    np.savez_compressed(bundle / "arrays.npz", **arrays)  # type: ignore[arg-type]
+    with pytest.raises(BundleError, match="arrays.npz: member .* is compressed"):
+        bundle_files.load_arrays(bundle)
+
+
 # ---------------------------------------------------------------- the whole bundle, served
 
 
