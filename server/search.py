@@ -368,19 +368,20 @@ class HnswSearch:
             # Duplicates expand first (each hit stands for its whole group), then the
             # added songs' hits merge in by similarity.
             labels, sims, offsets = self._expand_rows(cand, cand_sims, k)
-            if (np.diff(offsets) == offsets[1]).all():
-                merged = self.added.merge(self.vectors(rows), labels.reshape(len(rows), -1),
-                                          sims.reshape(len(rows), -1), k)
-                return (merged[0].ravel(), merged[1].ravel(),
-                        np.arange(len(rows) + 1, dtype=np.int64) * merged[0].shape[1])
-            parts = [self.added.merge(self.vectors(rows[i : i + 1]),
-                                      labels[None, offsets[i] : offsets[i + 1]],
-                                      sims[None, offsets[i] : offsets[i + 1]], k)
-                     for i in range(len(rows))]
-            lengths = [p[0].shape[1] for p in parts]
-            return (np.concatenate([p[0].ravel() for p in parts]),
-                    np.concatenate([p[1].ravel() for p in parts]),
-                    np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+            # Lists of unequal length (short duplicate expansions) are padded so that one
+            # query of the added songs' graph serves them all; the padding sorts last.
+            lengths = np.diff(offsets)
+            width = int(lengths.max()) if len(lengths) else 0
+            padded = np.full((len(rows), width), -1, dtype=np.int64)
+            padded_sims = np.full((len(rows), width), -np.inf, dtype=np.float32)
+            owner = np.repeat(np.arange(len(rows)), lengths)
+            column = np.arange(len(labels)) - offsets[:-1][owner]
+            padded[owner, column] = labels
+            padded_sims[owner, column] = sims
+            merged, merged_sims = self.added.merge(self.vectors(rows), padded, padded_sims, k)
+            keep = merged >= 0
+            return (merged[keep], merged_sims[keep],
+                    np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int64))
         return self._expand_rows(cand, cand_sims, k)
 
 
