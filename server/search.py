@@ -28,7 +28,9 @@ class VectorSearch(Protocol):
                    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each song row, up to ``k`` nearest songs (the row itself and its duplicates
         first), best first. ``allow_short``: fewer than ``k`` are fine when a precomputed
-        list is shorter (callers that top up from elsewhere)."""
+        list is shorter (callers that top up from elsewhere), and songs added at run time
+        come from the lookup only (those among the song's 20 nearest, see
+        ``HnswSearch.add``)."""
         ...
 
 
@@ -347,8 +349,12 @@ class HnswSearch:
         cand = np.concatenate([reps[:, None], table[slots].astype(np.int64)], axis=1)
         cand_sims = np.concatenate([np.ones((len(rows), 1), dtype=np.float32),
                                     self._table_sims[slots].astype(np.float32)], axis=1)
-        if self.added.count and k <= self.near_depth + 1:
-            # Lookup: the table's lists and each song's linked added songs, merged.
+        if self.added.count and (k <= self.near_depth + 1 or allow_short):
+            # Lookup: the table's lists and each song's linked added songs, merged. Past
+            # near_depth only callers that take short lists ask (the strategies' seed
+            # lists): they get the added songs among a seed's near_depth nearest, not a
+            # graph query per seed (which made a continuation 3-13x slower at 100k added
+            # songs, docs/BENCHMARKS.md).
             width = cand.shape[1]
             extra = [self.added.near_of(int(r)) for r in reps.tolist()]
             most = max(len(e[0]) for e in extra)
