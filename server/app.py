@@ -57,6 +57,9 @@ RECOMMENDER = pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 ADMIN = pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Each drains: SIGHUP too, which a closed terminal or a process manager may send, and
+# which by default would end the process without draining.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 # With --processes N, each process holds its own model: a reload taken by one would not
 # reach the others. (Added songs do: every process follows the song store.)
@@ -134,6 +137,13 @@ class ServingState:
             # A path the file system refuses (a name too long, no permission): the bundle
             # is unusable, the server is not broken, and the old model serves on.
             raise BundleError(f"{path}: unreadable ({exc.strerror or exc})") from None
+        except BundleError:
+            raise
+        except Exception as exc:
+            # A check the loader lacks (a bug, logged with its traceback): the bundle is
+            # still refused, and the old model serves on.
+            log.exception("loading %s failed unexpectedly", path)
+            raise BundleError(f"{path}: cannot load ({exc!r})") from None
         replayed = 0
         if self.store is not None:
             replayed = catch_up(model, self.store)
@@ -476,11 +486,11 @@ async def create_server(config: ServerConfig, model: LiveModel | None = None
 
 async def serve(config: ServerConfig, ready: Callable[[Server], None] | None = None,
                 model: LiveModel | None = None) -> int:
-    """Run until SIGTERM or SIGINT, then drain gracefully. Returns the exit status."""
+    """Run until SIGTERM, SIGINT or SIGHUP, then drain gracefully. Returns the exit status."""
     server, port = await create_server(config, model)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stopping.set)
     try:
         await server.start()
