@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 
 from server.errors import DeadlineExceeded, ResourceExhausted
+from server.interceptors import DEADLINE_SLACK_S
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -191,8 +192,11 @@ class Workers:
                     return pieces
         except (asyncio.CancelledError, DeadlineExceeded) as exc:
             if pieces and self.metrics is not None:
-                reason = "deadline" if isinstance(exc, DeadlineExceeded) else "cancelled"
-                self.metrics.stopped_calls.labels(reason).inc()
+                # gRPC cancels the call when its deadline passes, a moment after the
+                # client's own timer fired: a cancellation that close is the deadline.
+                expired = isinstance(exc, DeadlineExceeded) or (
+                    deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S)
+                self.metrics.stopped_calls.labels("deadline" if expired else "cancelled").inc()
             raise
         finally:
             if heavy:
