@@ -15,8 +15,10 @@ It starts its own server (``python -m server`` on a free port, default flags plu
 3. the same probes while ``--heavy`` callers (another process, one connection each) each
    send heavy calls back to back, alternating the two shapes;
 4. a heavy call (deep shape) with a ``--deadline`` of 0.5 s, alone: the server's CPU time
-   (``/proc``) from the moment the client gets DEADLINE_EXCEEDED until it is idle, less
-   its idle CPU over as long.
+   (``/proc``, every thread, nanoseconds) from the moment the client gets DEADLINE_EXCEEDED
+   over ``--settle`` seconds, beside an idle server's over as long;
+5. from the server's metrics (where it has them): how long pieces of heavy work held a
+   worker, and how long light work waited for one, during step 3.
 
 The markdown section between ``<!-- bench-heavy:start -->`` and ``<!-- bench-heavy:end
 -->`` of ``--out`` is replaced (``-`` or none: only printed).
@@ -28,10 +30,10 @@ import argparse
 import asyncio
 import datetime as dt
 import multiprocessing
-import os
 import shlex
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from clients.bench_serving import machine, replace_marked
+from clients.bench_serving import free_port, machine, replace_marked
 from clients.loadtest import BundleSource, LoadError
 from clients.soak import ServerProcess, SoakError
 from protos.songrec.v1 import songrec_pb2 as pb2
@@ -67,6 +69,7 @@ class Report:
     heavy_errors: dict[str, int] = field(default_factory=dict)
     deadline_cpu_ms: list[float] = field(default_factory=list)
     idle_cpu_ms: float = 0.0
+    metrics: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- requests
@@ -147,9 +150,50 @@ def probe(target: str, ids: np.ndarray, seconds: float, gap: float,
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid`` (all its threads), from ``/proc``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of process ``pid``, all its threads (``/proc/PID/task/*/schedstat``, in
+    nanoseconds: utime and stime count whole clock ticks of 10 ms)."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # the thread ended meanwhile
+            continue
+    return total / 1e9
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The server's Prometheus samples, by name and labels (empty when it has none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode("utf-8")
+    except OSError:
+        return {}
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def lane_histogram(before: dict[Any, float], after: dict[Any, float], name: str,
+                   lane: str) -> tuple[int, list[tuple[float, int]]]:
+    """Observations of histogram ``name`` for ``lane`` between two scrapes: the count and
+    the cumulative count at each finite upper bound."""
+    count_key = (f"{name}_count", (("lane", lane),))
+    count = int(after.get(count_key, 0.0) - before.get(count_key, 0.0))
+    cumulative = []
+    for key, value in after.items():
+        sample, labels = key
+        bounds = dict(labels)
+        if sample == f"{name}_bucket" and bounds.get("lane") == lane \
+                and bounds.get("le") not in (None, "+Inf"):
+            cumulative.append((float(bounds["le"]), int(value - before.get(key, 0.0))))
+    return count, sorted(cumulative)
+
+
+def share_within(count: int, cumulative: list[tuple[float, int]], bound: float) -> str:
+    """The share of observations at most ``bound`` seconds."""
+    within = next((n for b, n in cumulative if b == bound), None)
+    return "-" if not count or within is None else f"{100 * within / count:.1f}%"
 
 
 def deadline_work(target: str, pid: int, payload: bytes, deadline: float,
@@ -177,7 +221,9 @@ def bench(args: argparse.Namespace) -> Report:
     source = BundleSource.load(args.bundle)
     rng = np.random.default_rng(args.seed)
     report = Report()
-    server_args = ["--bundle", str(args.bundle), *shlex.split(args.server_args)]
+    metrics_port = free_port()
+    server_args = ["--bundle", str(args.bundle), "--metrics-port", str(metrics_port),
+                   *shlex.split(args.server_args)]
     with ServerProcess(server_args) as server:
         payloads = heavy_requests(server.target, source, rng)
         with grpc.insecure_channel(server.target, options=OPTIONS) as channel:
@@ -198,14 +244,25 @@ def bench(args: argparse.Namespace) -> Report:
             results))
         load.start()
         time.sleep(1.0)  # the heavy calls are under way
+        before = scrape(metrics_port)
         report.probe_loaded_ms, report.probe_errors = probe(
             server.target, source.song_ids, args.duration, args.probe_gap, rng)
+        after = scrape(metrics_port)
+        pieces, held = lane_histogram(before, after, "songrec_work_piece_seconds", "heavy")
+        waits, waited = lane_histogram(before, after, "songrec_work_wait_seconds", "light")
+        if pieces:
+            report.metrics = {
+                "heavy pieces": str(pieces),
+                "heavy pieces <= 20 / 30 / 50 ms": " / ".join(
+                    share_within(pieces, held, b) for b in (0.02, 0.03, 0.05)),
+                "light work that waited <= 10 / 25 / 50 ms for a worker": " / ".join(
+                    share_within(waits, waited, b) for b in (0.01, 0.025, 0.05))}
         report.heavy_loaded_ms, report.heavy_errors = results.get(timeout=600)
         load.join(timeout=60)
         time.sleep(1.0)
-        before = cpu_seconds(server.pid)
+        idle_from = cpu_seconds(server.pid)
         time.sleep(args.settle)
-        report.idle_cpu_ms = (cpu_seconds(server.pid) - before) * 1000
+        report.idle_cpu_ms = (cpu_seconds(server.pid) - idle_from) * 1000
         for _ in range(args.repeat):
             report.deadline_cpu_ms.append(1000 * deadline_work(
                 server.target, server.pid, payloads["deep"], args.deadline, args.settle))
@@ -246,8 +303,12 @@ def render(report: Report, args: argparse.Namespace, command: str) -> str:
     lines += ["",
               f"A deep heavy call with a {args.deadline:g} s deadline, alone: server CPU "
               f"after the client's DEADLINE_EXCEEDED, over {args.settle:g} s: "
-              + ", ".join(f"{c:.0f}" for c in cpu)
-              + f" ms (idle server over as long: {report.idle_cpu_ms:.0f} ms)."]
+              + ", ".join(f"{c:.1f}" for c in cpu)
+              + f" ms (idle server over as long: {report.idle_cpu_ms:.1f} ms)."]
+    if report.metrics:
+        lines += ["", f"Server metrics while the {args.heavy} heavy calls ran (step 3):", "",
+                  "| measure | value |", "|---|---:|"]
+        lines += [f"| {name} | {value} |" for name, value in report.metrics.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -94,8 +94,8 @@ class Progress:
         return min(self.total, max(end, self.done + 1))
 
     def step(self, budget: Budget, work: Callable[[int, int], None]) -> bool:
-        """Call ``work(start, end)`` on slices until the budget is spent or the items
-        are done; True when done. Without a time limit: the rest in one slice."""
+        """Call ``work(start, end)`` on slices until the items are done or the next one
+        would overrun the budget; True when done. Without a time limit: the rest at once."""
         if budget.seconds is None and not self.finished:
             work(self.done, self.total)
             self.done = self.total
@@ -105,13 +105,18 @@ class Progress:
             work(self.done, end)
             per_unit = (time.perf_counter() - start) / max(self._cost(self.done, end), 1)
             self.done = end
-            left = budget.left()
-            # Size the next slice to what is left of this piece, or a whole next piece.
-            aim = left if left > 0 else (budget.seconds or 0.0)
-            fits = int(aim / per_unit) if per_unit > 0 else 4 * self.size
-            self.size = max(1, min(4 * self.size, fits))
-            if left <= 0:
+            last, left = self.size, budget.left()
+            if per_unit <= 0:  # too quick to time
+                self.size = 4 * last
+                if left > 0:
+                    continue
                 break
+            if not self.finished and per_unit * self._cost(self.done, self.done + 1) <= left:
+                self.size = max(1, min(4 * last, int(left / per_unit)))
+                continue
+            # The next item would not fit: end this piece; the next is a whole budget.
+            self.size = max(1, min(4 * last, int((budget.seconds or 0.0) / per_unit)))
+            break
         return self.finished
 
 
@@ -145,7 +150,7 @@ class Workers:
         self._closed = False
         # Metric children per lane, looked up once (labels() locks on every call).
         self._gauges = ({lane: (metrics.work_queued.labels(lane), metrics.work_wait.labels(lane),
-                                metrics.work_pieces.labels(lane)) for lane in (LIGHT, HEAVY)}
+                                metrics.piece_seconds.labels(lane)) for lane in (LIGHT, HEAVY)}
                         if metrics is not None else {})
 
     # ------------------------------------------------------------ the event loop's side
@@ -256,12 +261,13 @@ class Workers:
             outcome = (False, DeadlineExceeded("deadline passed while the call waited "
                                                "for a worker"))
         else:
-            if gauges is not None:
-                gauges[2].inc()
+            start = time.perf_counter()
             try:
                 outcome = (True, job.fn())
             except BaseException as exc:  # handed to the caller, who decides
                 outcome = (False, exc)
+            if gauges is not None:
+                gauges[2].observe(time.perf_counter() - start)
         try:
             job.loop.call_soon_threadsafe(_resolve, job.future, outcome)
         except RuntimeError:  # the loop is closed: nobody is waiting

@@ -300,7 +300,7 @@ def test_probes_are_answered_while_heavy_calls_run(heavy_server: ServerThread) -
     with heavy_server.channel(options=OPTIONS) as channel:
         stub = pb2_grpc.RecommenderStub(channel)
         request = _deep_batch(stub)
-        pieces = _sample(heavy_server, "songrec_work_pieces_total", {"lane": "heavy"})
+        pieces = _sample(heavy_server, "songrec_work_piece_seconds_count", {"lane": "heavy"})
         heavy = [stub.SimilarSongsBatch.future(request, timeout=120) for _ in range(4)]
         probes_during = 0
         while not all(call.done() for call in heavy):
@@ -315,7 +315,7 @@ def test_probes_are_answered_while_heavy_calls_run(heavy_server: ServerThread) -
         assert all(len(r.neighbours) == 100 and not {n.song_id for n in r.neighbours} & excluded
                    for r in result.results)
     # Each heavy call ran in many pieces, in the heavy lane.
-    assert _sample(heavy_server, "songrec_work_pieces_total", {"lane": "heavy"}) - pieces > 8
+    assert _sample(heavy_server, "songrec_work_piece_seconds_count", {"lane": "heavy"}) - pieces > 8
 
 
 @pytest.mark.parametrize("how", ["deadline", "cancelled"])
@@ -329,7 +329,7 @@ def test_a_heavy_call_whose_caller_gives_up_stops_early(heavy_server: ServerThre
         request = _deep_batch(stub)
 
         def heavy_pieces() -> float:
-            return _sample(heavy_server, "songrec_work_pieces_total", {"lane": "heavy"})
+            return _sample(heavy_server, "songrec_work_piece_seconds_count", {"lane": "heavy"})
 
         before = heavy_pieces()
         stub.SimilarSongsBatch(request, timeout=120)
@@ -364,3 +364,31 @@ def test_the_cost_model_sorts_the_lanes() -> None:
     biggest = ContinueParams(tuple(range(1000)), (), "", 0, 1000, 10, "ae-hybrid", False,
                              False)
     assert validation.continue_cost(biggest) > validation.HEAVY_COST
+
+
+def test_a_big_insert_goes_in_pieces_that_let_queries_in(tiny_bundle: Path) -> None:
+    """Songs are inserted a piece at a time (queries run between pieces); every song gets
+    its row, in order, and is found by its own code."""
+    model, _ = _added_model(tiny_bundle, 0)
+    songs = [NewSong(20_000_000 + i, SongMeta(genres=("GN0100",), artists=(i % 40,),
+                                              issue_date=19900101 + i % 28), f"s{i}")
+             for i in range(3000)]
+    codes = model.encode_new(songs, ["x"] * len(songs))
+    seen: list[int] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            with model.lock.read():
+                seen.append(model.n_added)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    model.insert(songs, codes)
+    done.set()
+    thread.join()
+    assert model.n_added == 3000 and seen == sorted(seen)
+    rows = model.rows_or_missing([s.song_id for s in songs])
+    assert rows.tolist() == list(range(model.n_bundle, model.n_bundle + 3000))
+    found = model.similar_one(SimilarParams((songs[5].song_id,), 3, frozenset(), True))
+    assert found.song_id == songs[5].song_id and len(found.ids) == 3
