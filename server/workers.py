@@ -42,7 +42,7 @@ PIECE_SECONDS = 0.02
 HEAVY_AGE_S = 0.2
 # Heavy calls in progress per worker; past it, new heavy calls get RESOURCE_EXHAUSTED at
 # once rather than each progressing ever more slowly toward their deadlines.
-HEAVY_CALLS_PER_WORKER = 4
+HEAVY_CALLS_PER_WORKER = 32
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
