@@ -1002,7 +1002,8 @@ class PrefetchedLists:
     """A :class:`VectorSearch` that answers some rows' neighbour lists (asked ``k`` deep
     with ``allow_short``) from lists computed beforehand, e.g. by the server in pieces of
     bounded time, and passes everything else to ``songs``. A row's list depends on that
-    row alone (:meth:`HnswSearch.neighbour_lists`), so the answers are the same."""
+    row alone (:meth:`HnswSearch.neighbour_lists`; hnswlib answers each query of a batch
+    on its own), so the answers are those of one lookup for all."""
 
     def __init__(self, songs: HnswSearch, k: int) -> None:
         self.songs = songs

@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LIGHT, HEAVY = "light", "heavy"
-# A piece's time budget. Pieces end at the first slice boundary past it, so a cancelled
-# call stops within about one piece (the slices adapt to the measured time per item).
+# A piece's time budget. A piece ends before a slice that would overrun it (slices follow
+# the measured time per item), so a caller that gives up stops its call within about this.
 PIECE_SECONDS = 0.02
 # A heavy piece that has waited this long goes before light work: heavy calls progress
 # (at worst one piece per worker per this interval) even when light work never stops.
