@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(serve(config))
     except (ConfigError, WalError, BundleError) as exc:
-        log.error("cannot start: %s", exc)
-        print(f"python -m server: {exc}", file=sys.stderr)
+        log.error("cannot start: %s", exc)  # one line on stderr, in the chosen log format
         return 2
 
 

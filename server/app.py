@@ -1,6 +1,6 @@
-"""The songrec gRPC server (grpc.aio): the serving state, the ``Recommender`` and ``Admin``
-servicers (requests checked by :mod:`server.validation`, answers built by
-:mod:`server.responses`), then ``create_server`` and ``serve``."""
+"""The songrec gRPC server (grpc.aio): the ``Recommender`` and ``Admin`` servicers over the
+serving state (:mod:`server.state`; requests checked by :mod:`server.validation`, answers
+built by :mod:`server.responses`), then ``create_server`` and ``serve``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,17 +19,17 @@ from grpc_reflection.v1alpha import reflection
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
 from server import validation, wire
-from server.batching import SimilarBatcher
 from server.bundle import BundleError
 from server.config import ConfigError, ServerConfig
 from server.errors import FailedPrecondition
 from server.following import catch_up, open_configured_store
-from server.health import Health
+from server.health import ADMIN, NOT_SERVING, RECOMMENDER, SERVING, Health
 from server.interceptors import Gate, Tokens
 from server.live import LiveModel
 from server.memory import release_memory
 from server.metrics import Metrics
 from server.responses import (
+    add_batch_results,
     added_pb,
     batch_pb,
     continuation_pb,
@@ -38,25 +37,18 @@ from server.responses import (
     model_info_pb,
     neighbours_pb,
     reloaded_pb,
-    similar_responses_of,
 )
+from server.state import ServingState
 from server.store import (
-    SongStore,
     StoreError,
 )
 from server.validation import NewSong
 from server.wal import WalError
 from server.wire import WireMessage
-from server.workers import Workers, deadline_of
+from server.workers import Budget, Workers, deadline_of
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-RECOMMENDER = pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
-ADMIN = pb2.DESCRIPTOR.services_by_name["Admin"].full_name
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Each drains: SIGHUP too, which a closed terminal or a process manager may send, and
 # which by default would end the process without draining.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -66,163 +58,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _ONE_PROCESS = ("{rpc}: this server runs {n} processes (--processes {n}), and a change "
                 "made in one would be missing from the others; restart it with the new "
                 "bundle, or run one process to change the model in place")
-FOLLOW_BACKOFF_S = (0.1, 5.0)  # first and longest wait before retrying an unreachable store
 
 
 def metadata_fields(songs: Sequence[NewSong], request_order: Sequence[NewSong]) -> list[str]:
     """Request field names (``songs[i].metadata``) of a subset of a request's songs."""
     position = {song.song_id: pos for pos, song in enumerate(request_order)}
     return [f"songs[{position[song.song_id]}].metadata" for song in songs]
-
-
-# ---------------------------------------------------------------- serving state
-
-
-class ServingState:
-    """What the servicers share: the model (swapped whole on reload), the song store, the
-    worker pool, health and metrics. Index writes, reloads and the follower's catch-ups run
-    one at a time, each in a shielded task, so a caller that gives up cannot leave one half
-    done."""
-
-    def __init__(self, config: ServerConfig, workers: Workers, metrics: Metrics,
-                 health: Health, store: SongStore | None) -> None:
-        self.config = config
-        self.workers = workers
-        self.metrics = metrics
-        self.health = health
-        self.store = store
-        self.batcher = (SimilarBatcher(workers, metrics, similar_responses_of,
-                                      config.similar_batch)
-                        if config.similar_batch else None)
-        self.model: LiveModel | None = None
-        self.bundle = config.bundle
-        self._write_lock = asyncio.Lock()
-        self._pending: set[asyncio.Task[Any]] = set()
-
-    def require_model(self) -> LiveModel:
-        """The served model; :class:`FailedPrecondition` when none is loaded."""
-        model = self.model
-        if model is None:
-            raise FailedPrecondition("no model loaded: start the server with --bundle or "
-                                     "load one with Admin.ReloadModel")
-        return model
-
-    async def exclusive(self, fn: Callable[[], T], deadline: float | None,
-                        after: Callable[[T], Awaitable[None]] | None = None) -> T:
-        """Run ``fn`` in a worker with no other write or reload running, then ``after`` on
-        the loop. Shielded: once started it finishes even if the caller is cancelled."""
-
-        async def critical() -> T:
-            async with self._write_lock:
-                result = await self.workers.run(fn, deadline)
-                if after is not None:
-                    await after(result)
-                return result
-
-        task = asyncio.ensure_future(critical())
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        return await asyncio.shield(task)
-
-    async def settle(self, timeout: float) -> None:
-        """Wait (bounded) for shielded writes still running, e.g. during shutdown."""
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=timeout)
-
-    def build(self, path: Path, verify: bool) -> tuple[LiveModel, int]:
-        """Load a bundle and add the store's songs to it (blocking)."""
-        try:
-            model = LiveModel.configured(self.config, path, verify)
-        except OSError as exc:
-            # A path the file system refuses (a name too long, no permission): the bundle
-            # is unusable, the server is not broken, and the old model serves on.
-            raise BundleError(f"{path}: unreadable ({exc.strerror or exc})") from None
-        except BundleError:
-            raise
-        except Exception as exc:
-            # A check the loader lacks (a bug, logged with its traceback): the bundle is
-            # still refused, and the old model serves on.
-            log.exception("loading %s failed unexpectedly", path)
-            raise BundleError(f"{path}: cannot load ({exc!r})") from None
-        replayed = 0
-        if self.store is not None:
-            replayed = catch_up(model, self.store)
-            if replayed or model.unplaceable:
-                log.info("added %d songs from the song store %s to model %s", replayed,
-                         self.store.url, model.version)
-        return model, replayed
-
-    def apply_store(self) -> int:
-        """Serve the songs stored since the served model last looked (blocking; run it
-        with :meth:`exclusive`). Returns how many were added."""
-        model = self.model
-        if model is None or self.store is None:
-            return 0
-        added = catch_up(model, self.store)
-        if added:
-            log.info("applied %d songs from the song store (seq %d)", added,
-                     model.applied_seq)
-        return added
-
-    async def follow(self) -> None:
-        """Apply songs other servers add, until cancelled: wait for a NOTIFY (PostgreSQL)
-        or the poll interval, then catch up if the store's last seq moved. An unreachable
-        store is retried with exponential backoff; inference goes on meanwhile."""
-        store = self.store
-        assert store is not None
-        backoff = FOLLOW_BACKOFF_S[0]
-        down = False
-        while True:
-            try:
-                await asyncio.to_thread(store.wait, store.poll_s)
-                model = self.model
-                if model is not None:
-                    last = await asyncio.to_thread(store.last_seq)
-                    if last > model.applied_seq:
-                        await self.exclusive(self.apply_store, None, self._published)
-                if down:
-                    log.info("song store %s answers again; caught up to seq %d", store.url,
-                             model.applied_seq if model is not None else 0)
-                    self.metrics.store_up.set(1)
-                    down = False
-                backoff = FOLLOW_BACKOFF_S[0]
-            except StoreError as exc:
-                self.metrics.store_errors.labels("follow", exc.code.name).inc()
-                if not down:
-                    log.warning("song store unreachable, retrying with backoff (inference "
-                                "goes on): %s", exc)
-                    self.metrics.store_up.set(0)
-                    down = True
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, FOLLOW_BACKOFF_S[1])
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - a bug here must not stop following
-                log.exception("song store follower failed; retrying")
-                await asyncio.sleep(FOLLOW_BACKOFF_S[1])
-
-    async def _published(self, _: object) -> None:
-        self.publish()
-
-    async def install(self, built: tuple[LiveModel, int]) -> None:
-        """Serve a freshly built model (runs on the loop, after :meth:`build`)."""
-        model, _ = built
-        self.model = model
-        self.bundle = model.source
-        self.publish()
-        await self.health.set("", SERVING)
-        await self.health.set(RECOMMENDER, SERVING)
-
-    def publish(self) -> None:
-        """Refresh the model and index gauges."""
-        model = self.model
-        if model is None:
-            self.metrics.set_model(None, 0, 0)
-        else:
-            self.metrics.set_model(model.version, model.n_bundle + model.n_added,
-                                   model.n_added)
-            self.metrics.store_applied_seq.set(model.applied_seq)
-            self.metrics.store_unplaceable.set(model.unplaceable)
 
 
 # ---------------------------------------------------------------- servicers
@@ -239,9 +80,18 @@ class RecommenderServicer(pb2_grpc.RecommenderServicer):
                                ) -> pb2.ContinuePlaylistResponse:
         params = validation.continue_params(request)
         model = self.state.require_model()
-        return await self.state.workers.run(
-            lambda: continuation_pb(model.continue_playlist(params), model.version),
-            deadline_of(context))
+        job = model.continuation(params)
+        response: list[pb2.ContinuePlaylistResponse] = []
+
+        def step(budget: Budget) -> bool:
+            if not job.step(budget):
+                return False
+            assert job.result is not None
+            response.append(continuation_pb(job.result, model.version))
+            return True
+
+        await self.state.in_pieces(step, validation.continue_cost(params), context)
+        return response[0]
 
     async def SimilarSongs(self, request: pb2.SimilarSongsRequest,
                            context: grpc.aio.ServicerContext
@@ -261,12 +111,11 @@ class RecommenderServicer(pb2_grpc.RecommenderServicer):
                                 ) -> pb2.SimilarSongsBatchResponse:
         params = validation.similar_batch_params(request)
         model = self.state.require_model()
-
-        def work() -> pb2.SimilarSongsBatchResponse:
-            results, unknown = model.similar(params)
-            return batch_pb(results, unknown, model.version)
-
-        return await self.state.workers.run(work, deadline_of(context))
+        response = batch_pb([], [], model.version)  # filled a piece at a time
+        job = model.similar_batch(params, lambda found, unknown: add_batch_results(
+            response, found, unknown))
+        await self.state.in_pieces(job.step, validation.similar_cost(params), context)
+        return response
 
     async def EncodeSong(self, request: pb2.EncodeSongRequest,
                          context: grpc.aio.ServicerContext) -> pb2.EncodeSongResponse:
@@ -454,7 +303,7 @@ async def create_server(config: ServerConfig, model: LiveModel | None = None
     if torn:
         metrics.wal_torn.inc()
     health = Health()
-    state = ServingState(config, Workers(config.workers), metrics, health, store)
+    state = ServingState(config, Workers(config.workers, metrics), metrics, health, store)
     gate = Gate(metrics, config.max_concurrent_rpcs, Tokens(config.admin_token, config.token),
                 max_response_bytes=config.max_message_bytes)
     server = grpc.aio.server(

@@ -283,7 +283,7 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
     return manifest
 
 
-def read_npz(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+def read_npz(path: Path, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Members of an ``.npz`` (all, or ``keys``), loaded without pickle. Members must be
     stored uncompressed, as ``np.savez`` writes them: a compressed one could expand to any
     size in memory (a decompression bomb)."""
@@ -305,7 +305,7 @@ def read_npz(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.nd
 def load_arrays(root: str | Path, keys: Sequence[str] | None = None
                 ) -> dict[str, np.ndarray]:
     """``arrays.npz`` as a dict (only ``keys`` when given), loaded without pickle."""
-    return read_npz(Path(root) / ARRAYS, None if keys is None else tuple(keys))
+    return read_npz(Path(root) / ARRAYS, keys)
 
 
 def pack_strings(items: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -399,6 +399,8 @@ def load_hnsw(root: str | Path, params: IndexParams, name: str, *,
     ``params`` and, when given, the sorted ``labels`` it must hold; after the load, a few
     of its own vectors are searched for (a canary: hnswlib's errors surface here, not in
     a client's call)."""
+    # Imported here: the load test reads a bundle's arrays through this module and must
+    # not need the index library.
     import hnswlib
 
     path = Path(root) / name

@@ -202,11 +202,13 @@ class Engine:
             return "ae-neighbours"
         return name
 
-    def continue_playlist(self, strategy: str, query: Query) -> Answer:
+    def continue_playlist(self, strategy: str, query: Query,
+                          songs: VectorSearch | None = None) -> Answer:
         """``strategy`` (as :meth:`resolve_strategy` resolves it) on ``query``; the answer
-        names the strategy that ran."""
-        return run_strategy(self.resolve_strategy(strategy), self.catalog, self.songs,
-                            self.playlists, query)
+        names the strategy that ran. ``songs``: the song search to use (default: the
+        index), e.g. one holding neighbour lists computed beforehand (``PrefetchedLists``)."""
+        return run_strategy(self.resolve_strategy(strategy), self.catalog,
+                            self.songs if songs is None else songs, self.playlists, query)
 
     def nearest_to(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.songs.search(codes, k)

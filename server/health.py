@@ -6,6 +6,13 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
+from protos.songrec.v1 import songrec_pb2 as pb2
+
+RECOMMENDER = pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+ADMIN = pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
 
 class Health(health_aio.HealthServicer):  # type: ignore[misc]
     """grpc.health.v1 whose ``Watch`` streams end once a drain begins (after telling the

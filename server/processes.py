@@ -102,8 +102,6 @@ def _die_with_parent() -> None:
 def _supervise(children: dict[int, int]) -> int:
     """Wait for every child; pass SIGTERM, SIGINT and SIGHUP on; stop all when one dies
     unasked."""
-    from server.app import STOP_SIGNALS
-
     stopping = False
     status = 0
 

@@ -94,11 +94,18 @@ def similar_responses_of(answers: Sequence[Neighbours], version: str
 def batch_pb(results: Sequence[Neighbours], unknown: Sequence[int],
              version: str) -> pb2.SimilarSongsBatchResponse:
     """Many songs' neighbours as a ``SimilarSongsBatchResponse``."""
-    response = pb2.SimilarSongsBatchResponse(unknown_song_ids=unknown, model_version=version)
-    for found in results:
-        item = response.results.add(song_id=found.song_id, model_version=version)
-        fill_neighbours(item.neighbours, found)
+    response = pb2.SimilarSongsBatchResponse(model_version=version)
+    add_batch_results(response, results, unknown)
     return response
+
+
+def add_batch_results(response: pb2.SimilarSongsBatchResponse, results: Sequence[Neighbours],
+                      unknown: Sequence[int]) -> None:
+    """Append some songs' neighbours (and unknown ids) to a ``SimilarSongsBatchResponse``."""
+    response.unknown_song_ids.extend(unknown)
+    for found in results:
+        item = response.results.add(song_id=found.song_id, model_version=response.model_version)
+        fill_neighbours(item.neighbours, found)
 
 
 def encoded_pb(encoded: Encoded, version: str) -> pb2.EncodeSongResponse:

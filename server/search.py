@@ -4,11 +4,13 @@ reference, and training-time validation) and the hnswlib index the server answer
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
 from server import voting
+from server.lists import drop_marked, first_per_list, merge_lists
 
 
 class VectorSearch(Protocol):
@@ -332,17 +334,48 @@ class HnswSearch:
         bounds = offsets.tolist()
         return [(labels[a:b], sims[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
 
+    def needs_graph(self, rows: np.ndarray, k: int, *, allow_short: bool = False
+                    ) -> np.ndarray:
+        """Which of ``rows`` :meth:`neighbour_lists` answers from the graph (the rest come
+        from the table): songs added at run time, lists deeper than the table (unless
+        ``allow_short``), every row without a table."""
+        rows = np.asarray(rows, dtype=np.int64)
+        table = self._table_rows
+        if table is None or (not allow_short and k > table.shape[1] + 1):
+            return np.ones(len(rows), dtype=bool)
+        graph: np.ndarray = rows >= self._n_fixed
+        return graph
+
     def neighbour_lists(self, rows: np.ndarray, k: int, *, allow_short: bool = False
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`neighbours` as flat arrays: rows, similarities and ``offsets`` (the list
-        of ``rows[i]`` is ``offsets[i]:offsets[i + 1]``)."""
+        of ``rows[i]`` is ``offsets[i]:offsets[i + 1]``). Each row's list depends on that
+        row alone: the table answers the rows it can even when others need the graph."""
         rows = np.asarray(rows, dtype=np.int64)
+        graph = self.needs_graph(rows, k, allow_short=allow_short)
+        if len(rows) == 0 or graph.all():
+            return self._graph_lists(rows, k)
+        if not graph.any():
+            return self._table_lists(rows, k, allow_short)
+        inside = np.flatnonzero(~graph)
+        outside = np.flatnonzero(graph)
+        return merge_lists(len(rows), [(inside, *self._table_lists(rows[inside], k,
+                                                                   allow_short)),
+                                       (outside, *self._graph_lists(rows[outside], k))])
+
+    def _graph_lists(self, rows: np.ndarray, k: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if len(rows) == 0:
+            return (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32),
+                    np.zeros(1, dtype=np.int64))
+        labels, sims = self.search(self.vectors(rows), k)
+        return (labels.ravel(), sims.ravel(),
+                np.arange(len(labels) + 1, dtype=np.int64) * labels.shape[1])
+
+    def _table_lists(self, rows: np.ndarray, k: int, allow_short: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         table = self._table_rows
-        if (table is None or len(rows) == 0 or bool((rows >= self._n_fixed).any())
-                or (not allow_short and k > table.shape[1] + 1)):
-            labels, sims = self.search(self.vectors(rows), k)
-            return (labels.ravel(), sims.ravel(),
-                    np.arange(len(labels) + 1, dtype=np.int64) * labels.shape[1])
+        assert table is not None
         reps = self._labels(rows)
         slots = self._slot_of[reps]
         # The song itself (its group) first, as a graph search for its own vector has it.
@@ -389,6 +422,86 @@ class HnswSearch:
             return (merged[keep], merged_sims[keep],
                     np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int64))
         return self._expand_rows(cand, cand_sims, k)
+
+    def similar_lists(self, rows: np.ndarray, k: int | np.ndarray,
+                      exclude: Sequence[np.ndarray]
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each row, its first ``k`` (or ``k[i]``) neighbours other than itself and the
+        rows of ``exclude[i]``, as flat arrays like :meth:`neighbour_lists`.
+
+        Each list is looked up ``k + 1`` deep first (the table answers that for bundle
+        songs); a row whose exclusions took places is looked up again, deeper (twice as
+        deep, or past twice the exclusions it met), never past ``k + 1 + len(exclude[i])``,
+        which always suffices. An exclusion costs one flag lookup per candidate, and deep
+        searches only for the rows whose neighbours it really removes. Rows that share an
+        exclusion list should share the array object: it is marked once for all of them.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        n = len(rows)
+        same_k = k if isinstance(k, int) else (
+            int(k[0]) if n and bool((k == k[0]).all()) else None)
+        if same_k is not None and not any(map(len, exclude)):  # the common case, quickly
+            labels, sims, offsets = self.neighbour_lists(rows, same_k + 1)
+            owner = np.repeat(np.arange(n), np.diff(offsets))
+            keep = first_per_list(labels != rows[owner], owner, offsets, same_k)
+            counts = np.bincount(owner[keep], minlength=n)
+            return (labels[keep], sims[keep],
+                    np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        ks = np.broadcast_to(np.asarray(k, dtype=np.int64), (n,))
+        depth = ks + 1
+        caps = depth + np.fromiter(map(len, exclude), dtype=np.int64, count=n)
+        uniform = same_k is not None
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        pending = np.arange(n)
+        while len(pending):
+            deeper = []
+            if uniform and len(parts) == 0 and len(pending) == n:
+                groups = [(pending, int(depth[0]) if n else 1)]
+            else:  # rows as deep are searched together
+                groups = [(pending[depth[pending] == d], d)
+                          for d in np.unique(depth[pending]).tolist()]
+            for group, d in groups:
+                part, again, more = self._similar_pass(rows[group], ks[group], d,
+                                                       caps[group], exclude, group)
+                if part is not None:
+                    if len(part[0]) == n:  # every list done in one pass: the common case
+                        return part[1], part[2], part[3]
+                    parts.append(part)
+                depth[group[again]] = more
+                deeper.append(group[again])
+            pending = np.concatenate(deeper)
+        return merge_lists(n, parts)
+
+    def _similar_pass(self, rows: np.ndarray, ks: np.ndarray, d: int, caps: np.ndarray,
+                      exclude: Sequence[np.ndarray], positions: np.ndarray
+                      ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
+                                 np.ndarray, np.ndarray]:
+        """One lookup ``d`` deep for :meth:`similar_lists`: the finished lists (positions,
+        labels, sims, offsets; None when none is), which rows must go deeper, and how deep."""
+        labels, sims, offsets = self.neighbour_lists(rows, d)
+        lengths = np.diff(offsets)
+        owner = np.repeat(np.arange(len(rows)), lengths)
+        keep = labels != rows[owner]
+        if bool((caps > ks + 1).any()):  # some rows have exclusions
+            drop_marked(keep, labels, offsets, [exclude[i] for i in positions.tolist()])
+            kept = np.bincount(owner[keep], minlength=len(rows))
+            final = (kept >= ks) | (lengths < d) | (d >= caps)
+        else:
+            kept = lengths - 1
+            final = np.ones(len(rows), dtype=bool)
+        again = np.flatnonzero(~final)
+        more = np.minimum(caps[again], np.maximum(2 * d, ks[again] + 1 + 2 * (
+            lengths[again] - kept[again])))
+        if len(again) == len(rows):
+            return None, again, more
+        keep = first_per_list(keep, owner, offsets, ks[owner])
+        if len(again):
+            keep &= final[owner]
+        counts = np.bincount(owner[keep], minlength=len(rows))
+        if len(again):
+            counts = counts[final]
+        finished = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return (positions[final], labels[keep], sims[keep], finished), again, more
 
 
 class AddedSongs:
@@ -562,3 +675,43 @@ def representatives(rows_indptr: np.ndarray, rows_indices: np.ndarray) -> np.nda
         key = rows_indices[bounds[i] : bounds[i + 1]].tobytes()
         rep_of[i] = first.setdefault(key, i)
     return rep_of
+
+
+class PrefetchedLists:
+    """A :class:`VectorSearch` that answers some rows' neighbour lists (asked ``k`` deep
+    with ``allow_short``) from lists computed beforehand, e.g. by the server in pieces of
+    bounded time, and passes everything else to ``songs``. A row's list depends on that
+    row alone (:meth:`HnswSearch.neighbour_lists`; hnswlib answers each query of a batch
+    on its own), so the answers are those of one lookup for all."""
+
+    def __init__(self, songs: HnswSearch, k: int) -> None:
+        self.songs = songs
+        self.k = k
+        self._lists: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def fetch(self, rows: np.ndarray) -> None:
+        """Compute and keep the lists of ``rows``."""
+        labels, sims, offsets = self.songs.neighbour_lists(rows, self.k, allow_short=True)
+        bounds = offsets.tolist()
+        for row, a, b in zip(rows.tolist(), bounds, bounds[1:], strict=False):
+            self._lists[row] = (labels[a:b], sims[a:b])
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.songs.search(vectors, k)
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        return self.songs.vectors(labels)
+
+    def count(self) -> int:
+        return self.songs.count()
+
+    def neighbours(self, rows: np.ndarray, k: int, *, allow_short: bool = False
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+        rows = np.asarray(rows, dtype=np.int64)
+        if k != self.k or not allow_short or not self._lists:
+            return self.songs.neighbours(rows, k, allow_short=allow_short)
+        wanted = rows.tolist()
+        rest = np.asarray([r for r in wanted if r not in self._lists], dtype=np.int64)
+        found = dict(zip(rest.tolist(), self.songs.neighbours(rest, k, allow_short=True),
+                         strict=True)) if len(rest) else {}
+        return [self._lists[r] if r in self._lists else found[r] for r in wanted]

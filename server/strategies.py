@@ -214,6 +214,16 @@ def _cold_start(catalog: Catalog, picker: _Picker, query: Query) -> np.ndarray |
     return catalog.tag_popularity.astype(np.float32)
 
 
+def quota_lists(query: Query) -> tuple[np.ndarray, int]:
+    """The neighbour lists ``ae-quota`` reads: the seeds with a share (``quotas``), each
+    list as deep as the whole answer plus the seeds (the write-up kept 100 similar songs
+    per song), so that earlier seeds' picks rarely exhaust a later seed's list. Asked
+    with ``allow_short``."""
+    seeds = query.seeds
+    active = seeds[: min(query.n_songs, len(seeds))]  # quotas: shares > 0 come first
+    return active, query.n_songs + len(seeds)
+
+
 def ae_quota(catalog: Catalog, songs: VectorSearch, query: Query) -> Answer:
     """The write-up's per-seed quota filling with tag voting."""
     picker = _Picker(catalog, query, songs.count())
@@ -222,11 +232,9 @@ def ae_quota(catalog: Catalog, songs: VectorSearch, query: Query) -> Answer:
         return _finish(catalog, picker, query, _cold_start(catalog, picker, query))
     shares = quotas(query.n_songs, len(seeds))
     active = [i for i, s in enumerate(shares) if s > 0]
-    # Each seed's list is as deep as the whole answer plus the seeds (the write-up kept 100
-    # similar songs per song), so earlier seeds' picks rarely exhaust a later seed's list.
     # Filtering happens here, in numpy order, not in an index callback.
-    k = query.n_songs + len(seeds)
-    lists = songs.neighbours(seeds[active], k, allow_short=True)
+    rows, k = quota_lists(query)
+    lists = songs.neighbours(rows, k, allow_short=True)
     for pos, i in enumerate(active):
         taken = 0
         labels, sims = lists[pos]
