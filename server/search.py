@@ -544,9 +544,19 @@ class AddedSongs:
             self._near_sim = np.resize(self._near_sim, size)
         self._near_song[self._n_near : end] = songs
         self._near_sim[self._n_near : end] = sims
+        crowded = []
         for offset, rep in enumerate(bundle_reps.tolist()):
-            self.near.setdefault(rep, []).append(self._n_near + offset)
+            positions = self.near.setdefault(rep, [])
+            positions.append(self._n_near + offset)
+            if len(positions) == 2 * NEAR_DEPTH:
+                crowded.append(rep)
         self._n_near = end
+        # A hub (a bundle song near very many added ones) keeps only its NEAR_DEPTH
+        # nearest: no lookup reads deeper, and a list of thousands made its lookups slow.
+        for rep in crowded:
+            positions = self.near[rep]
+            order = np.argsort(-self._near_sim[positions], kind="stable")[:NEAR_DEPTH]
+            self.near[rep] = [positions[i] for i in sorted(order.tolist())]
 
     def near_of(self, rep: int) -> tuple[np.ndarray, np.ndarray]:
         """The added songs linked to bundle song ``rep`` and their similarities."""

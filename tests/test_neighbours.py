@@ -272,3 +272,18 @@ def test_added_twins_stay_searchable() -> None:
     assert np.allclose(sims, 1.0, atol=1e-5)
     labels, _ = added.search(base[4:5], 1)
     assert labels[0, 0] == 163
+
+
+def test_a_hub_keeps_its_nearest_links_only() -> None:
+    """A bundle song near very many added songs keeps (at least) its NEAR_DEPTH nearest
+    links and never much more, so its lookups stay short."""
+    from server.search import NEAR_DEPTH, AddedSongs
+
+    added = AddedSongs(4, first=100, capacity=10)
+    sims = np.random.default_rng(5).random(5 * NEAR_DEPTH).astype(np.float32)
+    for i, sim in enumerate(sims.tolist()):
+        added.link(np.asarray([7]), np.asarray([100 + i]), np.asarray([sim]))
+    songs, got = added.near_of(7)
+    assert len(songs) < 2 * NEAR_DEPTH
+    best = np.sort(sims)[::-1][:NEAR_DEPTH]
+    assert set(best.tolist()) <= set(got.tolist())
