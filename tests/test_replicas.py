@@ -145,7 +145,7 @@ def test_unplaceable_stored_songs_are_logged_and_counted(
 def test_store_outage_fails_writes_only_and_followers_catch_up(
         tiny_bundle: Path, pg_url: str, postgres: Any, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("INFO", logger="server.app"), \
+    with caplog.at_level("INFO", logger="server"), \
             replica(tiny_bundle, pg_url, tmp_path, "a") as a, \
             replica(tiny_bundle, pg_url, tmp_path, "b") as b:
         add(a.target, new_songs(83_000_001, 1))
