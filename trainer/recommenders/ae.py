@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.strategies import Catalog, Query, VectorSearch, run_strategy
+from server.bundle import load_arrays
+from server.catalog import Catalog
+from server.engine import Engine
+from server.search import DotSearch, VectorSearch
+from server.strategies import Query, run_strategy
 from trainer.dataset import Dataset
-from trainer.export import playlist_codes
 from trainer.recommenders.base import Question, Recommendation, Recommender
 
-__all__ = ["AEHybrid", "AENeighbours", "AEQuota", "EmbeddingStrategy", "playlist_codes"]
+__all__ = ["AEHybrid", "AENeighbours", "AEQuota", "EmbeddingStrategy"]
 
 
 class EmbeddingStrategy:
@@ -50,8 +53,6 @@ class _BundleStrategy(Recommender):
 
     def fit(self, data: Dataset) -> Recommender:
         """Loads the bundle; the model was trained by ``trainer.train`` on ``data``."""
-        from server.engine import Engine
-
         engine = Engine.load(self.bundle, verify=self.verify,
                              playlist_ef=self.playlist_ef or None)
         self._impl = EmbeddingStrategy(self.strategy, engine.catalog, engine.songs,
@@ -83,9 +84,6 @@ class AEQuota(_BundleStrategy):
     def fit(self, data: Dataset) -> Recommender:
         super().fit(data)
         if self.metric == "dot" and self._impl is not None:
-            from server.bundle import load_arrays
-            from server.strategies import DotSearch
-
             norms = load_arrays(self.bundle)["code_norms"]
             unit = self._impl.songs.vectors(np.arange(len(norms)))
             self._impl.songs = DotSearch(unit * norms[:, None])
