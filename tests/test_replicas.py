@@ -87,7 +87,10 @@ def test_a_song_added_on_one_replica_is_served_by_the_other(tiny_bundle: Path, s
         with grpc.insecure_channel(b.target) as channel:
             info = pb2_grpc.RecommenderStub(channel).GetModelInfo(pb2.GetModelInfoRequest())
         assert info.added_songs == 4
-        assert gauge(b, "songrec_store_applied_seq") == gauge(a, "songrec_store_applied_seq")
+        # The gauge is set just after the songs are served: give it a moment.
+        wait_until(lambda: gauge(b, "songrec_store_applied_seq")
+                   == gauge(a, "songrec_store_applied_seq") is not None, 5.0,
+                   "both replicas reporting the last sequence number applied")
 
 
 def test_concurrent_duplicate_adds_on_two_replicas_give_one_row(
