@@ -144,8 +144,9 @@ class Engine:
                 raise BundleError(f"{root / bundle_files.MANIFEST}: {name}.dim {params.dim} "
                                   f"!= code_dim {manifest.code_dim}")
         threads = threads or int(os.environ.get("SONGREC_THREADS", "1"))
+        # Added songs go into a graph of their own (server.search.AddedSongs) with room
+        # for ``capacity``: the bundle's graph is loaded full-size and never grows.
         songs = bundle_files.load_hnsw(root, manifest.song_index, bundle_files.SONG_INDEX,
-                                       max_elements=manifest.song_index.count + capacity,
                                        labels=reps)
         songs.set_num_threads(threads)
         if song_ef:
@@ -180,8 +181,10 @@ class Engine:
         voting.warm_up(catalog.playlist_songs.indices.dtype)
         log.info("loaded bundle %s (model %s, %d songs, %d playlists)", root,
                  manifest.model_version, catalog.n_songs, len(catalog.playlist_ids))
-        return Engine(root, manifest, catalog, song_search(root, songs, np.asarray(
-            arrays["rep_of"]), table, codes), HnswSearch(playlists), encoder, arrays)
+        return Engine(root, manifest, catalog,
+                      song_search(root, songs, np.asarray(arrays["rep_of"]), table, codes,
+                                  capacity),
+                      HnswSearch(playlists), encoder, arrays)
 
     @property
     def model_version(self) -> str:
@@ -218,9 +221,9 @@ class Engine:
 
 
 def song_search(root: Path, index: Any, rep_of: np.ndarray, table: dict[str, np.ndarray] | None,
-                codes: np.ndarray | None) -> HnswSearch:
+                codes: np.ndarray | None, capacity: int = 0) -> HnswSearch:
     try:
-        return HnswSearch(index, rep_of, table, codes)
+        return HnswSearch(index, rep_of, table, codes, capacity=capacity)
     except ValueError as exc:
         raise BundleError(f"{root}: {exc}") from None
 

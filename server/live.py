@@ -19,7 +19,7 @@ from server.config import ServerConfig
 from server.engine import Engine
 from server.errors import InvalidArgument, NotFound
 from server.locks import RWLock
-from server.search import PrefetchedLists
+from server.search import NEAR_CANDIDATES, PrefetchedLists
 from server.strategies import (
     REASON_PLAYLIST,
     REASON_SEED,
@@ -325,14 +325,20 @@ class LiveModel:
         the exclusive lock is held, so songs go in a piece (``server.workers``) at a time,
         with a pause between pieces for the queries that waited: a thousand songs at once
         held every query for their whole insert (~80 ms on the demo bundle, about ten times
-        that with Melon's wider codes and denser graph)."""
+        that with Melon's wider codes and denser graph). Their nearest bundle songs (for
+        the links of ``HnswSearch.add``) are searched first, under the shared lock."""
+        if not songs:
+            return
+        with self.lock.read():  # the bundle's graph only: no writer changes it
+            hits, hit_sims = self.engine.songs.search_bundle(codes, NEAR_CANDIDATES)
         progress = Progress(len(songs), INSERT_FIRST)
 
         def add(first: int, end: int) -> None:
             with self.lock.write():
                 start = self.n_bundle + len(self._added_ids)
                 self.engine.songs.add(codes[first:end],
-                                      np.arange(start, start + end - first, dtype=np.int64))
+                                      np.arange(start, start + end - first, dtype=np.int64),
+                                      (hits[first:end], hit_sims[first:end]))
                 for offset, song in enumerate(songs[first:end]):
                     self._row_of_added[song.song_id] = start + offset
                     self._added_ids.append(song.song_id)

@@ -3,6 +3,7 @@ reference, and training-time validation) and the hnswlib index the server answer
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -29,7 +30,9 @@ class VectorSearch(Protocol):
                    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each song row, up to ``k`` nearest songs (the row itself and its duplicates
         first), best first. ``allow_short``: fewer than ``k`` are fine when a precomputed
-        list is shorter (callers that top up from elsewhere)."""
+        list is shorter (callers that top up from elsewhere), and songs added at run time
+        come from the lookup only (those among the song's 20 nearest, see
+        ``HnswSearch.add``)."""
         ...
 
 
@@ -89,6 +92,12 @@ class DotSearch(ExactSearch):
                 np.take_along_axis(top_scores, order, axis=1))
 
 
+# A bundle song's SimilarSongs up to this depth stays a table lookup as songs are added.
+NEAR_DEPTH = 20
+# Bundle songs searched per added song to find those it is among the nearest of.
+NEAR_CANDIDATES = 200
+
+
 class HnswSearch:
     """hnswlib cosine index (space 'cosine': similarity = 1 - distance) over song rows.
 
@@ -99,14 +108,20 @@ class HnswSearch:
     Rows at or past ``len(rep_of)`` (songs added at run time) are their own group.
 
     With a precomputed ``table`` (``neighbours.npz``, exact top-k per representative),
-    :meth:`neighbours` of bundle songs is a lookup, merged with an exact scan of the songs
-    added since loading (kept here as unit vectors: they are few, and the table knows
-    nothing of them). Unseen songs and deeper questions go to the graph.
+    :meth:`neighbours` of bundle songs is a lookup. Unseen songs and deeper questions go
+    to the graph.
+
+    Songs added at run time go into a graph of their own (:class:`AddedSongs`), never into
+    the bundle's: every search merges the bundle's hits with that graph's, re-scored
+    exactly against the added songs' stored unit vectors. A search therefore costs one
+    small extra graph query however many songs were added (an exact scan of them grew
+    linearly: issue 16), and the bundle's graph is never copied to grow.
     """
 
     def __init__(self, index: object, rep_of: np.ndarray | None = None,
                  table: dict[str, np.ndarray] | None = None,
-                 codes: np.ndarray | None = None, refine_seeds: int = 10) -> None:
+                 codes: np.ndarray | None = None, refine_seeds: int = 10,
+                 capacity: int = 0) -> None:
         self.index = index
         self.refine_seeds = refine_seeds
         self.rep_of = rep_of
@@ -151,9 +166,8 @@ class HnswSearch:
         # hnswlib's get_items builds Python lists (~60 ns a float): the bundle's own copy of
         # the codes (float16, memory-mapped) reads a seed's code in microseconds instead.
         self._codes = codes
-        self._added_labels = np.empty(0, dtype=np.int64)
-        self._added_unit = np.empty((0, int(index.dim)), dtype=np.float32)  # type: ignore[attr-defined]
-        self._n_added = 0
+        self.added = AddedSongs(int(index.dim), self._n_fixed, capacity,  # type: ignore[attr-defined]
+                                ef=int(getattr(index, "ef", 100)))
 
     @property
     def table_depth(self) -> int:
@@ -162,30 +176,41 @@ class HnswSearch:
 
     def count(self) -> int:
         """Song rows searchable (duplicates included)."""
-        return int(self.index.get_current_count()) + self._hidden  # type: ignore[attr-defined]
+        return (int(self.index.get_current_count()) + self._hidden  # type: ignore[attr-defined]
+                + self.added.count)
 
-    def add(self, codes: np.ndarray, labels: np.ndarray) -> None:
-        """Insert songs (call with writers excluded): into the graph, growing it
-        geometrically when full (a resize copies the graph), and into the exact scan
-        that complements the table."""
-        index: Any = self.index
-        needed = index.get_current_count() + len(labels)
-        if needed > index.get_max_elements():
-            index.resize_index(max(needed, 2 * index.get_max_elements()))
-        index.add_items(codes, labels)
-        if self._table_rows is None:
+    def add(self, codes: np.ndarray, labels: np.ndarray,
+            bundle_hits: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Insert songs added at run time (call with writers excluded): rows
+        ``n_fixed + added.count ...`` in order, into the added songs' own graph.
+
+        ``bundle_hits``: each song's nearest bundle songs (:meth:`search_bundle`, a row per
+        song). A song goes into the lists of those bundle songs it is one of the
+        ``near_depth`` nearest of (its similarity reaches their table's ``near_depth``-th),
+        so their SimilarSongs stays a lookup (table + these lists) up to that depth. A
+        song whose bundle neighbours are not given is searched here."""
+        self.added.add(codes, labels)
+        if self._table_rows is None or not self.near_depth:
             return
-        unit = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
-        end = self._n_added + len(labels)
-        if end > len(self._added_unit):
-            grown = np.empty((max(end, 2 * len(self._added_unit), 64), unit.shape[1]),
-                             dtype=np.float32)
-            grown[: self._n_added] = self._added_unit[: self._n_added]
-            self._added_unit = grown
-            self._added_labels = np.resize(self._added_labels, len(grown))
-        self._added_unit[self._n_added : end] = unit
-        self._added_labels[self._n_added : end] = labels
-        self._n_added = end
+        hits, sims = bundle_hits or self.search_bundle(codes, NEAR_CANDIDATES)
+        reps = self._labels(hits.ravel()).reshape(hits.shape)
+        inside = (reps >= 0) & (reps < self._n_fixed)
+        slots = self._slot_of[np.where(inside, reps, 0)]
+        inside &= slots >= 0
+        bar = self._table_sims[np.where(inside, slots, 0), self.near_depth - 1]
+        near = inside & (sims >= bar)
+        owner = np.broadcast_to(np.asarray(labels, dtype=np.int64)[:, None], hits.shape)
+        # A group of duplicates appears once per row: link its representative once.
+        pairs, first = np.unique(np.stack([reps[near], owner[near]], axis=1), axis=0,
+                                 return_index=True)
+        if len(pairs):
+            self.added.link(pairs[:, 0], pairs[:, 1], sims[near][first])
+
+    @property
+    def near_depth(self) -> int:
+        """How deep a bundle song's SimilarSongs is a lookup with songs added (the table's
+        depth, at most NEAR_DEPTH)."""
+        return min(NEAR_DEPTH, self.table_depth)
 
     def _labels(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
@@ -198,7 +223,14 @@ class HnswSearch:
 
     def vectors(self, labels: np.ndarray) -> np.ndarray:
         reps = self._labels(labels)
-        if self._codes is not None and len(reps) and bool((reps < self._n_fixed).all()):
+        fixed = reps < self._n_fixed
+        if not bool(fixed.all()):
+            out = np.empty((len(reps), self.added.dim), dtype=np.float32)
+            out[~fixed] = self.added.vectors(reps[~fixed])
+            if bool(fixed.any()):
+                out[fixed] = self.vectors(reps[fixed])
+            return out
+        if self._codes is not None and len(reps):
             stored: np.ndarray = self._codes[self._slot_of[reps]].astype(np.float32)
             return stored
         got = self.index.get_items(reps)  # type: ignore[attr-defined]
@@ -206,8 +238,17 @@ class HnswSearch:
 
     def search(self, vectors: np.ndarray, k: int, skip: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest (expanded to duplicate groups); ``skip[i]``: one label query ``i`` must
-        not return (its own song, for leave-one-out measurements), -1 for none."""
+        """k nearest (expanded to duplicate groups), bundle and added songs together;
+        ``skip[i]``: one label query ``i`` must not return (its own song, for leave-one-out
+        measurements), -1 for none."""
+        labels, sims = self.search_bundle(vectors, k, skip)
+        if not self.added.count:
+            return labels, sims
+        return self.added.merge(np.atleast_2d(vectors), labels, sims, k)
+
+    def search_bundle(self, vectors: np.ndarray, k: int, skip: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` over the bundle's songs only."""
         queries = np.atleast_2d(vectors)
         k = min(k, int(self.index.get_current_count()))  # type: ignore[attr-defined]
         asked = k + (skip is not None)
@@ -315,10 +356,11 @@ class HnswSearch:
         if len(rows) == 0 or graph.all():
             return self._graph_lists(rows, k)
         if not graph.any():
-            return self._table_lists(rows, k)
+            return self._table_lists(rows, k, allow_short)
         inside = np.flatnonzero(~graph)
         outside = np.flatnonzero(graph)
-        return merge_lists(len(rows), [(inside, *self._table_lists(rows[inside], k)),
+        return merge_lists(len(rows), [(inside, *self._table_lists(rows[inside], k,
+                                                                   allow_short)),
                                        (outside, *self._graph_lists(rows[outside], k))])
 
     def _graph_lists(self, rows: np.ndarray, k: int
@@ -330,7 +372,7 @@ class HnswSearch:
         return (labels.ravel(), sims.ravel(),
                 np.arange(len(labels) + 1, dtype=np.int64) * labels.shape[1])
 
-    def _table_lists(self, rows: np.ndarray, k: int
+    def _table_lists(self, rows: np.ndarray, k: int, allow_short: bool = False
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         table = self._table_rows
         assert table is not None
@@ -340,17 +382,45 @@ class HnswSearch:
         cand = np.concatenate([reps[:, None], table[slots].astype(np.int64)], axis=1)
         cand_sims = np.concatenate([np.ones((len(rows), 1), dtype=np.float32),
                                     self._table_sims[slots].astype(np.float32)], axis=1)
-        if self._n_added:
-            added = self._added_unit[: self._n_added]
-            scores = self.vectors(rows) @ added.T
-            depth = min(k, self._n_added)
-            top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
-            cand = np.concatenate([cand, self._added_labels[top]], axis=1)
-            cand_sims = np.concatenate([cand_sims, np.take_along_axis(scores, top, axis=1)],
-                                       axis=1)
-            order = np.argsort(-cand_sims, axis=1, kind="stable")
-            cand = np.take_along_axis(cand, order, axis=1)
-            cand_sims = np.take_along_axis(cand_sims, order, axis=1)
+        if self.added.count and (k <= self.near_depth + 1 or allow_short):
+            # Lookup: the table's lists and each song's linked added songs, merged. Past
+            # near_depth only callers that take short lists ask (the strategies' seed
+            # lists): they get the added songs among a seed's near_depth nearest, not a
+            # graph query per seed (which made a continuation 3-13x slower at 100k added
+            # songs, docs/BENCHMARKS.md).
+            width = cand.shape[1]
+            extra = [self.added.near_of(int(r)) for r in reps.tolist()]
+            most = max(len(e[0]) for e in extra)
+            if most:
+                more = np.full((len(rows), most), -1, dtype=np.int64)
+                more_sims = np.full((len(rows), most), -np.inf, dtype=np.float32)
+                for i, (songs, sims) in enumerate(extra):
+                    more[i, : len(songs)] = songs
+                    more_sims[i, : len(songs)] = sims
+                cand = np.concatenate([cand, more], axis=1)
+                cand_sims = np.concatenate([cand_sims, more_sims], axis=1)
+                order = np.argsort(-cand_sims, axis=1, kind="stable")[:, :width]
+                cand = np.take_along_axis(cand, order, axis=1)
+                cand_sims = np.take_along_axis(cand_sims, order, axis=1)
+            return self._expand_rows(cand, cand_sims, k)
+        if self.added.count:
+            # Duplicates expand first (each hit stands for its whole group), then the
+            # added songs' hits merge in by similarity.
+            labels, sims, offsets = self._expand_rows(cand, cand_sims, k)
+            # Lists of unequal length (short duplicate expansions) are padded so that one
+            # query of the added songs' graph serves them all; the padding sorts last.
+            lengths = np.diff(offsets)
+            width = int(lengths.max()) if len(lengths) else 0
+            padded = np.full((len(rows), width), -1, dtype=np.int64)
+            padded_sims = np.full((len(rows), width), -np.inf, dtype=np.float32)
+            owner = np.repeat(np.arange(len(rows)), lengths)
+            column = np.arange(len(labels)) - offsets[:-1][owner]
+            padded[owner, column] = labels
+            padded_sims[owner, column] = sims
+            merged, merged_sims = self.added.merge(self.vectors(rows), padded, padded_sims, k)
+            keep = merged >= 0
+            return (merged[keep], merged_sims[keep],
+                    np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int64))
         return self._expand_rows(cand, cand_sims, k)
 
     def similar_lists(self, rows: np.ndarray, k: int | np.ndarray,
@@ -432,6 +502,168 @@ class HnswSearch:
             counts = counts[final]
         finished = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return (positions[final], labels[keep], sims[keep], finished), again, more
+
+
+class AddedSongs:
+    """Songs added at run time: their unit vectors (rows ``first``, ``first + 1``, ... in
+    the order they came) and an hnswlib graph over them, separate from the bundle's.
+
+    Searches ask the graph for ``k`` candidates (searching ``max(k, ef)`` deep) and
+    re-score them exactly against the stored vectors. The graph starts with room for
+    ``capacity`` songs and doubles when full (a resize copies only this graph, never the
+    bundle's)."""
+
+    def __init__(self, dim: int, first: int, capacity: int, *, m: int = 16,
+                 ef_construction: int = 100, ef: int = 100) -> None:
+        self.dim, self.first = dim, first
+        self.capacity = max(int(capacity), 1)
+        self.m, self.ef_construction, self.ef = m, ef_construction, max(ef, 50)
+        self.count = 0
+        self._unit = np.empty((0, dim), dtype=np.float32)
+        self._index: Any = None
+        self.resizes = 0  # how often the graph grew past its capacity
+        # Songs with identical metadata have identical codes, and exact duplicates break
+        # HNSW's graph (as in the bundle's): the graph holds the first of each, and hits
+        # expand to the others.
+        self._first_of: dict[bytes, int] = {}
+        self._twins: dict[int, list[int]] = {}
+        self.in_graph = 0
+        # Bundle song (representative) -> positions in the arrays below of the added songs
+        # among its nearest (see HnswSearch.link): its SimilarSongs stays a lookup.
+        self.near: dict[int, list[int]] = {}
+        self._near_song = np.empty(0, dtype=np.int64)
+        self._near_sim = np.empty(0, dtype=np.float32)
+        self._n_near = 0
+
+    def link(self, bundle_reps: np.ndarray, songs: np.ndarray, sims: np.ndarray) -> None:
+        """Record added ``songs[i]`` among the nearest of bundle song ``bundle_reps[i]``."""
+        end = self._n_near + len(songs)
+        if end > len(self._near_song):
+            size = max(end, 2 * len(self._near_song), 1024)
+            self._near_song = np.resize(self._near_song, size)
+            self._near_sim = np.resize(self._near_sim, size)
+        self._near_song[self._n_near : end] = songs
+        self._near_sim[self._n_near : end] = sims
+        crowded = []
+        for offset, rep in enumerate(bundle_reps.tolist()):
+            positions = self.near.setdefault(rep, [])
+            positions.append(self._n_near + offset)
+            if len(positions) == 2 * NEAR_DEPTH:
+                crowded.append(rep)
+        self._n_near = end
+        # A hub (a bundle song near very many added ones) keeps only its NEAR_DEPTH
+        # nearest: no lookup reads deeper, and a list of thousands made its lookups slow.
+        for rep in crowded:
+            positions = self.near[rep]
+            order = np.argsort(-self._near_sim[positions], kind="stable")[:NEAR_DEPTH]
+            self.near[rep] = [positions[i] for i in sorted(order.tolist())]
+
+    def near_of(self, rep: int) -> tuple[np.ndarray, np.ndarray]:
+        """The added songs linked to bundle song ``rep`` and their similarities."""
+        positions = self.near.get(rep)
+        if not positions:
+            return self._near_song[:0], self._near_sim[:0]
+        return self._near_song[positions], self._near_sim[positions]
+
+    def add(self, codes: np.ndarray, labels: np.ndarray) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        expected = np.arange(self.first + self.count, self.first + self.count + len(labels))
+        if not np.array_equal(labels, expected):
+            raise ValueError(f"added songs must take rows {expected[:1].tolist()}.. in order")
+        if not len(labels):
+            return
+        unit = np.asarray(codes, dtype=np.float32)
+        unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+        end = self.count + len(labels)
+        if end > len(self._unit):
+            grown = np.empty((max(end, 2 * len(self._unit), 64), self.dim), dtype=np.float32)
+            grown[: self.count] = self._unit[: self.count]
+            self._unit = grown
+        self._unit[self.count : end] = unit
+        fresh = []
+        for i, label in enumerate(labels.tolist()):
+            # A 16-byte digest, not the code itself: 100k codes of 1024 floats as keys
+            # would hold 400 MB.
+            key = hashlib.blake2b(unit[i].tobytes(), digest_size=16).digest()
+            first = self._first_of.setdefault(key, label)
+            if first == label:
+                fresh.append(i)
+            else:
+                self._twins.setdefault(first, []).append(label)
+        self.count = end
+        if not fresh:
+            return
+        if self._index is None:
+            # hnswlib only here: the load test reads bundles through this package.
+            import hnswlib
+
+            self._index = hnswlib.Index(space="cosine", dim=self.dim)
+            self._index.init_index(max_elements=max(self.capacity, len(fresh)),
+                                   ef_construction=self.ef_construction, M=self.m)
+            self._index.set_ef(self.ef)
+            self._index.set_num_threads(1)
+        needed = self.in_graph + len(fresh)
+        if needed > self._index.get_max_elements():
+            self._index.resize_index(max(needed, 2 * self._index.get_max_elements()))
+            self.resizes += 1
+        self._index.add_items(unit[fresh], labels[fresh])
+        self.in_graph = needed
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        return self._unit[np.asarray(labels, dtype=np.int64) - self.first]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest added songs of each query, exactly re-scored, best first."""
+        queries = np.atleast_2d(queries).astype(np.float32)
+        depth = min(self.in_graph, k)  # the graph searches max(ef, k) deep anyway
+        while True:
+            try:
+                cand, _ = self._index.knn_query(queries, k=depth)
+                break
+            except RuntimeError:
+                # The graph could not reach ``depth`` songs from a query: fewer, not none.
+                if depth <= 1:
+                    raise
+                depth //= 2
+        cand = cand.astype(np.int64)
+        if self._twins:
+            cand = self._with_twins(cand, k)
+            depth = cand.shape[1]
+        unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        scores = np.einsum("qkd,qd->qk", self._unit[cand - self.first], unit)
+        take = min(k, depth)
+        top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        return (np.take_along_axis(np.take_along_axis(cand, top, axis=1), order, axis=1),
+                np.take_along_axis(top_scores, order, axis=1).astype(np.float32))
+
+    def _with_twins(self, cand: np.ndarray, k: int) -> np.ndarray:
+        """Each row of graph hits followed by their twins, cut to ``k`` (or the shortest
+        row's length, so the rows stay a matrix)."""
+        rows = []
+        for hits in cand.tolist():
+            row: list[int] = []
+            for label in hits:
+                row.append(label)
+                row.extend(self._twins.get(label, ()))
+                if len(row) >= k:
+                    break
+            rows.append(row[:k])
+        width = min(len(r) for r in rows)
+        return np.asarray([r[:width] for r in rows], dtype=np.int64)
+
+    def merge(self, queries: np.ndarray, labels: np.ndarray, sims: np.ndarray, k: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """The bundle's hits (``labels``, ``sims``: a row per query, best first) merged
+        with the added songs' ``k`` nearest: the first ``max(k, bundle width)`` by
+        similarity (ties: bundle songs first)."""
+        add_labels, add_sims = self.search(queries, k)
+        cand = np.concatenate([labels.astype(np.int64), add_labels], axis=1)
+        cand_sims = np.concatenate([sims.astype(np.float32), add_sims], axis=1)
+        order = np.argsort(-cand_sims, axis=1, kind="stable")[:, : max(k, labels.shape[1])]
+        return (np.take_along_axis(cand, order, axis=1),
+                np.take_along_axis(cand_sims, order, axis=1))
 
 
 def _drop(labels: np.ndarray, sims: np.ndarray, skip: np.ndarray, k: int

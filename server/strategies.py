@@ -34,6 +34,11 @@ from server.search import VectorSearch
 from server.voting import best_first
 
 STRATEGIES = ("ae-quota", "ae-neighbours", "ae-hybrid")
+# Songs no playlist holds, found among the seeds' nearest songs: how deep each seed's list
+# is searched, and the exponent on their similarity (see _with_seed_neighbours).
+NEW_DEPTH = 50
+NEW_SHARE = 0.35  # strategy option new_share (0: no new songs)
+NEW_POWER = 12.0  # strategy option new_power
 # The best strategy in docs/BENCHMARKS.md (bench-quality, synthetic demo split).
 DEFAULT_STRATEGY = "ae-hybrid"
 
@@ -313,9 +318,42 @@ def _ae_playlists(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch
     return labels[0], np.maximum(sims[0].astype(np.float64), 0.0) ** alpha, title_tags
 
 
+def _with_seed_neighbours(catalog: Catalog, songs: VectorSearch, query: Query, votes: Votes,
+                          share: float, power: float) -> Votes:
+    """The votes plus the seeds' nearest songs by code that no training playlist holds
+    (added at run time, compacted, or only in validation playlists), each scored ``share x
+    best vote x similarity ** power`` by its nearest seed, with that seed as the source."""
+    if share <= 0 or not len(query.seeds) or not len(votes.items):
+        return votes
+    lists = songs.neighbours(query.seeds, NEW_DEPTH, allow_short=True)
+    owner = np.concatenate([np.full(len(rows), i) for i, (rows, _) in enumerate(lists)])
+    rows = np.concatenate([rows for rows, _ in lists]).astype(np.int64)
+    sims = np.concatenate([sims for _, sims in lists]).astype(np.float64)
+    inside = rows < catalog.n_songs
+    cold = ~inside
+    cold[inside] = catalog.popularity[rows[inside]] == 0
+    if not cold.any():
+        return votes
+    rows, sims, owner = rows[cold], sims[cold], owner[cold]
+    value = share * float(votes.scores.max()) * np.maximum(sims, 0.0) ** power
+    order = np.lexsort((-value, rows))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = rows[order][1:] != rows[order][:-1]
+    best = order[first]
+    best = best[~np.isin(rows[best], votes.items)]
+    # A seed-neighbour's source is its seed, stored as -1 - row (a REASON_SEED reason).
+    items = np.concatenate([votes.items, rows[best]])
+    order = np.argsort(items, kind="stable")
+    return Votes(items[order], np.concatenate([votes.scores, value[best]])[order],
+                 np.concatenate([votes.source, -1 - query.seeds[owner[best]]])[order])
+
+
 def _answer_from_votes(catalog: Catalog, songs: VectorSearch, query: Query, song_votes: Votes,
-                       tag_votes: Votes, title_tags: np.ndarray | None) -> Answer:
+                       tag_votes: Votes, title_tags: np.ndarray | None,
+                       new_share: float = NEW_SHARE, new_power: float = NEW_POWER) -> Answer:
     picker = _Picker(catalog, query, songs.count())
+    song_votes = _with_seed_neighbours(catalog, songs, query, song_votes, new_share,
+                                       new_power)
     # Most answers fill from the best few hundred candidates: rank only those first.
     limit = 2 * query.n_songs + len(query.seeds)
     rows, scores, sources = song_votes.ranked(limit)
@@ -325,7 +363,8 @@ def _answer_from_votes(catalog: Catalog, songs: VectorSearch, query: Query, song
                                       sources[done:].tolist(), strict=True):
             if picker.full:
                 break
-            picker.take(row, score, (REASON_PLAYLIST, source))
+            picker.take(row, score, (REASON_PLAYLIST, source) if source >= 0
+                        else (REASON_SEED, -1 - source))
         if picker.full or len(rows) == len(song_votes.items):
             break
         done = len(rows)
@@ -349,18 +388,23 @@ def _answer_from_votes(catalog: Catalog, songs: VectorSearch, query: Query, song
 
 
 def ae_neighbours(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
-                  query: Query, n_playlists: int = 50, alpha: float = 2.0) -> Answer:
-    """Sum of seed codes -> nearest training playlists -> their songs and tags."""
+                  query: Query, n_playlists: int = 50, alpha: float = 2.0,
+                  new_share: float = NEW_SHARE, new_power: float = NEW_POWER) -> Answer:
+    """Sum of seed codes -> nearest training playlists -> their songs and tags, plus the
+    seeds' nearest songs no playlist holds (see :func:`_with_seed_neighbours`)."""
     pls, weights, title_tags = _ae_playlists(catalog, songs, playlists, query, n_playlists,
                                              alpha)
     return _answer_from_votes(catalog, songs, query,
                               Votes.of(catalog.playlist_songs, pls, weights),
-                              Votes.of(catalog.playlist_tags, pls, weights), title_tags)
+                              Votes.of(catalog.playlist_tags, pls, weights), title_tags,
+                              new_share, new_power)
 
 
 def ae_hybrid(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, query: Query,
-              ae_weight: float = 0.25, n_playlists: int = 50, alpha: float = 2.0) -> Answer:
-    """Neighbour-CF votes + ``ae_weight`` x ``ae-neighbours`` votes (each normalised)."""
+              ae_weight: float = 0.25, n_playlists: int = 50, alpha: float = 2.0,
+              new_share: float = NEW_SHARE, new_power: float = NEW_POWER) -> Answer:
+    """Neighbour-CF votes + ``ae_weight`` x ``ae-neighbours`` votes (each normalised), plus
+    the seeds' nearest songs no playlist holds (see :func:`_with_seed_neighbours`)."""
     if catalog.cf is None:
         raise ValueError("this bundle has no neighbour-CF arrays: ae-hybrid needs a bundle "
                          "exported by a trainer with it (retrain)")
@@ -376,7 +420,8 @@ def ae_hybrid(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, qu
         song_votes = song_votes.blend(Votes.of(catalog.playlist_songs, pls, weights),
                                       ae_weight)
         tag_votes = tag_votes.blend(Votes.of(catalog.playlist_tags, pls, weights), ae_weight)
-    return _answer_from_votes(catalog, songs, query, song_votes, tag_votes, title_tags)
+    return _answer_from_votes(catalog, songs, query, song_votes, tag_votes, title_tags,
+                              new_share, new_power)
 
 
 def run_strategy(name: str, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,

@@ -108,6 +108,25 @@ def scan(data: bytes, where: Path) -> tuple[list[bytes], int]:
     return payloads, pos
 
 
+def read_songs(data_dir: Path) -> list[NewSong]:
+    """The songs logged in ``data_dir``, read only (a running server may be appending: a
+    torn last record is left out, never truncated); [] when there is no log."""
+    path = Path(data_dir) / FILE_NAME
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if not data.startswith(MAGIC):
+        raise WalError(f"{path}: not a songrec write-ahead log (bad magic)")
+    payloads, _ = scan(data[len(MAGIC) :], path)
+    songs: list[NewSong] = []
+    for i, payload in enumerate(payloads):
+        try:
+            songs.extend(decode_song(raw) for raw in json.loads(payload)["songs"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WalError(f"{path}: record {i}: malformed ({exc!r})") from None
+    return songs
+
+
 class SongLog:
     """Append-only, fsynced log of added songs in ``data_dir``.
 

@@ -213,3 +213,77 @@ def test_hits_expand_to_their_duplicate_groups_in_order() -> None:
             assert got_rows[part].tolist() == want_rows[:k]
             np.testing.assert_array_equal(got_sims[part],
                                           np.asarray(want_sims[:k], dtype=np.float32))
+
+
+def test_added_songs_have_their_own_graph_with_recall_against_exact_search(
+        copy_bundle) -> None:  # type: ignore[no-untyped-def]
+    """Songs added at run time are searched through their own graph (not a scan), and
+    every search over bundle and added songs together keeps recall@20 >= 0.95 against
+    exact search over both."""
+    engine = Engine.load(copy_bundle(), capacity=100)
+    songs = engine.songs
+    n = len(songs.rep_of)
+    rng = np.random.default_rng(3)
+    bundle_unit = songs.vectors(np.arange(n))
+    # New songs near bundle songs (mixtures plus noise), past the capacity so the
+    # graph has to grow.
+    mix = bundle_unit[rng.integers(0, n, 400)] + bundle_unit[rng.integers(0, n, 400)]
+    added = mix + 0.3 * rng.normal(size=mix.shape).astype(np.float32) * float(
+        np.abs(bundle_unit).mean())
+    added = added.astype(np.float32)
+    for start in range(0, len(added), 100):
+        songs.add(added[start : start + 100], np.arange(n + start, n + start + 100))
+    assert songs.added.count == 400 and songs.added.resizes >= 1
+    assert songs.count() == songs.index.get_current_count() + int(
+        (songs.rep_of != np.arange(n)).sum()) + 400
+    exact = ExactSearch(np.concatenate([bundle_unit, added]))
+    queries = np.concatenate([np.arange(0, n, max(n // 60, 1)), n + np.arange(0, 400, 7)])
+    hit = total = 0
+    for lists in (songs.neighbours(queries, 20),):
+        truth, _ = exact.search(exact.vectors(queries), 21)
+        for row, (labels, _) in zip(queries.tolist(), lists, strict=True):
+            want = [x for x in truth[queries.tolist().index(row)].tolist() if x != row][:20]
+            got = set(labels.tolist())
+            # Duplicates of a bundle song are equally near: count a twin as a hit.
+            hit += sum(1 for x in want if x in got or (x < n and songs.rep_of[x] in {
+                songs.rep_of[g] for g in got if g < n}))
+            total += len(want)
+    assert hit / total >= 0.95, hit / total
+    # Searching by code (EncodeSong's path) reaches added songs too.
+    labels, sims = songs.search(added[:5], 5)
+    assert (labels[:, 0] == n + np.arange(5)).all()
+    assert np.allclose(sims[:, 0], 1.0, atol=1e-4)
+
+
+def test_added_twins_stay_searchable() -> None:
+    """Many added songs with identical codes (identical metadata) go into the added
+    songs' graph once and come back as a group, where exact duplicates would break it."""
+    from server.search import AddedSongs
+
+    added = AddedSongs(8, first=100, capacity=4)
+    base = _unit(5, 8, seed=4)
+    codes = np.concatenate([np.repeat(base[:1], 60, axis=0), base[1:]])
+    for start in range(0, len(codes), 16):
+        part = codes[start : start + 16]
+        added.add(part, np.arange(100 + start, 100 + start + len(part)))
+    assert added.count == 64 and added.in_graph == 5
+    labels, sims = added.search(base[:1], 10)
+    assert labels.shape == (1, 10) and set(labels[0].tolist()) <= set(range(100, 160))
+    assert np.allclose(sims, 1.0, atol=1e-5)
+    labels, _ = added.search(base[4:5], 1)
+    assert labels[0, 0] == 163
+
+
+def test_a_hub_keeps_its_nearest_links_only() -> None:
+    """A bundle song near very many added songs keeps (at least) its NEAR_DEPTH nearest
+    links and never much more, so its lookups stay short."""
+    from server.search import NEAR_DEPTH, AddedSongs
+
+    added = AddedSongs(4, first=100, capacity=10)
+    sims = np.random.default_rng(5).random(5 * NEAR_DEPTH).astype(np.float32)
+    for i, sim in enumerate(sims.tolist()):
+        added.link(np.asarray([7]), np.asarray([100 + i]), np.asarray([sim]))
+    songs, got = added.near_of(7)
+    assert len(songs) < 2 * NEAR_DEPTH
+    best = np.sort(sims)[::-1][:NEAR_DEPTH]
+    assert set(best.tolist()) <= set(got.tolist())

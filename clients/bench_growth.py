@@ -1,0 +1,180 @@
+"""Growth benchmark: SimilarSongs, EncodeSong and ContinuePlaylist cost with N songs added at
+run time against none, as a markdown table.
+
+    python -m clients.bench_growth --bundle bundles/demo --data data/demo-split \\
+        [--steps 25000,50000,100000] [--calls 300] [--out docs/BENCHMARKS.md]
+
+Two models of the same bundle are loaded in this process: one stays as loaded, the other
+grows by AddSongs' own path (``LiveModel.encode_new`` then ``LiveModel.insert``: encoder,
+the added songs' graph, the links that keep SimilarSongs a lookup). The songs added are
+the split's ``song_meta.json`` records under fresh ids (metadata only), cycled. At each
+step both models answer the same calls one at a time, alternating, and the table gives each
+model's median (p50) and p90 latency and the ratio grown / as loaded, so noise from other
+work on the machine hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from clients.benchtools import machine, replace_marked, shown_command
+from server.columns import SongMeta
+from server.live import LiveModel
+from server.melon import parse_issue_date
+from server.strategies import DEFAULT_STRATEGY, STRATEGIES
+from server.validation import ContinueParams, EncodeParams, NewSong, SimilarParams
+
+START = "<!-- bench-growth:start -->"
+END = "<!-- bench-growth:end -->"
+ID_BASE = 900_000_000
+
+
+def _meta(record: dict[str, Any]) -> SongMeta:
+    try:
+        date = parse_issue_date(str(record.get("issue_date", "") or ""))[0]
+    except ValueError:
+        date = 0
+    return SongMeta(genres=tuple(record.get("song_gn_gnr_basket") or ()),
+                    detail_genres=tuple(record.get("song_gn_dtl_gnr_basket") or ()),
+                    artists=tuple(int(a) for a in record.get("artist_id_basket") or ()),
+                    issue_date=date)
+
+
+def grow(model: LiveModel, records: Sequence[dict[str, Any]], target: int,
+         chunk: int = 1000) -> float:
+    """Add songs (AddSongs' path) until ``model`` holds ``target`` added; seconds spent."""
+    started = time.perf_counter()
+    with tqdm(total=target, initial=model.n_added, desc="adding songs", unit="song",
+              disable=None, leave=False) as bar:
+        while model.n_added < target:
+            start = model.n_added
+            count = min(chunk, target - start)
+            songs = [NewSong(ID_BASE + i, _meta(records[i % len(records)]))
+                     for i in range(start, start + count)]
+            fields = [f"songs[{i}].metadata" for i in range(count)]
+            model.insert(songs, model.encode_new(songs, fields))
+            bar.update(count)
+    return time.perf_counter() - started
+
+
+def timed(calls: Sequence[Callable[[], object]]) -> np.ndarray:
+    out = np.empty(len(calls))
+    for i, call in enumerate(calls):
+        t0 = time.perf_counter()
+        call()
+        out[i] = time.perf_counter() - t0
+    return out * 1e3
+
+
+def workloads(model: LiveModel, questions: Sequence[dict[str, Any]],
+              records: Sequence[dict[str, Any]], n_calls: int, seed: int = 0
+              ) -> dict[str, list[Callable[[], object]]]:
+    """The calls each step repeats, per RPC (same arguments for both models)."""
+    rng = np.random.default_rng(seed)
+    ids = model.engine.catalog.song_ids
+    song_ids = ids[rng.integers(0, len(ids), n_calls)].tolist()
+    metas = [_meta(records[i]) for i in rng.integers(0, len(records), n_calls).tolist()]
+    out: dict[str, list[Callable[[], object]]] = {
+        "SimilarSongs k=10": [partial(model.similar_one,
+                                      SimilarParams((s,), 10, frozenset(), False))
+                              for s in song_ids],
+        "EncodeSong k=10": [partial(model.encode, EncodeParams(m, 10, False)) for m in metas],
+    }
+    for strategy in STRATEGIES:
+        shown = f"ContinuePlaylist {strategy}" + (" (default)" if strategy ==
+                                                  DEFAULT_STRATEGY else "")
+        out[shown] = [partial(model.continue_playlist, ContinueParams(
+            tuple(q["songs"]), tuple(q["tags"]), q.get("plylst_title", ""), 0, 100, 10,
+            strategy, False, False)) for q in questions[: max(n_calls // 3, 1)]]
+    return out
+
+
+def run(bundle: Path, data: Path, steps: Sequence[int], n_calls: int
+        ) -> tuple[list[dict[str, Any]], list[str]]:
+    records = json.loads((data / "song_meta.json").read_text(encoding="utf-8"))
+    questions = json.loads((data / "val_questions.json").read_text(encoding="utf-8"))
+    capacity = max(steps)
+    base = LiveModel.load(bundle, verify=True, capacity=capacity, threads=1)
+    grown = LiveModel.load(bundle, verify=True, capacity=capacity, threads=1)
+    loads = {"base": workloads(base, questions, records, n_calls),
+             "grown": workloads(grown, questions, records, n_calls)}
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for step in steps:
+        seconds = grow(grown, records, step)
+        if step:
+            notes.append(f"{step:,} added: {seconds:.0f} s to add the last batch of steps "
+                         f"(encoder, graph, links).")
+        for name in loads["base"]:
+            for _ in range(2):  # warm both once, then measure
+                timed(loads["base"][name][:5])
+                timed(loads["grown"][name][:5])
+            b = timed(loads["base"][name])
+            g = timed(loads["grown"][name])
+            rows.append({"added": step, "call": name, "base_p50": float(np.median(b)),
+                         "grown_p50": float(np.median(g)),
+                         "base_p90": float(np.percentile(b, 90)),
+                         "grown_p90": float(np.percentile(g, 90))})
+            print(f"{step} {name}: p50 {np.median(b):.3f} ms -> {np.median(g):.3f} ms",
+                  file=sys.stderr)
+    songs = grown.engine.songs
+    notes.append(f"The added songs' graph grew {songs.added.resizes} time(s) past "
+                 f"--capacity {capacity:,}; {len(songs.added.near):,} bundle songs have "
+                 f"added songs among their {songs.near_depth} nearest.")
+    return rows, notes
+
+
+def render(rows: Sequence[dict[str, Any]], notes: Sequence[str], command: str,
+           bundle_note: str) -> str:
+    lines = ["| songs added | call | p50 as loaded ms | p50 grown ms | p50 ratio | "
+             "p90 as loaded ms | p90 grown ms |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['added']:,} | {r['call']} | {r['base_p50']:.3f} | "
+                     f"{r['grown_p50']:.3f} | {r['grown_p50'] / r['base_p50']:.2f} | "
+                     f"{r['base_p90']:.3f} | {r['grown_p90']:.3f} |")
+    return ("## Catalogue growth\n\n"
+            f"`{command}` on a {machine()}, {dt.date.today().isoformat()}. {bundle_note} "
+            "In-process calls through `LiveModel` (no gRPC), one at a time, the model as "
+            "loaded and the grown one alternating.\n\n" + "\n".join(lines) + "\n\n"
+            + "\n".join(f"- {n}" for n in notes) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m clients.bench_growth",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, default=Path("bundles/demo"))
+    p.add_argument("--data", type=Path, default=Path("data/demo-split"),
+                   help="split whose song_meta.json (songs to add) and val_questions.json")
+    p.add_argument("--steps", default="0,25000,50000,100000",
+                   help="added-song counts to measure at (comma-separated, ascending)")
+    p.add_argument("--calls", type=int, default=300, help="calls per RPC and step")
+    p.add_argument("--out", default="docs/BENCHMARKS.md", help="markdown file, or - to print")
+    args = p.parse_args(argv)
+    steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})
+    rows, notes = run(args.bundle, args.data, steps, args.calls)
+    model = json.loads((args.bundle / "manifest.json").read_text())
+    bundle_note = (f"Bundle {args.bundle.name} (model {model['model_version']}, "
+                   f"{model['extra'].get('n_songs', '?'):,} songs, code dim "
+                   f"{model['code_dim']}).")
+    body = render(rows, notes, shown_command("python -m clients.bench_growth", argv),
+                  bundle_note)
+    if args.out != "-":
+        replace_marked(Path(args.out), body, START, END)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
