@@ -38,7 +38,7 @@ import torch
 
 from clients.benchtools import REPO, machine, replace_marked, shown_command
 from server.search import ExactSearch, HnswSearch, representatives
-from trainer.distributed import broadcast_object, init_from_env, shutdown
+from trainer.distributed import broadcast_object, exit_worker, init_from_env, shutdown
 from trainer.export import build_index, export_bundle
 from trainer.neighbours import sharded_neighbours
 from trainer.split import write_split
@@ -453,4 +453,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_worker(main())

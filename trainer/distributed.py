@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +101,25 @@ def shutdown(dist: Dist) -> None:
 
         if tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+def exit_worker(status: int) -> None:
+    """End the process with ``status``; under torchrun, without Python's finalization.
+
+    gloo's worker threads may drop their last tensor of a finished collective a moment
+    after the caller's wait returned, and ``destroy_process_group`` does not join them
+    while anything else still holds the group. When that release lands while the
+    interpreter finalizes, the thread needs the GIL, Python ends it with ``pthread_exit``
+    through a noexcept C++ destructor, and the process aborts ("terminate called without
+    an active exception", pytorch/pytorch#38228): seen on a starved CPU, after the work was
+    done. Everything is written and flushed by then, so a worker skips finalization.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    raise SystemExit(status)
 
 
 def block_range(n: int, block: int, rank: int, world: int) -> tuple[int, int]:

@@ -40,6 +40,7 @@ from trainer.distributed import (
     Dist,
     block_range,
     collect_rows,
+    exit_worker,
     init_from_env,
     shutdown,
 )
@@ -217,4 +218,4 @@ def _run(args: argparse.Namespace, dist: Dist, cores: int) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_worker(main())

@@ -52,6 +52,7 @@ from trainer.distributed import (
     broadcast_object,
     broadcast_tensor,
     collect_rows,
+    exit_worker,
     init_from_env,
     restart_count,
     shutdown,
@@ -587,4 +588,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_worker(main())
