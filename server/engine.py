@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,10 @@ from server import bundle as bundle_files
 from server import voting
 from server.bundle import Manifest
 from server.columns import ColumnSpace, pad_batch
+from server.ranking import RANKER_ARRAYS, RANKER_ONNX, Ranker, load_ranker
 from server.strategies import (
+    DEFAULT_STRATEGY,
+    RANKED,
     STRATEGIES,
     Answer,
     Catalog,
@@ -79,14 +83,15 @@ class Engine:
     ``catalog.n_songs`` are songs added at run time."""
 
     def __init__(self, root: Path, manifest: Manifest, catalog: Catalog, songs: HnswSearch,
-                 playlists: HnswSearch, encoder: Encoder, arrays: dict[str, np.ndarray]
-                 ) -> None:
+                 playlists: HnswSearch, encoder: Encoder, arrays: dict[str, np.ndarray],
+                 ranker: Ranker | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.catalog = catalog
         self.songs = songs
         self.playlists = playlists
         self.encoder = encoder
+        self.ranker = ranker
         self._names = (arrays.get("song_name_blob"), arrays.get("song_name_offsets"))
         self._artists = (arrays.get("song_artist_blob"), arrays.get("song_artist_offsets"))
 
@@ -138,12 +143,13 @@ class Engine:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise bundle_files.BundleError(f"{root / bundle_files.ENCODER}: cannot load "
                                            f"({exc})") from None
+        ranker = _ranker(root, manifest, catalog, threads)
         # Kernels compiled (or loaded from numba's cache) before the first call.
         voting.warm_up(catalog.playlist_songs.indices.dtype)
         log.info("loaded bundle %s (model %s, %d songs, %d playlists)", root,
                  manifest.model_version, catalog.n_songs, len(catalog.playlist_ids))
         return Engine(root, manifest, catalog, song_search(root, songs, rep_of, table, codes),
-                      HnswSearch(playlists), encoder, arrays)
+                      HnswSearch(playlists), encoder, arrays, ranker)
 
     @property
     def model_version(self) -> str:
@@ -151,19 +157,32 @@ class Engine:
 
     @property
     def strategies(self) -> tuple[str, ...]:
-        """Strategies this bundle can run (ae-hybrid needs the neighbour-CF arrays)."""
-        return tuple(s for s in STRATEGIES if s != "ae-hybrid" or self.catalog.cf is not None)
+        """Strategies this bundle can run (ae-hybrid needs the neighbour-CF arrays, ranked
+        a ranker)."""
+        return tuple(s for s in STRATEGIES if (s != "ae-hybrid" or self.catalog.cf is not None)
+                     and (s != RANKED or self.ranker is not None))
+
+    @property
+    def default_strategy(self) -> str:
+        """``ranked`` when the bundle has a ranker, else :data:`DEFAULT_STRATEGY`."""
+        return RANKED if self.ranker is not None else self.resolve_strategy(DEFAULT_STRATEGY)
 
     def resolve_strategy(self, name: str) -> str:
-        """The strategy that will answer ``name``: bundles written before the neighbour-CF
-        arrays existed answer ae-hybrid with ae-neighbours (the response says so)."""
+        """The strategy that will answer ``name`` (empty: the bundle's default): bundles
+        without a ranker answer ranked with ae-hybrid, and those written before the
+        neighbour-CF arrays existed answer ae-hybrid with ae-neighbours (the response says
+        which)."""
+        if not name:
+            return self.default_strategy
+        if name == RANKED and self.ranker is None:
+            name = DEFAULT_STRATEGY
         if name == "ae-hybrid" and self.catalog.cf is None:
             return "ae-neighbours"
         return name
 
     def continue_playlist(self, strategy: str, query: Query) -> Answer:
         return run_strategy(self.resolve_strategy(strategy), self.catalog, self.songs,
-                            self.playlists, query)
+                            self.playlists, query, self.ranker)
 
     def similar(self, rows: np.ndarray, k: int, exclude: set[int] | None = None
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -192,6 +211,24 @@ class Engine:
                 "playlists": len(self.catalog.playlist_ids), "tags": len(self.catalog.tags),
                 "code_dim": m.code_dim, "input_dim": m.input_dim,
                 "column_groups": m.column_groups, "song_index": m.song_index.__dict__}
+
+
+def _ranker(root: Path, manifest: Manifest, catalog: Catalog, threads: int) -> Ranker | None:
+    """The bundle's ranker when its manifest lists both ranker files; both or neither."""
+    listed = [name for name in (RANKER_ONNX, RANKER_ARRAYS) if name in manifest.files]
+    if not listed:
+        return None
+    if len(listed) == 1:
+        missing = RANKER_ARRAYS if listed[0] == RANKER_ONNX else RANKER_ONNX
+        raise bundle_files.BundleError(f"{root}: the manifest lists {listed[0]} but not "
+                                       f"{missing} (the ranker needs both)")
+    try:
+        return load_ranker(root, catalog, threads)
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise bundle_files.BundleError(f"{root}: ranker does not fit the bundle ({exc})"
+                                       ) from None
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise bundle_files.BundleError(f"{root / RANKER_ONNX}: cannot load ({exc})") from None
 
 
 def song_search(root: Path, index: Any, rep_of: np.ndarray, table: dict[str, np.ndarray] | None,

@@ -330,13 +330,13 @@ def generate(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, dat
             a_owner, rows, _ = gather_rows(data.artist_songs, uniq.astype(np.int64))
             pop = catalog.popularity[rows].astype(np.float64)
             # Seeds sharing the artist first, then the song's popularity.
-            score = counts[a_owner] + pop / (1.0 + pop.max(initial=0.0))
+            a_score = counts[a_owner].astype(np.float64) + pop / (1.0 + pop.max(initial=0.0))
             cand, inverse = np.unique(rows, return_inverse=True)
-            total = np.zeros(len(cand))
-            np.maximum.at(total, inverse, score)
+            a_total = np.zeros(len(cand))
+            np.maximum.at(a_total, inverse, a_score)
             src = np.full(len(cand), -1, np.int64)
             src[inverse] = inside[owner[first[a_owner]]]
-            found["artist"] = _top(*_drop_seeds(cand.astype(np.int64), total, src, seeds),
+            found["artist"] = _top(*_drop_seeds(cand.astype(np.int64), a_total, src, seeds),
                                    sizes["artist"])
     out = _merge(found)
     out_tags = _tag_scores(catalog, tag_votes, title_tags)
@@ -523,9 +523,15 @@ class Ranker:
     def answer(self, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
                query: Query) -> Answer:
         """Strategy ``ranked``: candidates by learned score, popularity for the rest."""
-        cand, x = candidate_features(catalog, songs, playlists, self.data, query)
-        scores = self.score(x)
         picker = _Picker(catalog, query, songs.count())
+        if not len(query.seeds) and not len(query.tags) and not any(
+                w in catalog.word_index for w in tokenize(query.title)):
+            # Nothing known: the most popular songs and tags, as every strategy answers.
+            return _finish(catalog, picker, query, catalog.tag_popularity.astype(np.float32))
+        cand, x = candidate_features(catalog, songs, playlists, self.data, query)
+        # A logistic squash keeps the order and puts every ranked song above the
+        # popularity top-up (score 0), so an answer's scores always descend.
+        scores = 1.0 / (1.0 + np.exp(-self.score(x).astype(np.float64)))
         order = np.lexsort((cand.rows, -scores))
         # The reason: the source that ranked the song highest (first in SOURCES on a tie).
         best_src = np.argmin(cand.ranks, axis=1)

@@ -27,15 +27,20 @@ import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from server import voting
 
-STRATEGIES = ("ae-quota", "ae-neighbours", "ae-hybrid")
-# The best strategy in docs/BENCHMARKS.md (bench-quality, synthetic demo split).
+if TYPE_CHECKING:
+    from server.ranking import Ranker
+
+STRATEGIES = ("ae-quota", "ae-neighbours", "ae-hybrid", "ranked")
+# The default of a bundle without a ranker: the best hand-set strategy in docs/BENCHMARKS.md
+# (bench-quality). A bundle with one answers ``ranked`` by default (server.ranking).
 DEFAULT_STRATEGY = "ae-hybrid"
+RANKED = "ranked"
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 # Reason codes attached to each recommended song.
@@ -977,9 +982,14 @@ def ae_hybrid(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, qu
 
 
 def run_strategy(name: str, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
-                 query: Query, **options: float) -> Answer:
+                 query: Query, ranker: Ranker | None = None, **options: float) -> Answer:
     """Dispatch by strategy name (one of :data:`STRATEGIES`); ``options`` are the
-    strategy's keyword parameters (e.g. ``ae_weight`` for ae-hybrid)."""
+    strategy's keyword parameters (e.g. ``ae_weight`` for ae-hybrid); ``ranked`` needs the
+    bundle's ``ranker``."""
+    if name == RANKED:
+        if ranker is None:
+            raise ValueError("strategy 'ranked' needs a bundle with a ranker (trainer.rank)")
+        return ranker.answer(catalog, songs, playlists, query)
     if name == "ae-quota":
         return ae_quota(catalog, songs, query)
     if name == "ae-neighbours":

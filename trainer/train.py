@@ -8,7 +8,9 @@ DIR is a dataset directory; when it is a split made by ``trainer.split`` (it has
 the validation score, computed every ``--val-every`` epochs and used for early stopping.
 Work files (checkpoints, the JSONL log, the PNG of the curves) live in ``BUNDLE.work/``
 next to the bundle; ``--resume`` continues from its last checkpoint. The log and the
-curves are copied into the bundle when it is written.
+curves are copied into the bundle when it is written. Then the learned second stage is
+trained and added (``trainer.rank``: strategy ``ranked``, the bundle's default);
+``--no-ranker`` skips it.
 """
 
 from __future__ import annotations
@@ -360,6 +362,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--no-export", action="store_true", help="train only, write no bundle")
+    p.add_argument("--no-ranker", action="store_true", help="write the bundle without the "
+                   "learned second stage (trainer.rank; strategy ranked)")
+    p.add_argument("--ranker-questions", type=int, help="held-out training questions the "
+                   "ranker learns from (default: trainer.rank's)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -421,6 +427,15 @@ def main(argv: list[str] | None = None) -> int:
             manifest = export_bundle(trainer, args.out)
             print(f"bundle written: {args.out} (model {manifest.model_version}, "
                   f"{manifest.extra['n_songs']} songs, code dim {manifest.code_dim})")
+            if not args.no_ranker:
+                from trainer.rank import RankConfig, train_ranker
+
+                rank_config = RankConfig(threads=config.threads)
+                if args.ranker_questions:
+                    rank_config = replace(rank_config, questions=args.ranker_questions)
+                info = train_ranker(args.data, args.out, rank_config)
+                print(f"ranker added: {info['best_iteration']} rounds, candidate recall "
+                      f"{info['recall']['union']:.3f} (strategy ranked is the default)")
     except (DataError, BundleError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
