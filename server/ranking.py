@@ -111,6 +111,7 @@ class AlsFactors:
         """The question's user factor, as implicit's ``recalculate_user`` solves it:
         (YtY + reg I + sum (c - 1) y y^T) x = sum c y with c = alpha x value."""
         seeds = seeds[seeds < len(self.songs)]
+        tags = tags[tags < len(self.tags)]
         words = [self.word_index[w] for w in tokenize(title) if w in self.word_index]
         parts = [(self.songs[seeds], 1.0), (self.tags[tags], self.tag_weight),
                  (self.words[np.asarray(words, dtype=np.int64)], self.title_weight)]
@@ -480,10 +481,7 @@ def features(catalog: Catalog, songs: VectorSearch, data: RankData, query: Query
     out = np.empty((n, len(data.features)), dtype=np.float32)
     for i, name in enumerate(data.features):
         out[:, i] = cols[name]
-    # On a grid of 1e-4: LightGBM splits at double thresholds between two training values,
-    # ONNX Runtime compares in float32, and two values one float32 step apart (1/3 computed
-    # two ways) put a rounded threshold on one of them and a row into the other branch.
-    return np.round(out, 4, out=out)
+    return out
 
 
 def candidate_features(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,

@@ -137,7 +137,7 @@ def test_onnx_ranker_scores_match_lightgbm_on_10000_rows(tiny_split: Path,
 
     engine = Engine.load(tiny_bundle)
     config = RankConfig(rounds=60, threads=1)
-    masked, questions, answers = held_out(load_dataset(tiny_split, files=["train.json"]),
+    masked, questions, answers = held_out(load_dataset(tiny_split),
                                           config)
     catalog = build_catalog(masked)
     data = build_rank_data(masked, catalog, None, config)
@@ -159,7 +159,7 @@ def test_onnx_ranker_scores_match_lightgbm_on_10000_rows(tiny_split: Path,
 
 
 def _rewrite(bundle: Path) -> None:
-    fields = read_manifest(bundle, verify=False).to_json()
+    fields = json.loads((bundle / "manifest.json").read_text())
     fields.pop("files")
     fields.pop("schema_version")
     fields["files"] = {}

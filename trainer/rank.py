@@ -264,7 +264,8 @@ def fit_ranker(rows: Rows, config: RankConfig, features: tuple[str, ...]) -> tup
     bar.close()
     best = int(booster.best_iteration or booster.current_iteration())
     # Only the trees up to the best round: the ONNX export converts every tree it is given.
-    booster = lgb.Booster(model_str=booster.model_to_string(num_iteration=best))
+    booster = float32_thresholds(lgb.Booster(model_str=booster.model_to_string(
+        num_iteration=best)))
     gain = booster.feature_importance(importance_type="gain")
     importance = {f: round(float(g), 2) for f, g in sorted(zip(features, gain, strict=True),
                                                           key=lambda p: -p[1])}
@@ -274,6 +275,28 @@ def fit_ranker(rows: Rows, config: RankConfig, features: tuple[str, ...]) -> tup
             "train_questions": int(len(parts[0])), "valid_questions": int(len(parts[1])),
             "train_rows": int(len(xt)), "importance_gain": importance}
     return booster, info
+
+
+def float32_thresholds(booster: Any) -> Any:
+    """The booster with every split threshold ``t`` replaced by the largest float32 at or
+    below it: for float32 features ``x <= t`` is then unchanged, and the ONNX export, which
+    stores thresholds as float32, compares exactly as LightGBM does. (Rounded to nearest, a
+    threshold a hair below a training value became that value, and rows holding it took
+    the other branch: 0.04 apart on 1 row in 10,000 of the demo.)"""
+    import lightgbm as lgb
+
+    # Without ``tree_sizes`` (byte counts the new text no longer matches) LightGBM parses
+    # the trees one after another.
+    lines = [line for line in booster.model_to_string().splitlines()
+             if not line.startswith("tree_sizes=")]
+    for i, line in enumerate(lines):
+        if not line.startswith("threshold="):
+            continue
+        t = np.asarray([float(v) for v in line[len("threshold="):].split()], np.float64)
+        f = t.astype(np.float32)
+        f = np.where(f.astype(np.float64) > t, np.nextafter(f, np.float32(-np.inf)), f)
+        lines[i] = "threshold=" + " ".join(repr(float(v)) for v in f.astype(np.float64))
+    return lgb.Booster(model_str="\n".join(lines) + "\n")
 
 
 def to_onnx(booster: Any, n_features: int) -> bytes:
@@ -328,11 +351,14 @@ def train_ranker(data_dir: Path, bundle: Path, config: RankConfig,
     from trainer.dataset import load_dataset
 
     started = time.perf_counter()
-    data = load_dataset(data_dir, files=["train.json"])
+    # Every playlist file, as trainer.train reads them: the bundle's tag vocabulary.
+    data = load_dataset(data_dir)
     engine = Engine.load(bundle, verify=False)
     if engine.catalog.n_songs != len(data.songs) or not np.array_equal(
             engine.catalog.song_ids, data.songs.ids):
         raise ValueError(f"{bundle} was not trained on {data_dir}: its songs differ")
+    if list(engine.catalog.tags) != list(data.tags.items):
+        raise ValueError(f"{bundle} was not trained on {data_dir}: its tags differ")
     use_als = "als" not in config.without
     masked, questions, answers = held_out(data, config)
     log.info("ranker: %d held-out questions, %d other training playlists", len(questions),
