@@ -22,14 +22,15 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 $(DEMO_DATA)/train.json: | $(STAMP)
-	$(BIN)/python -m trainer.synth --scale small --seed 1 --out $(DEMO_DATA)
+	$(BIN)/python -m trainer.synth --scale small --seed 1 --quirks --out $(DEMO_DATA)
 
 $(DEMO_SPLIT)/val_questions.json: $(DEMO_DATA)/train.json
 	$(BIN)/python -m trainer.split --data $(DEMO_DATA) --out $(DEMO_SPLIT)
 
 DEMO_BUNDLE := bundles/demo
 
-# The demo bundle: synthetic `small` data, trained with the `small` preset (a few minutes).
+# The demo bundle: synthetic `small` data (with the real files' dirt: --quirks), trained
+# with the `small` preset (a few minutes).
 $(DEMO_BUNDLE)/manifest.json: $(DEMO_SPLIT)/val_questions.json
 	$(BIN)/python -m trainer.train --data $(DEMO_SPLIT) --out $(DEMO_BUNDLE) --preset small
 

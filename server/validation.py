@@ -3,7 +3,7 @@ raises :class:`~server.errors.InvalidArgument` naming the field, the value and t
 
 from __future__ import annotations
 
-import datetime as dt
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from protos.songrec.v1 import songrec_pb2 as pb2
+from server import melon
 from server.engine import SongMeta
 from server.errors import InvalidArgument
 from server.strategies import DEFAULT_STRATEGY, STRATEGIES
@@ -39,10 +40,9 @@ MAX_PATH_CHARS = 4096
 
 V = TypeVar("V")
 
+log = logging.getLogger(__name__)
+
 # re.ASCII: \d would otherwise accept any Unicode digit ("٢٠١٩").
-_UPDT_DATE = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})(?:[ T](\d{2}):(\d{2}):(\d{2})(?:\.\d{1,9})?)?", re.ASCII)
-_ISSUE_DATE = re.compile(r"\d{8}", re.ASCII)
 _GENRE = re.compile(r"GN\d{4}", re.ASCII)
 
 
@@ -136,39 +136,26 @@ def unique(values: Iterable[V]) -> tuple[V, ...]:
 
 
 def parse_updt_date(value: str, field: str = "updt_date") -> int:
-    """Melon's ``updt_date`` ("YYYY-MM-DD[ hh:mm:ss[.fff]]") as YYYYMMDD; "" -> 0 (unknown)."""
-    text = value.strip()
-    if not text:
-        return 0
-    match = _UPDT_DATE.fullmatch(text)
+    """Melon's ``updt_date`` ("YYYY-MM-DD[ hh:mm:ss[.fff]]") as YYYYMMDD; "" -> 0 (unknown).
+    The trainer reads playlist files with the same parser (:mod:`server.melon`)."""
     try:
-        if match is None:
-            raise ValueError("bad format")
-        year, month, day = (int(g) for g in match.group(1, 2, 3))
-        dt.date(year, month, day)
-        if match.group(4) is not None:
-            hour, minute, second = (int(g) for g in match.group(4, 5, 6))
-            dt.time(hour, minute, second)
-    except ValueError:
-        raise InvalidArgument(f"{field}: {value[:40]!r} is not a date; expected "
-                              f"YYYY-MM-DD, YYYY-MM-DD hh:mm:ss or "
-                              f"YYYY-MM-DD hh:mm:ss.fff") from None
-    return year * 10000 + month * 100 + day
+        return melon.parse_updt_date(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"{field}: {exc}") from None
 
 
-def parse_issue_date(value: str, field: str) -> int:
+def parse_issue_date(value: str, field: str, reads: melon.LenientReads | None = None,
+                     ident: object = None) -> int:
     """Melon's ``issue_date`` "YYYYMMDD" as an int; month or day "00" mean unknown parts
-    (as in song_meta.json); "" and "00000000" mean unknown (0)."""
-    text = value.strip()
-    if not text:
-        return 0
-    if _ISSUE_DATE.fullmatch(text) is None:
-        raise InvalidArgument(f"{field}: {value[:40]!r} is not YYYYMMDD (8 digits)")
-    number = int(text)
-    month, day = number // 100 % 100, number % 100
-    if month > 12 or day > 31:
-        raise InvalidArgument(f"{field}: {text!r} has month {month:02d} or day {day:02d} "
-                              f"out of range (month 00..12, day 00..31)")
+    (as in song_meta.json); "" and "00000000" mean unknown (0). A date no calendar has is
+    read as a partial date (:func:`server.melon.parse_issue_date`), as the trainer reads
+    it, and counted in ``reads`` under ``ident``."""
+    try:
+        number, repaired = melon.parse_issue_date(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"{field}: {exc}") from None
+    if repaired is not None and reads is not None:
+        reads.note(melon.ISSUE_DATE_PARTIAL, ident)
     return number
 
 
@@ -179,8 +166,12 @@ def check_text(field: str, value: str, high: int) -> str:
     return value
 
 
-def check_metadata(meta: pb2.SongMetadata, field: str) -> SongMeta:
-    """A ``SongMetadata`` message as the encoder's :class:`SongMeta`, every code checked."""
+def check_metadata(meta: pb2.SongMetadata, field: str, reads: melon.LenientReads | None = None,
+                   ident: object = None) -> SongMeta:
+    """A ``SongMetadata`` message as the encoder's :class:`SongMeta`, every code checked.
+    Soft fields are read as the trainer reads ``song_meta.json``; lenient reads are counted
+    in ``reads`` under ``ident``. Genre codes the model does not know are kept (they
+    simply match no input column)."""
     for name, most in MAX_META_VALUES.items():
         check_length(f"{field}.{name}", getattr(meta, name), most)
     for pos, code in enumerate(meta.genres):
@@ -196,9 +187,16 @@ def check_metadata(meta: pb2.SongMetadata, field: str) -> SongMeta:
         check_text(f"{field}.tags[{pos}]", tag, MAX_TAG_CHARS)
     return SongMeta(genres=tuple(meta.genres), detail_genres=tuple(meta.detail_genres),
                     artists=check_ids(f"{field}.artist_ids", meta.artist_ids),
-                    issue_date=parse_issue_date(meta.issue_date, f"{field}.issue_date"),
+                    issue_date=parse_issue_date(meta.issue_date, f"{field}.issue_date", reads,
+                                                ident),
                     playlists=check_ids(f"{field}.playlist_ids", meta.playlist_ids),
                     tags=tuple(meta.tags))
+
+
+def report(reads: melon.LenientReads) -> None:
+    """Log one line per kind of lenient read of a request (none when it was clean)."""
+    for line in reads.lines():
+        log.warning("%s", line)
 
 
 # ---------------------------------------------------------------- requests
@@ -257,9 +255,12 @@ def encode_params(request: pb2.EncodeSongRequest) -> EncodeParams:
     if not request.HasField("song"):
         raise InvalidArgument("song: missing; give at least one of genres, detail_genres, "
                               "artist_ids, issue_date, playlist_ids, tags")
-    return EncodeParams(check_metadata(request.song, "song"),
-                        optional_count("k", request, DEFAULT_K, 0, MAX_K),
-                        request.include_names)
+    reads = melon.LenientReads("EncodeSong")
+    params = EncodeParams(check_metadata(request.song, "song", reads),
+                          optional_count("k", request, DEFAULT_K, 0, MAX_K),
+                          request.include_names)
+    report(reads)
+    return params
 
 
 def new_songs(request: pb2.AddSongsRequest) -> list[NewSong]:
@@ -267,6 +268,7 @@ def new_songs(request: pb2.AddSongsRequest) -> list[NewSong]:
     check_length("songs", request.songs, MAX_NEW_SONGS, low=1)
     out: list[NewSong] = []
     seen: dict[int, int] = {}
+    reads = melon.LenientReads("AddSongs")
     for pos, song in enumerate(request.songs):
         (song_id,) = check_ids(f"songs[{pos}].song_id", [song.song_id])
         if song_id in seen:
@@ -275,10 +277,12 @@ def new_songs(request: pb2.AddSongsRequest) -> list[NewSong]:
         seen[song_id] = pos
         if not song.HasField("metadata"):
             raise InvalidArgument(f"songs[{pos}].metadata: missing")
-        out.append(NewSong(song_id, check_metadata(song.metadata, f"songs[{pos}].metadata"),
+        out.append(NewSong(song_id, check_metadata(song.metadata, f"songs[{pos}].metadata",
+                                                   reads, song_id),
                            check_text(f"songs[{pos}].name", song.name, MAX_NAME_CHARS),
                            check_text(f"songs[{pos}].artists", song.artists,
                                       MAX_NAME_CHARS)))
+    report(reads)
     return out
 
 

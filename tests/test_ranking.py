@@ -21,9 +21,9 @@ from server.ranking import (
     candidate_features,
 )
 from server.strategies import (
+    RANKED,
     REASON_PLAYLIST,
     REASON_SEED,
-    RANKED,
     STRATEGIES,
     Query,
     run_strategy,

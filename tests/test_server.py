@@ -310,7 +310,7 @@ BAD_REQUESTS: list[tuple[tuple[str, Any], dict[str, Any], str]] = [
     (ES, {"song": _meta(genres=["GN0101"])}, "song.genres[0]: 'GN0101' is not a major genre"),
     (ES, {"song": _meta(detail_genres=["rock"])}, "song.detail_genres[0]: 'rock' is not a"),
     (ES, {"song": _meta(issue_date="2019-03-01")}, "song.issue_date: '2019-03-01' is not"),
-    (ES, {"song": _meta(issue_date="20191399")}, "song.issue_date: '20191399' has month 13"),
+    (ES, {"song": _meta(issue_date="2019130")}, "song.issue_date: '2019130' is not YYYYMMDD"),
     (ES, {"song": _meta(artist_ids=[-5])}, "song.artist_ids[0]: -5 is negative"),
     (ES, {"song": _meta(), "k": 1001}, "k: 1001 is out of range 0..1000"),
     (ES, {"song": pb2.SongMetadata(genres=["GN9900"])}, "song: none of its metadata is known"),

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         out = Path(tmp) / "data"
         gen_s, gen_rss, summary = _child(["-m", "trainer.synth", "--scale", args.scale,
-                                          "--seed", "1", "--out", str(out)])
-        rows.append((f"`trainer.synth --scale {args.scale}`",
+                                          "--seed", "1", "--quirks", "--out", str(out)])
+        rows.append((f"`trainer.synth --scale {args.scale} --quirks`",
                      f"{gen_s:.1f} s, peak RSS {gen_rss:.2f} GB ({summary})"))
         _, _, line = _child(["-c", _LOAD, str(out)])
         load_s, load_rss, what = line.split(" ", 2)

@@ -4,10 +4,11 @@
     python -m trainer.bench_quality --datasets demo --out -          # print only
     python -m trainer.bench_quality --models ae-quota --bundle bundles/demo --datasets demo
 
-``demo`` is the synthetic ``small`` dataset (seed 1) split by ``trainer.split`` into
-``data/demo-split``, generated when missing. ``spotify`` is the real sample in
-``../shared/data/spotify-playlists``, split (seed 777) into a temporary directory; it is
-skipped with a note when absent. Scores come from :func:`trainer.evaluate.score`.
+``demo`` is the synthetic ``small`` dataset (seed 1, with quirks, as ``make serve`` makes
+it) split by ``trainer.split`` into ``data/demo-split``, generated when missing.
+``spotify`` is the real sample in ``../shared/data/spotify-playlists``, split (seed 777)
+into a temporary directory; it is skipped with a note when absent. Scores come from
+:func:`trainer.evaluate.score`.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def prepare_demo() -> Path:
 
     if not (DEMO_SPLIT / "val_answers.json").exists():
         if not (DEMO_DATA / "train.json").exists():
-            _run_module("trainer.synth", "--scale", "small", "--seed", "1",
+            _run_module("trainer.synth", "--scale", "small", "--seed", "1", "--quirks",
                         "--out", str(DEMO_DATA))
         write_split(DEMO_DATA, DEMO_SPLIT)
     return DEMO_SPLIT

@@ -7,20 +7,33 @@ CSR arrays over *song rows* (positions in ``song_meta.json``) and *tag indices* 
 vocabulary shared by every playlist file of the dataset), never lists of dicts: at Melon
 size (707,989 songs, 148,826 playlists) that is the difference between seconds and minutes.
 
-Every malformed record raises :class:`DataError`, whose message names the file, the record
-index, the field and the offending value.
+Soft fields follow one policy, shared with the server (:mod:`server.melon`). A structural
+fault (a missing or mistyped id, a list that is not a list, a duplicate song id) raises
+:class:`DataError`, whose message names the file, the record index, the field and the
+offending value. A dirty value is read leniently and counted: an impossible issue date
+becomes a partial date, null albums and empty dates are unknown, artist name baskets may
+differ in length from their id baskets, genre codes missing from ``genre_gn_all.json`` are
+kept as codes, a song repeated in a playlist is kept once, and songs that
+``song_meta.json`` lacks are dropped (refused above a small share). Each file then logs one
+warning line per kind of lenient read; ``strict=True`` refuses each of them instead.
+
+``python -m trainer.dataset --check DIR`` loads a directory and reports what it holds.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
-import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from server import melon
+from server.melon import Kind, LenientReads
 
 try:  # orjson parses the 700k-record song_meta.json several times faster than json.
     import orjson
@@ -40,7 +53,18 @@ except ImportError:  # pragma: no cover - orjson is a declared dependency
 log = logging.getLogger(__name__)
 
 PLAYLIST_FILES = ("train.json", "val.json", "test.json", "val_questions.json", "val_answers.json")
-_UPDT_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2}) \d{2}:\d{2}:\d{2}(\.\d+)?$")
+
+# The kinds of lenient read (each reported once per file with its count and first ids).
+ISSUE_DATE_PARTIAL = melon.ISSUE_DATE_PARTIAL
+ISSUE_DATE_EMPTY = Kind("null or empty issue dates read as unknown")
+ALBUM_ID_NULL = Kind("null or missing album ids read as unknown")
+ALBUM_NAME_NULL = Kind("null or missing album names read as empty")
+ARTIST_NAMES_LENGTH = Kind("artist name baskets of another length than their id baskets, "
+                           "paired in order")
+GENRE_UNKNOWN = Kind("songs with genre codes missing from genre_gn_all.json, kept as codes")
+SONG_REPEATED = Kind("repeated songs in a playlist dropped after the first", "playlists")
+SONG_MISSING = Kind("songs not in song_meta.json dropped", "playlists")
+MAX_MISSING_SONGS = melon.MAX_MISSING_SONG_SHARE
 
 
 class DataError(ValueError):
@@ -138,6 +162,7 @@ class Genres:
 
     codes: Vocabulary
     names: list[str]
+    n_table: int = 0  # codes[:n_table] are the file's; later ones came from songs only
 
     def is_major(self, code: str) -> bool:
         return code.endswith("00")
@@ -195,6 +220,9 @@ class Dataset:
     genres: Genres
     tags: Vocabulary
     playlists: dict[str, Playlists]  # keyed by file stem: "train", "val_questions", ...
+    strict: bool = False
+    # What each file (by name) read leniently; files read cleanly are absent.
+    lenient: dict[str, LenientReads] = field(default_factory=dict)
 
     @property
     def train(self) -> Playlists:
@@ -204,9 +232,15 @@ class Dataset:
             raise DataError(self.root / "train.json", "file not found") from None
 
     def load_playlists(self, path: Path, *, extend_tags: bool = True) -> Playlists:
-        """Read another playlist file (questions, answers) against this dataset's songs."""
-        return parse_playlists(read_json(path), path, self.songs, self.tags,
-                               extend_tags=extend_tags)
+        """Read another playlist file (questions, answers) against this dataset's songs,
+        under the dataset's policy (lenient, or strict); lenient reads are logged."""
+        reads = LenientReads(path.name)
+        playlists = parse_playlists(read_json(path), path, self.songs, self.tags,
+                                    extend_tags=extend_tags, strict=self.strict, reads=reads)
+        _report(reads)
+        if reads:
+            self.lenient[path.name] = reads
+        return playlists
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,27 +285,62 @@ def _list(rec: Any, path: Path, index: int, name: str, kind: type) -> list[Any]:
     return value
 
 
-def parse_issue_date(text: str) -> int:
-    """``"YYYYMMDD"`` -> int; ``"00000000"`` (unknown) -> 0. Melon also has ``YYYYMM00``
-    and ``YYYY0000`` for partly known dates, which are kept as they are."""
-    if len(text) != 8 or not text.isdigit():
-        raise ValueError(f"bad issue_date {text!r}: expected YYYYMMDD")
-    value = int(text)
-    month, day = value // 100 % 100, value % 100
-    if value and (month > 12 or day > 31):
-        raise ValueError(f"bad issue_date {text!r}: month or day out of range")
+class _Policy:
+    """One file's reading policy: a lenient read is counted, or refused when strict."""
+
+    def __init__(self, path: Path, strict: bool, reads: LenientReads | None) -> None:
+        self.path = path
+        self.strict = strict
+        self.reads = reads if reads is not None else LenientReads(path.name)
+
+    def lenient(self, kind: Kind, ident: object, index: int, name: str, message: str,
+                count: int = 1) -> None:
+        """Count a lenient read of record ``index`` (id ``ident``), or refuse it."""
+        if self.strict:
+            raise _fail(self.path, index, name, f"{message} (--strict)")
+        self.reads.note(kind, ident, count)
+
+
+def _report(reads: LenientReads) -> None:
+    for line in reads.lines():
+        log.warning("%s", line)
+
+
+def _issue_date(rec: Any, path: Path, index: int, song_id: int, policy: _Policy) -> int:
+    value = _get(rec, path, index, "issue_date")
+    if value is None or value == "":
+        policy.lenient(ISSUE_DATE_EMPTY, song_id, index, "issue_date",
+                       f"expected YYYYMMDD, got {value!r}")
+        return 0
+    if not isinstance(value, str):
+        raise _fail(path, index, "issue_date", f"expected a string, got {value!r}")
+    try:
+        number, repaired = melon.parse_issue_date(value)
+    except ValueError as exc:
+        raise _fail(path, index, "issue_date", str(exc)) from None
+    if repaired is not None:
+        policy.lenient(ISSUE_DATE_PARTIAL, song_id, index, "issue_date",
+                       f"{value!r}: {repaired}")
+    return number
+
+
+def _updt_date(rec: Any, path: Path, index: int) -> int:
+    try:
+        return melon.parse_updt_date(_str(rec, path, index, "updt_date"))
+    except ValueError as exc:
+        raise _fail(path, index, "updt_date", str(exc)) from None
+
+
+def _nullable(rec: dict[str, Any], path: Path, index: int, name: str, kind: type,
+              null: Kind, song_id: int, policy: _Policy) -> Any:
+    """A soft field that may be null or missing (counted): its value, or None."""
+    value = rec.get(name)
+    if value is None:
+        policy.lenient(null, song_id, index, name, "null or missing")
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _fail(path, index, name, f"expected {kind.__name__} or null, got {value!r}")
     return value
-
-
-def parse_updt_date(text: str) -> int:
-    """``"YYYY-MM-DD hh:mm:ss.000"`` -> YYYYMMDD as int."""
-    m = _UPDT_DATE.match(text)
-    if not m:
-        raise ValueError(f"bad updt_date {text!r}: expected 'YYYY-MM-DD hh:mm:ss.000'")
-    year, month, day = int(m[1]), int(m[2]), int(m[3])
-    if not (1 <= month <= 12 and 1 <= day <= 31):
-        raise ValueError(f"bad updt_date {text!r}: month or day out of range")
-    return year * 10000 + month * 100 + day
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,12 +357,16 @@ def parse_genres(raw: Any, path: Path) -> Genres:
             raise DataError(path.name, f"genre {code!r}: expected a name string, got {name!r}")
         codes.add(code)
         names.append(name)
-    return Genres(codes, names)
+    return Genres(codes, names, len(codes))
 
 
-def parse_songs(raw: Any, path: Path, genres: Genres) -> Songs:
+def parse_songs(raw: Any, path: Path, genres: Genres, *, strict: bool = False,
+                reads: LenientReads | None = None) -> Songs:
+    """Parse ``song_meta.json``; lenient reads are counted in ``reads`` (or refused when
+    ``strict``)."""
     if not isinstance(raw, list):
         raise DataError(path.name, f"expected a list of songs, got {type(raw).__name__}")
+    policy = _Policy(path, strict, reads)
     n = len(raw)
     ids = np.empty(n, dtype=np.int64)
     album_ids = np.empty(n, dtype=np.int64)
@@ -305,29 +378,37 @@ def parse_songs(raw: Any, path: Path, genres: Genres) -> Songs:
     gn_lists: list[list[int]] = []
     dtl_lists: list[list[int]] = []
     # Genre codes seen in songs but missing from genre_gn_all.json (the real data has
-    # a few) join the vocabulary instead of failing the load.
+    # a few) join the vocabulary, named after themselves.
     code_index = genres.codes
+    n_known = genres.n_table
     for i, rec in enumerate(raw):
-        ids[i] = _int(rec, path, i, "id")
+        song_id = ids[i] = _int(rec, path, i, "id")
         names.append(_str(rec, path, i, "song_name"))
-        album = rec.get("album_id") if isinstance(rec, dict) else None
-        album_ids[i] = album if isinstance(album, int) else -1
-        album_name = rec.get("album_name") if isinstance(rec, dict) else None
-        album_names.append(album_name if isinstance(album_name, str) else "")
+        album = _nullable(rec, path, i, "album_id", int, ALBUM_ID_NULL, song_id, policy)
+        album_ids[i] = -1 if album is None else album
+        album_name = _nullable(rec, path, i, "album_name", str, ALBUM_NAME_NULL, song_id,
+                               policy)
+        album_names.append("" if album_name is None else album_name)
         artists = _list(rec, path, i, "artist_id_basket", int)
         artist_lists.append(artists)
-        anames = rec.get("artist_name_basket")
-        if isinstance(anames, list):
-            for aid, aname in zip(artists, anames, strict=False):
-                if isinstance(aname, str):
-                    artist_names.setdefault(aid, aname)
-        gn_lists.append([code_index.add(c) for c in _list(rec, path, i, "song_gn_gnr_basket", str)])
-        dtl_lists.append(
-            [code_index.add(c) for c in _list(rec, path, i, "song_gn_dtl_gnr_basket", str)])
-        try:
-            issue[i] = parse_issue_date(_str(rec, path, i, "issue_date"))
-        except ValueError as exc:
-            raise _fail(path, i, "issue_date", str(exc)) from None
+        anames = ([] if rec.get("artist_name_basket") is None
+                  else _list(rec, path, i, "artist_name_basket", str))
+        if len(anames) != len(artists):
+            policy.lenient(ARTIST_NAMES_LENGTH, song_id, i, "artist_name_basket",
+                           f"{len(anames)} names for {len(artists)} artist ids")
+        for aid, aname in zip(artists, anames, strict=False):
+            artist_names.setdefault(aid, aname)
+        baskets = []
+        for basket in ("song_gn_gnr_basket", "song_gn_dtl_gnr_basket"):
+            codes = [code_index.add(c) for c in _list(rec, path, i, basket, str)]
+            unknown = [code_index.items[c] for c in codes if c >= n_known]
+            if unknown:
+                policy.lenient(GENRE_UNKNOWN, song_id, i, basket,
+                               f"genre code {unknown[0]!r} not in genre_gn_all.json")
+            baskets.append(codes)
+        gn_lists.append(baskets[0])
+        dtl_lists.append(baskets[1])
+        issue[i] = _issue_date(rec, path, i, song_id, policy)
     if n and ids.min() < 0:
         bad = int(np.argmin(ids))
         raise _fail(path, bad, "id", f"negative song id {ids[bad]}")
@@ -350,11 +431,19 @@ def parse_songs(raw: Any, path: Path, genres: Genres) -> Songs:
 
 
 def parse_playlists(raw: Any, path: Path, songs: Songs, tags: Vocabulary, *,
-                    extend_tags: bool = True) -> Playlists:
-    """Parse a playlist list. Song ids must exist in song_meta; ``tags`` grows with new tags
-    unless ``extend_tags`` is False, in which case unknown tags are dropped."""
+                    extend_tags: bool = True, strict: bool = False,
+                    reads: LenientReads | None = None) -> Playlists:
+    """Parse a playlist list. ``tags`` grows with new tags unless ``extend_tags`` is False,
+    in which case unknown tags are dropped.
+
+    A song repeated in one playlist is kept once (its first place); songs missing from
+    ``song_meta.json`` are dropped, unless they are more than
+    :data:`server.melon.MAX_MISSING_SONG_SHARE` of the file's song entries. Both are
+    counted in ``reads``, or refused when ``strict``.
+    """
     if not isinstance(raw, list):
         raise DataError(path.name, f"expected a list of playlists, got {type(raw).__name__}")
+    policy = _Policy(path, strict, reads)
     n = len(raw)
     ids = np.empty(n, dtype=np.int64)
     like = np.zeros(n, dtype=np.int64)
@@ -364,27 +453,47 @@ def parse_playlists(raw: Any, path: Path, songs: Songs, tags: Vocabulary, *,
     tag_lists: list[list[int]] = []
     row_of_id = songs.row_of_id
     add_tag: Callable[[str], int] = tags.add if extend_tags else tags.get
+    n_entries = n_missing = 0
+    first_missing: tuple[int, int] | None = None  # (record, song id)
     for i, rec in enumerate(raw):
-        ids[i] = _int(rec, path, i, "id")
+        playlist_id = ids[i] = _int(rec, path, i, "id")
         titles.append(_str(rec, path, i, "plylst_title"))
         song_ids = _list(rec, path, i, "songs", int)
+        n_entries += len(song_ids)
+        if len(set(song_ids)) != len(song_ids):
+            kept = list(dict.fromkeys(song_ids))
+            repeated = next(s for s in kept if song_ids.count(s) > 1)
+            policy.lenient(SONG_REPEATED, playlist_id, i, "songs",
+                           f"song id {repeated} repeats in the playlist",
+                           len(song_ids) - len(kept))
+            song_ids = kept
         arr = np.asarray(song_ids, dtype=np.int64)
         rows = np.full(len(arr), -1, dtype=np.int64)
         ok = (arr >= 0) & (arr < len(row_of_id))
         rows[ok] = row_of_id[arr[ok]]
-        if (rows < 0).any():
-            bad = int(arr[np.argmin(rows)])
-            raise _fail(path, i, "songs", f"song id {bad} not in song_meta.json")
+        missing = rows < 0
+        if missing.any():
+            bad = int(arr[np.argmax(missing)])
+            if first_missing is None:
+                first_missing = (i, bad)
+            count = int(missing.sum())
+            n_missing += count
+            policy.lenient(SONG_MISSING, playlist_id, i, "songs",
+                           f"song id {bad} not in song_meta.json", count)
+            rows = rows[~missing]
         song_lists.append(rows)
         tag_idx = [add_tag(t) for t in _list(rec, path, i, "tags", str)]
         tag_lists.append([t for t in tag_idx if t >= 0])
         if isinstance(rec, dict) and "like_cnt" in rec:
             like[i] = _int(rec, path, i, "like_cnt")
         if isinstance(rec, dict) and "updt_date" in rec:
-            try:
-                updt[i] = parse_updt_date(_str(rec, path, i, "updt_date"))
-            except ValueError as exc:
-                raise _fail(path, i, "updt_date", str(exc)) from None
+            updt[i] = _updt_date(rec, path, i)
+    if first_missing is not None and n_missing > MAX_MISSING_SONGS * n_entries:
+        index, bad = first_missing
+        raise _fail(path, index, "songs",
+                    f"song id {bad} not in song_meta.json ({n_missing} of {n_entries} song "
+                    f"entries are not, more than the {MAX_MISSING_SONGS:.0%} dropped "
+                    f"leniently: is this song_meta.json the playlists' own?)")
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum([len(s) for s in song_lists], out=indptr[1:])
     values = (np.concatenate(song_lists) if song_lists else np.zeros(0)).astype(np.int32)
@@ -392,7 +501,8 @@ def parse_playlists(raw: Any, path: Path, songs: Songs, tags: Vocabulary, *,
                      like, updt)
 
 
-def load_dataset(root: str | Path, files: Sequence[str] | None = None) -> Dataset:
+def load_dataset(root: str | Path, files: Sequence[str] | None = None, *,
+                 strict: bool = False) -> Dataset:
     """Load a dataset directory.
 
     Parameters
@@ -401,18 +511,131 @@ def load_dataset(root: str | Path, files: Sequence[str] | None = None) -> Datase
         Directory with ``song_meta.json``, ``genre_gn_all.json`` and playlist files.
     files
         Playlist files to read; by default every one of :data:`PLAYLIST_FILES` present.
+    strict
+        Refuse every dirty value instead of reading it leniently (see the module's
+        docstring); the loaded dataset keeps this policy for :meth:`Dataset.load_playlists`.
+
+    Each file's lenient reads are logged as one warning line per kind, and kept in
+    :attr:`Dataset.lenient`.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "dataset directory not found")
     genres = parse_genres(read_json(root / "genre_gn_all.json"), root / "genre_gn_all.json")
-    songs = parse_songs(read_json(root / "song_meta.json"), root / "song_meta.json", genres)
+    reads = {"song_meta.json": LenientReads("song_meta.json")}
+    songs = parse_songs(read_json(root / "song_meta.json"), root / "song_meta.json", genres,
+                        strict=strict, reads=reads["song_meta.json"])
     tags = Vocabulary()
     playlists: dict[str, Playlists] = {}
     names = files if files is not None else [f for f in PLAYLIST_FILES if (root / f).exists()]
     for name in names:
         path = root / name
-        playlists[path.stem] = parse_playlists(read_json(path), path, songs, tags)
+        reads[path.name] = LenientReads(path.name)
+        playlists[path.stem] = parse_playlists(read_json(path), path, songs, tags,
+                                               strict=strict, reads=reads[path.name])
+    _note_future(songs, playlists, reads["song_meta.json"])
+    for file_reads in reads.values():
+        _report(file_reads)
     log.info("loaded %s: %d songs, %s", root, len(songs),
              ", ".join(f"{k}={len(v)}" for k, v in playlists.items()))
-    return Dataset(root, songs, genres, tags, playlists)
+    return Dataset(root, songs, genres, tags, playlists, strict,
+                   {name: r for name, r in reads.items() if r})
+
+
+def _note_future(songs: Songs, playlists: dict[str, Playlists], reads: LenientReads) -> None:
+    """Count songs issued after the last playlist update: kept as they are (the real file
+    has a date two years after its playlists), but worth a line."""
+    last = max((int(p.updt_dates.max()) for p in playlists.values() if len(p)), default=0)
+    if not last:
+        return
+    kind = Kind(f"issue dates after the last playlist update ({format_date(last)}), kept")
+    for row in np.nonzero(songs.issue_dates > last)[0].tolist():
+        reads.note(kind, int(songs.ids[row]))
+
+
+def format_date(value: int) -> str:
+    """YYYYMMDD (month or day 00 unknown, 0 unknown) as ``YYYY-MM-DD``, ``YYYY-MM``,
+    ``YYYY`` or ``unknown``."""
+    year, month, day = value // 10000, value // 100 % 100, value % 100
+    if not year:
+        return "unknown"
+    if not month:
+        return f"{year:04d}"
+    return f"{year:04d}-{month:02d}" + (f"-{day:02d}" if day else "")
+
+
+# ---------------------------------------------------------------------------------------
+# The data report: python -m trainer.dataset --check DIR
+
+
+def _date_range(dates: np.ndarray) -> str:
+    known = dates[dates > 0]
+    if not len(known):
+        return "no dates"
+    return f"{format_date(int(known.min()))} .. {format_date(int(known.max()))}"
+
+
+def check_report(data: Dataset) -> list[str]:
+    """What a loaded dataset holds (songs, genres, playlists, tags, date ranges) and every
+    lenient read with its count, as lines for people."""
+    songs = data.songs
+    dates = songs.issue_dates
+    year_only = int(((dates > 0) & (dates // 100 % 100 == 0)).sum())
+    year_month = int(((dates // 100 % 100 > 0) & (dates % 100 == 0)).sum())
+    lines = [
+        f"dataset {data.root}",
+        f"songs: {len(songs)}, {len(np.unique(songs.artists.values))} artists, "
+        f"{len(np.unique(songs.album_ids[songs.album_ids >= 0]))} albums",
+        f"issue dates: {_date_range(dates)}; {int((dates > 0).sum()) - year_only - year_month}"
+        f" full, {year_month} year and month only, {year_only} year only, "
+        f"{int((dates == 0).sum())} unknown",
+    ]
+    codes = data.genres.codes
+    used = np.unique(np.concatenate([songs.genres.values, songs.detail_genres.values]))
+    n_table = data.genres.n_table
+    extra = codes.items[n_table:]
+    majors = sum(1 for c in codes.items[:n_table] if data.genres.is_major(c))
+    lines.append(f"genres: {n_table} codes in genre_gn_all.json ({majors} major), "
+                 f"{len(used)} used by songs, {len(extra)} not in genre_gn_all.json"
+                 + (f" ({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''})"
+                    if extra else ""))
+    for stem, pl in data.playlists.items():
+        lines.append(f"{stem}.json: {len(pl)} playlists, {len(pl.songs.values)} song entries "
+                     f"({len(np.unique(pl.songs.values))} distinct songs), "
+                     f"{len(pl.tags.values)} tag entries "
+                     f"({len(np.unique(pl.tags.values))} distinct tags), "
+                     f"updt_date {_date_range(pl.updt_dates)}")
+    lines.append(f"tags: {len(data.tags)} distinct over all playlist files")
+    read_lines = [line for reads in data.lenient.values() for line in reads.lines()]
+    lines.append(f"lenient reads: {len(read_lines) or 'none'}")
+    lines += [f"  {line}" for line in read_lines]
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m trainer.dataset --check DIR [--strict]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.dataset",
+        description="Load a dataset directory and report what it holds and what was read "
+                    "leniently. Exit status 0: usable; 2: not (one line says why).")
+    parser.add_argument("--check", required=True, type=Path, metavar="DIR",
+                        help="dataset directory (song_meta.json, genre_gn_all.json, "
+                             "playlist files)")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse every dirty value instead of reading it leniently")
+    args = parser.parse_args(argv)
+    # The report prints the lenient reads itself; the loader's warnings would repeat them.
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        data = load_dataset(args.check, strict=args.strict)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in check_report(data):
+        print(line)
+    print("usable")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -246,7 +246,7 @@ def question_rows(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch
     """Features and labels of every question's candidates, and the candidates' recall."""
     from tqdm import tqdm
 
-    from trainer.dataset import parse_updt_date
+    from server.melon import parse_updt_date
 
     xs, ys, groups, ids = [], [], [], []
     hits = np.zeros(len(SOURCES) + 1)
@@ -255,7 +255,10 @@ def question_rows(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch
                      unit="q", disable=not progress):
         seeds = data.songs.rows(q["songs"])
         tags = [catalog.tag_index.get(t, -1) for t in q["tags"]]
-        updt = parse_updt_date(q["updt_date"]) if q.get("updt_date") else 0
+        try:
+            updt = parse_updt_date(str(q.get("updt_date") or ""))
+        except ValueError:  # read leniently, as the dataset loader does
+            updt = 0
         query = Query(np.unique(seeds[seeds >= 0]).astype(np.int64),
                       np.asarray([t for t in tags if t >= 0], np.int32),
                       q.get("plylst_title", ""), updt)

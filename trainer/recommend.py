@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="options", action="append", default=[],
                         metavar="KEY=VALUE", help="model option, e.g. --set k=200 (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse dirty values in the data and question files instead of "
+                             "reading them leniently")
     return parser
 
 
@@ -108,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.drop_future:
             options["drop_future"] = True
         model = make_recommender(args.model, **options)
-        data = load_dataset(args.data, files=["train.json"])
+        data = load_dataset(args.data, files=["train.json"], strict=args.strict)
         questions = load_questions(data, args.questions)
         results, fit_s, predict_s = run_model(data, questions, model,
                                               progress=not args.no_progress)

@@ -156,12 +156,15 @@ def _write_json(data: Any, path: Path) -> None:
 
 
 def write_split(data_dir: str | Path, out_dir: str | Path, seed: int = DEFAULT_SEED, *,
-                progress: bool = False) -> tuple[int, int]:
+                progress: bool = False, strict: bool = False) -> tuple[int, int]:
     """Split ``data_dir/train.json`` into a new dataset directory ``out_dir``.
 
     ``out_dir`` receives ``train.json``, ``val_questions.json``, ``val_answers.json`` and
     copies of ``song_meta.json`` and ``genre_gn_all.json``, so it loads with
-    :func:`trainer.dataset.load_dataset` like any dataset.
+    :func:`trainer.dataset.load_dataset` like any dataset. The records are split as they
+    are written (the official split of the raw file): dirty values the loader reads
+    leniently stay in the split files, and are read leniently again when it is loaded.
+    ``strict`` refuses a dataset with any of them.
 
     Returns
     -------
@@ -178,7 +181,7 @@ def write_split(data_dir: str | Path, out_dir: str | Path, seed: int = DEFAULT_S
     if out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is the source directory: its train.json would be lost")
     # Loading validates every record (types, song ids, dates) before anything is written.
-    load_dataset(src, files=["train.json"])
+    load_dataset(src, files=["train.json"], strict=strict)
     records = read_json(src / "train.json")
     try:
         train, questions, answers = split_playlists(records, seed, progress=progress)
@@ -203,11 +206,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="directory to write the split to")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help="seed of the shuffle and the masks (default: %(default)s)")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse dirty values (impossible dates, null albums, repeated "
+                             "songs, ...) instead of reading them leniently")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         n_train, n_questions = write_split(args.data, args.out, args.seed,
-                                           progress=sys.stderr.isatty())
+                                           progress=sys.stderr.isatty(), strict=args.strict)
     except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -52,12 +52,28 @@ Lengths follow Melon: 1-200 songs (log-normal, mean ~46, median ~30) and 1-10 ta
 the rest thinning out back to 2005; a chart weeks after its window) and songs released
 after it are redrawn, so it follows every song of the playlist and a release-date filter
 helps, as on Melon. Everything is a function of ``--seed``.
+
+Quirks
+------
+The real files are not clean, and a loader tried only on clean data fails on them. With
+quirks (the default at ``melon`` scale, ``--quirks`` at any scale) the files carry the
+real files' dirt on a few records, drawn from a stream of their own so that everything
+else is unchanged: impossible issue dates (``"20105130"``: month 51; a September 31 or
+February 30; a day 32; a day without a month), issue dates after the data's end (2021-2023),
+null ``album_id``/``album_name``, artist name baskets of another length than their id
+baskets, detailed genre codes that ``genre_gn_all.json`` lacks, a song repeated in a
+playlist, empty playlist titles, and titles and tags with emoji and spaces. The dates
+are as public analyses of the real ``song_meta.json`` document (a handful in 707,989
+songs); the other rates are estimates of the same order (about one record in 10,000, tags
+with emoji somewhat more), not measurements. Every quirk appears at least
+:data:`QUIRK_RATES` ``minimum`` times at any scale, so small data sets carry each one.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import calendar
 import logging
 import math
 import random
@@ -1197,18 +1213,128 @@ def _fill(parts: list[_Parts], comp: dict[str, np.ndarray], lo: int, hi: int,
 # Whole data set and files
 
 
+# ---------------------------------------------------------------------------------------
+# Quirks: the real files' dirt
+
+# quirk -> (share of songs or playlists, minimum count at any scale)
+QUIRK_RATES: dict[str, tuple[float, int]] = {
+    "impossible_dates": (1e-5, 4),  # one of each form below, at least
+    "future_dates": (3e-6, 2),
+    "null_albums": (1e-4, 2),  # album_id and album_name null, or album_name only
+    "artist_names": (1e-4, 2),
+    "unknown_genres": (1e-4, 2),
+    "repeated_songs": (5e-4, 2),  # per playlist
+    "empty_titles": (5e-4, 2),
+    "emoji_titles": (5e-4, 2),
+    "emoji_tags": (2e-3, 3),
+}
+_EMOJI_TAGS = ("🎧", "여름🌊", "드라이브 🚗", "❤️", "힐링 음악", "chill vibes ✨", "비 오는 날☔")
+_EMOJI_TITLES = ("🎵", "☕ 카페 ☕", "✨", "🌙 밤에 듣는 노래")
+
+
+@dataclass
+class Quirks:
+    """The dirt written into the files, keyed by song row or playlist row."""
+
+    issue_dates: dict[int, str]  # song -> the issue_date written (impossible or future)
+    null_album_ids: set[int]  # songs whose album_id (and album_name) is null
+    null_album_names: set[int]  # songs whose album_name is null
+    artist_names: set[int]  # songs whose name basket loses its last name (or gains one)
+    unknown_genres: dict[int, str]  # song -> a detailed code the genre table lacks
+    repeated_songs: dict[int, int]  # playlist -> a song of it written a second time
+    titles: dict[int, str]  # playlist -> its title ("" or with emoji)
+    tags: dict[int, str]  # playlist -> a tag with emoji or a space, added
+
+    def counts(self) -> dict[str, int]:
+        future = sum(1 for d in self.issue_dates.values() if d[:4] > "2020")
+        return {"impossible_dates": len(self.issue_dates) - future, "future_dates": future,
+                "null_albums": len(self.null_album_ids) + len(self.null_album_names),
+                "artist_names": len(self.artist_names),
+                "unknown_genres": len(self.unknown_genres),
+                "repeated_songs": len(self.repeated_songs),
+                "empty_titles": sum(1 for t in self.titles.values() if not t),
+                "emoji_titles": sum(1 for t in self.titles.values() if t),
+                "emoji_tags": len(self.tags)}
+
+
+def quirks_by_default(scale: str | Scale) -> bool:
+    """The ``melon`` scale carries the real files' dirt unless told not to; others do not."""
+    return scale == "melon" or scale == SCALES["melon"]
+
+
+def _quirk_count(name: str, n: int) -> int:
+    rate, minimum = QUIRK_RATES[name]
+    return min(n, max(minimum, round(rate * n)))
+
+
+def _impossible_date(k: int, ymd: int, rng: np.random.Generator) -> str:
+    """Form ``k % 4`` of an impossible date in the year (and month) of ``ymd``."""
+    year, month = ymd // 10000, ymd // 100 % 100
+    form = k % 4
+    if form == 0:  # "20105130": a month past 12
+        return f"{year:04d}{int(rng.integers(13, 100)):02d}{ymd % 100:02d}"
+    if form == 1:  # a September 31, a February 30: the day after the month's last
+        return f"{year:04d}{month:02d}{calendar.monthrange(year, month)[1] + 1:02d}"
+    if form == 2:  # a day 32
+        return f"{year:04d}{month:02d}32"
+    return f"{year:04d}00{int(rng.integers(1, 29)):02d}"  # a day without a month
+
+
+def _make_quirks(songs: SynthSongs, playlists: SynthPlaylists, table: GenreTable,
+                 rng: np.random.Generator) -> Quirks:
+    n_songs, n_lists = len(songs), len(playlists)
+    full = np.nonzero(songs.issue_dates % 100 > 0)[0]
+    order = rng.permutation(full)
+    take = iter(order.tolist())
+    n_bad = _quirk_count("impossible_dates", n_songs)
+    dates = {next(take): "" for _ in range(n_bad)}
+    for k, row in enumerate(dates):
+        dates[row] = _impossible_date(k, int(songs.issue_dates[row]), rng)
+    for _ in range(_quirk_count("future_dates", n_songs)):
+        day = rng.integers(0, 3 * 365)
+        dates[next(take)] = str(np.datetime64("2021-01-01") + day).replace("-", "")
+    rest = np.setdiff1d(np.arange(n_songs), np.fromiter(dates, np.int64), assume_unique=True)
+    rest = rng.permutation(rest).tolist()
+    n_null = _quirk_count("null_albums", n_songs)
+    null_ids, null_names = set(rest[: n_null // 2]), set(rest[n_null // 2: n_null])
+    rest = rest[n_null:]
+    n_art = _quirk_count("artist_names", n_songs)
+    artist_names, rest = set(rest[:n_art]), rest[n_art:]
+    codes = set(table.codes)
+    unknown: dict[int, str] = {}
+    for row in rest[: _quirk_count("unknown_genres", n_songs)]:
+        major = table.codes[table.majors[int(songs.majors[row, 0])]]
+        unknown[row] = next(c for c in (f"{major[:4]}{d:02d}" for d in range(99, 0, -1))
+                            if c not in codes)
+    lists = rng.permutation(n_lists).tolist()
+    n_rep = _quirk_count("repeated_songs", n_lists)
+    repeated = {p: int(rng.choice(playlists.songs_of(p))) for p in lists[:n_rep]}
+    lists = rng.permutation(n_lists).tolist()
+    n_empty = _quirk_count("empty_titles", n_lists)
+    n_emoji = _quirk_count("emoji_titles", n_lists)
+    titles = {p: "" for p in lists[:n_empty]}
+    for p in lists[n_empty: n_empty + n_emoji]:
+        titles[p] = f"{playlists.titles[p]} {_EMOJI_TITLES[p % len(_EMOJI_TITLES)]}"
+    lists = rng.permutation(n_lists).tolist()
+    tags = {p: _EMOJI_TAGS[k % len(_EMOJI_TAGS)]
+            for k, p in enumerate(lists[: _quirk_count("emoji_tags", n_lists)])}
+    return Quirks(dates, null_ids, null_names, artist_names, unknown, repeated, titles, tags)
+
+
 @dataclass
 class SynthData:
-    """A generated data set: genre table, songs, playlists and the train/val/test sizes."""
+    """A generated data set: genre table, songs, playlists and the train/val/test sizes;
+    ``quirks`` is the dirt the files carry (None: clean files)."""
 
     table: GenreTable
     songs: SynthSongs
     playlists: SynthPlaylists
     split: dict[str, int]  # file stem -> number of playlists, in file order
+    quirks: Quirks | None = None
 
 
 def generate(scale: str | Scale, seed: int, genres: GenreTable | None = None, *,
-             progress: bool = False) -> SynthData:
+             progress: bool = False, quirks: bool | None = None) -> SynthData:
     """Generate a data set in memory.
 
     Parameters
@@ -1221,7 +1347,12 @@ def generate(scale: str | Scale, seed: int, genres: GenreTable | None = None, *,
         Genre table to use; the built-in :func:`default_genres` when None.
     progress
         Show tqdm progress bars.
+    quirks
+        Write the real files' dirt into a few records (see the module's docstring);
+        None: at ``melon`` scale only. The clean part is the same either way.
     """
+    if quirks is None:
+        quirks = quirks_by_default(scale)
     if isinstance(scale, str):
         try:
             scale = SCALES[scale]
@@ -1231,16 +1362,19 @@ def generate(scale: str | Scale, seed: int, genres: GenreTable | None = None, *,
     if scale.n_songs < 100 or min(scale.n_train, scale.n_val, scale.n_test) < 0:
         raise ValueError(f"bad scale {scale}: need >= 100 songs and non-negative counts")
     table = genres if genres is not None else genre_table(default_genres(), "built-in")
-    seeds = np.random.SeedSequence(seed).spawn(3)
-    rngs = [np.random.default_rng(s) for s in seeds]
-    prngs = [random.Random(int(s.generate_state(1)[0])) for s in seeds]
+    # A fourth stream for the quirks: the first three (and so the clean data) do not change.
+    seeds = np.random.SeedSequence(seed).spawn(4)
+    rngs = [np.random.default_rng(s) for s in seeds[:3]]
+    prngs = [random.Random(int(s.generate_state(1)[0])) for s in seeds[:3]]
     world = _make_songs(scale, table, rngs[0], prngs[0])
     # The tail grows with the playlists: 0.25 gave 24.7k distinct train tags at Melon
     # scale, so 0.33 aims at the real ~30k.
     tags = _make_tags(world, max(200, round(0.33 * scale.n_playlists)), rngs[1], prngs[1])
     playlists = _make_playlists(scale, world, tags, rngs[2], prngs[2], progress)
     split = {"train": scale.n_train, "val": scale.n_val, "test": scale.n_test}
-    return SynthData(table, world.songs, playlists, split)
+    dirt = (_make_quirks(world.songs, playlists, table, np.random.default_rng(seeds[3]))
+            if quirks else None)
+    return SynthData(table, world.songs, playlists, split, dirt)
 
 
 def _write_json_list(path: Path, records: Iterable[list[dict[str, Any]]]) -> None:
@@ -1262,7 +1396,7 @@ _CHUNK = 50_000
 
 
 def _song_records(data: SynthData) -> Iterable[list[dict[str, Any]]]:
-    s, table = data.songs, data.table
+    s, table, q = data.songs, data.table, data.quirks
     codes = table.codes
     major_codes = [codes[c] for c in table.majors]
     artist_ids = s.artist_ids.tolist()
@@ -1286,14 +1420,31 @@ def _song_records(data: SynthData) -> Iterable[list[dict[str, Any]]]:
                 "song_gn_dtl_gnr_basket": [codes[d] for d in dets if d >= 0],
                 "issue_date": f"{issue[j]:08d}",
             })
+            if q is not None:
+                _dirty_song(records[-1], i, q)
         yield records
 
 
-def _playlist_records(p: SynthPlaylists, lo: int, hi: int) -> Iterable[list[dict[str, Any]]]:
+def _dirty_song(rec: dict[str, Any], i: int, q: Quirks) -> None:
+    if i in q.issue_dates:
+        rec["issue_date"] = q.issue_dates[i]
+    if i in q.null_album_ids:
+        rec["album_id"] = rec["album_name"] = None
+    if i in q.null_album_names:
+        rec["album_name"] = None
+    if i in q.artist_names:
+        names = rec["artist_name_basket"]
+        rec["artist_name_basket"] = names[:-1] if len(names) > 1 else names + ["Various"]
+    if i in q.unknown_genres:
+        rec["song_gn_dtl_gnr_basket"].append(q.unknown_genres[i])
+
+
+def _playlist_records(p: SynthPlaylists, lo: int, hi: int,
+                      q: Quirks | None) -> Iterable[list[dict[str, Any]]]:
     for a in range(lo, hi, _CHUNK):
         b = min(hi, a + _CHUNK)
         ids, likes = p.ids[a:b].tolist(), p.like_cnt[a:b].tolist()
-        yield [{
+        records = [{
             "id": ids[i - a],
             "plylst_title": p.titles[i],
             "tags": p.tags_of(i),
@@ -1301,6 +1452,23 @@ def _playlist_records(p: SynthPlaylists, lo: int, hi: int) -> Iterable[list[dict
             "like_cnt": likes[i - a],
             "updt_date": p.updt_dates[i],
         } for i in range(a, b)]
+        if q is not None:
+            for i, rec in zip(range(a, b), records, strict=True):
+                _dirty_playlist(rec, i, q)
+        yield records
+
+
+def _dirty_playlist(rec: dict[str, Any], i: int, q: Quirks) -> None:
+    if i in q.repeated_songs:  # written again later in the list, as a second add would
+        songs = rec["songs"]
+        songs.insert(len(songs) if len(songs) < 200 else 199, q.repeated_songs[i])
+        if len(songs) > 200:
+            songs.pop()
+    if i in q.titles:
+        rec["plylst_title"] = q.titles[i]
+    if i in q.tags and q.tags[i] not in rec["tags"]:
+        tags = rec["tags"]
+        tags[min(len(tags), 9):] = [q.tags[i]]
 
 
 def write_dataset(data: SynthData, out: str | Path, *, progress: bool = False) -> None:
@@ -1314,7 +1482,8 @@ def write_dataset(data: SynthData, out: str | Path, *, progress: bool = False) -
     steps.update()
     lo = 0
     for stem, count in data.split.items():
-        _write_json_list(out / f"{stem}.json", _playlist_records(data.playlists, lo, lo + count))
+        _write_json_list(out / f"{stem}.json",
+                         _playlist_records(data.playlists, lo, lo + count, data.quirks))
         lo += count
         steps.update()
     steps.close()
@@ -1328,10 +1497,13 @@ def summary(data: SynthData) -> str:
     lengths = np.diff(p.song_indptr)
     n_tags = np.diff(p.tag_indptr)
     distinct_tags = len(np.unique(p.tags[: p.tag_indptr[n_train]]))
+    quirks = ("no quirks" if data.quirks is None else "quirks: " + ", ".join(
+        f"{k.replace('_', ' ')} {v}" for k, v in data.quirks.counts().items()))
     return (f"{len(data.songs)} songs ({len(np.unique(train_songs))} in train), "
             f"{len(p)} playlists ({', '.join(f'{k}={v}' for k, v in data.split.items())}), "
             f"songs/playlist mean {lengths.mean():.1f} median {np.median(lengths):.0f}, "
-            f"tags/playlist mean {n_tags.mean():.2f}, {distinct_tags} distinct train tags")
+            f"tags/playlist mean {n_tags.mean():.2f}, {distinct_tags} distinct train tags; "
+            f"{quirks}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1344,12 +1516,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--genres", type=Path, default=None,
                         help="a genre_gn_all.json to use instead of the built-in table")
+    parser.add_argument("--quirks", action=argparse.BooleanOptionalAction, default=None,
+                        help="write the real files' dirt (impossible and future issue dates, "
+                             "nulls, repeated songs, unknown genre codes, empty titles, emoji "
+                             "tags) into a few records (default: at melon scale only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     progress = args.scale == "melon"
     try:
         table = load_genre_table(args.genres) if args.genres is not None else None
-        data = generate(args.scale, args.seed, table, progress=progress)
+        data = generate(args.scale, args.seed, table, progress=progress, quirks=args.quirks)
         write_dataset(data, args.out, progress=progress)
     except (DataError, ValueError, OSError) as exc:
         print(f"synth: error: {exc}", file=sys.stderr)

@@ -123,7 +123,8 @@ def resolve_precision(precision: str) -> str:
 class Trainer:
     """One training run: features, model, optimisers, validation, checkpoints."""
 
-    def __init__(self, data_dir: Path, work_dir: Path, config: TrainConfig) -> None:
+    def __init__(self, data_dir: Path, work_dir: Path, config: TrainConfig, *,
+                 strict: bool = False) -> None:
         import torch
 
         from trainer.catalog import build_catalog
@@ -134,7 +135,7 @@ class Trainer:
         self.config = config
         self.work_dir = work_dir
         self.data_dir = data_dir
-        self.data = load_dataset(data_dir)
+        self.data = load_dataset(data_dir, strict=strict)
         features = build_song_matrix(self.data, FeatureConfig(config.groups, config.min_count))
         self.matrix = features.matrix
         self.space = features.space
@@ -366,6 +367,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "learned second stage (trainer.rank; strategy ranked)")
     p.add_argument("--ranker-questions", type=int, help="held-out training questions the "
                    "ranker learns from (default: trainer.rank's)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse dirty values in the data instead of reading them leniently")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -412,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(config.threads)
         work = args.out.with_name(args.out.name + ".work")
         work.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(args.data, work, config)
+        trainer = Trainer(args.data, work, config, strict=args.strict)
         last = work / "last.pt"
         if args.resume and last.exists():
             trainer.load_checkpoint(last)
