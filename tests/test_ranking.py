@@ -1,5 +1,5 @@
 """The learned second stage: candidates, features, the ALS fold-in, the ONNX ranker in the
-bundle, and strategy ``ranked`` in-process and over gRPC."""
+bundle, and strategy ``ranked`` in-process (tests/test_server.py runs it over gRPC)."""
 
 from __future__ import annotations
 
