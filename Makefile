@@ -11,7 +11,7 @@ export HNSWLIB_NO_NATIVE := 1
 export OMP_NUM_THREADS ?= 2
 export MKL_NUM_THREADS ?= 2
 
-.PHONY: install serve test test-all lint protos bench-quality bench-rank bench-train bench-serving bench-load bench-data soak clean
+.PHONY: install sidecars serve test test-all lint protos bench-quality bench-rank bench-train bench-serving bench-load bench-data bench-replicas demo-replicas soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# PostgreSQL and nginx from the Debian packages: the replica tests, benchmarks and demo
+# start their own throwaway servers of both (clients/sidecars.py). Needs root (CI is root).
+sidecars:
+	@if command -v nginx >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "postgresql and nginx: installed"; \
+	else \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql nginx; \
+	fi
 
 $(DEMO_DATA)/train.json: | $(STAMP)
 	$(BIN)/python -m trainer.synth --scale small --seed 1 --quirks --out $(DEMO_DATA)
@@ -82,5 +91,15 @@ SOAK_SECONDS ?= 120
 
 # Mixed load at concurrency 64 against a fresh loopback server on the demo bundle, with
 # AddSongs throughout and one ReloadModel half-way; results into docs/BENCHMARKS.md.
+# Two replicas on one SQLite song store behind nginx, all on loopback (Ctrl-C stops all);
+# REPLICA_STORE=postgres uses a throwaway PostgreSQL server instead.
+demo-replicas: $(STAMP) $(DEMO_BUNDLE)/manifest.json
+	$(BIN)/python -m clients.replicas demo --bundle $(DEMO_BUNDLE) --port 50051 --store $(or $(REPLICA_STORE),sqlite)
+
+# AddSongs throughput and propagation lag (SQLite, PostgreSQL), calls/s through nginx to
+# two replicas against direct to one, RSS per replica: into docs/BENCHMARKS.md.
+bench-replicas: $(STAMP) $(DEMO_BUNDLE)/manifest.json
+	$(BIN)/python -m clients.replicas bench --bundle $(DEMO_BUNDLE) --out docs/BENCHMARKS.md
+
 soak: $(STAMP) $(DEMO_BUNDLE)/manifest.json
 	$(BIN)/python -m clients.soak --bundle $(DEMO_BUNDLE) --duration $(SOAK_SECONDS) --concurrency 64 --out docs/BENCHMARKS.md

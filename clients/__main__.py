@@ -292,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection and output")
     group.add_argument("--target", default=None,
-                       help="host:port (default: SONGREC_TARGET or localhost:50051)")
+                       help="host:port, dns:///host:port or host1:port,host2:port (several "
+                            "replicas, round_robin; default: SONGREC_TARGET or "
+                            "localhost:50051)")
     group.add_argument("--token", default=None,
                        help="bearer token (default: SONGREC_TOKEN; add-songs and reload "
                             "fall back to SONGREC_ADMIN_TOKEN)")

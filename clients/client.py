@@ -6,10 +6,13 @@ plain dataclasses and raising one :class:`ClientError` that keeps the status cod
             print(n.song_id, n.similarity, n.name)
 
 Both clients take the same arguments: ``target`` (``SONGREC_TARGET``, else
-``localhost:50051``), ``token`` (``SONGREC_TOKEN``; sent as ``authorization: Bearer``),
-TLS, a default deadline in seconds (across retries) and a :class:`RetryPolicy`. Only
-``UNAVAILABLE`` is retried, with exponential backoff and jitter: every other status is an
-answer (a bad request stays bad), and ``DEADLINE_EXCEEDED`` means the time is spent.
+``localhost:50051``; several replicas as ``dns:///host:port``, a name with one address per
+replica, or as comma-separated addresses ``host1:port,host2:port``: both spread calls with
+gRPC's ``round_robin`` policy, see :func:`balanced`), ``token`` (``SONGREC_TOKEN``; sent
+as ``authorization: Bearer``), TLS, a default deadline in seconds (across retries) and a
+:class:`RetryPolicy`. Only ``UNAVAILABLE`` is retried, with exponential backoff and jitter:
+every other status is an answer (a bad request stays bad), and ``DEADLINE_EXCEEDED`` means
+the time is spent.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -457,9 +461,53 @@ def health_name(response: health_pb2.HealthCheckResponse) -> str:
 # ---------------------------------------------------------------- shared settings
 
 
+def balanced(target: str) -> tuple[str, list[tuple[str, Any]]]:
+    """The gRPC target and channel options for ``target``.
+
+    - ``host1:port1,host2:port2,...``: one channel over all of them, each call to the next
+      ready one (``round_robin``). Names are resolved here, once; gRPC takes several
+      addresses only as ``ipv4:`` or ``ipv6:`` lists, so all must be of one family.
+    - ``dns:///host:port``: gRPC resolves the name (again when connections fail) and
+      balances over every address it returns (``round_robin``), e.g. a Kubernetes
+      headless Service.
+    - anything else: as given, one connection (gRPC's default ``pick_first``).
+
+    Raises ValueError for an address list it cannot use.
+    """
+    round_robin: list[tuple[str, Any]] = [("grpc.lb_policy_name", "round_robin")]
+    text = target.strip()
+    if text.startswith("dns:"):
+        return text, round_robin
+    if "," not in text:
+        return text, []
+    v4: list[str] = []
+    v6: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        host, sep, port = part.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"target {target!r}: {part!r} is not host:port")
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ValueError(f"target {target!r}: cannot resolve {host!r} ({exc})") from None
+        for family, _, _, _, address in infos:
+            if family == socket.AF_INET and f"{address[0]}:{port}" not in v4:
+                v4.append(f"{address[0]}:{port}")
+            elif family == socket.AF_INET6 and f"[{address[0]}]:{port}" not in v6:
+                v6.append(f"[{address[0]}]:{port}")
+            if family in (socket.AF_INET, socket.AF_INET6):
+                break  # one address per entry: an entry is one replica
+    if v4 and v6:
+        raise ValueError(f"target {target!r}: mixes IPv4 and IPv6 addresses; gRPC balances "
+                         f"over one family per channel")
+    return ("ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)), round_robin
+
+
 @dataclass(frozen=True)
 class _Settings:
     target: str
+    channel_target: str  # what gRPC connects to (an address list rewritten, see balanced)
     metadata: tuple[tuple[str, str], ...] = field(repr=False)
     credentials: Any
     options: tuple[tuple[str, Any], ...]
@@ -480,8 +528,11 @@ def _settings(target: str | None, token: str | None, tls: bool,
     if tls or root_certificates is not None:
         credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    merged = {"grpc.max_receive_message_length": MAX_RECEIVE_BYTES, **dict(options)}
-    return _Settings(target, metadata, credentials, tuple(merged.items()), deadline, retry)
+    channel_target, balancing = balanced(target)
+    merged = {"grpc.max_receive_message_length": MAX_RECEIVE_BYTES, **dict(balancing),
+              **dict(options)}
+    return _Settings(target, channel_target, metadata, credentials, tuple(merged.items()),
+                     deadline, retry)
 
 
 def _end_of(deadline: float | None) -> float | None:
@@ -537,9 +588,10 @@ class SongRecClient:
         self._s = _settings(target, token, tls, root_certificates, deadline, retry, options)
         self.target = self._s.target
         if self._s.credentials is None:
-            self._channel = grpc.insecure_channel(self.target, options=self._s.options)
+            self._channel = grpc.insecure_channel(self._s.channel_target,
+                                                  options=self._s.options)
         else:
-            self._channel = grpc.secure_channel(self.target, self._s.credentials,
+            self._channel = grpc.secure_channel(self._s.channel_target, self._s.credentials,
                                                 options=self._s.options)
         self._rec = pb2_grpc.RecommenderStub(self._channel)  # type: ignore[no-untyped-call]
         self._admin = pb2_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]
@@ -665,9 +717,10 @@ class AsyncSongRecClient:
         self._s = _settings(target, token, tls, root_certificates, deadline, retry, options)
         self.target = self._s.target
         if self._s.credentials is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._s.options)
+            self._channel = grpc.aio.insecure_channel(self._s.channel_target,
+                                                      options=self._s.options)
         else:
-            self._channel = grpc.aio.secure_channel(self.target, self._s.credentials,
+            self._channel = grpc.aio.secure_channel(self._s.channel_target, self._s.credentials,
                                                     options=self._s.options)
         self._rec = pb2_grpc.RecommenderStub(self._channel)  # type: ignore[no-untyped-call]
         self._admin = pb2_grpc.AdminStub(self._channel)  # type: ignore[no-untyped-call]

@@ -50,6 +50,7 @@ from clients.client import (
     TARGET_ENV,
     TOKEN_ENV,
     SongMetadata,
+    balanced,
     continue_request,
     encode_request,
     similar_request,
@@ -378,10 +379,12 @@ def _channel(config: LoadConfig, index: int) -> grpc.aio.Channel:
     # A distinct subchannel pool per channel: otherwise gRPC shares one connection.
     options = [("grpc.use_local_subchannel_pool", 1)] if config.channels > 1 else []
     options.append(("grpc.max_receive_message_length", 64 << 20))
+    target, balancing = balanced(config.target)  # several replicas: round_robin
+    options.extend(balancing)
     if config.tls or config.root_certificates is not None:
         creds = grpc.ssl_channel_credentials(root_certificates=config.root_certificates)
-        return grpc.aio.secure_channel(config.target, creds, options=options)
-    return grpc.aio.insecure_channel(config.target, options=options)
+        return grpc.aio.secure_channel(target, creds, options=options)
+    return grpc.aio.insecure_channel(target, options=options)
 
 
 async def drive(config: LoadConfig, calls: Sequence[Call],
@@ -702,8 +705,12 @@ def plot(latencies: Mapping[str, np.ndarray], path: Path, title: str) -> None:
 
 
 def is_loopback(target: str) -> bool:
-    """Whether a gRPC target names this machine (localhost, 127.0.0.0/8, ::1, unix:)."""
+    """Whether a gRPC target names this machine (localhost, 127.0.0.0/8, ::1, unix:); a
+    list of addresses (``host1:port,host2:port``) only if every one does."""
     text = target.strip()
+    if "," in text and not text.startswith(("unix:", "unix-abstract:")):
+        scheme = next((s for s in ("ipv4:", "ipv6:") if text.startswith(s)), "")
+        return all(is_loopback(part) for part in text[len(scheme):].split(","))
     if text.startswith(("unix:", "unix-abstract:")):
         return True
     for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
@@ -737,7 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--target", default=None,
-                   help=f"host:port (default: {TARGET_ENV} or {DEFAULT_TARGET})")
+                   help=f"host:port, dns:///host:port or host1:port,host2:port (several "
+                        f"replicas, round_robin; default: {TARGET_ENV} or {DEFAULT_TARGET})")
     p.add_argument("--rpc", choices=RPC_CHOICES, default="mixed")
     p.add_argument("--mix", default="continue=2,similar=2,encode=1",
                    help="weights of the RPCs in --rpc mixed")

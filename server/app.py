@@ -34,6 +34,13 @@ from server.live import Continuation, Encoded, LiveModel, Neighbours
 from server.logs import setup_logging
 from server.metrics import Metrics
 from server.ranking import REASON_ALS, REASON_ARTIST
+from server.store import (
+    SongStore,
+    StoreConfigError,
+    StoreError,
+    import_log,
+    open_store,
+)
 from server.strategies import (
     DEFAULT_STRATEGY,
     REASON_PLAYLIST,
@@ -44,7 +51,7 @@ from server.strategies import (
     STRATEGIES,
 )
 from server.validation import NewSong
-from server.wal import SongLog, WalError
+from server.wal import WalError
 from server.wire import WireMessage, similar_responses
 from server.workers import Workers, deadline_of
 
@@ -64,11 +71,12 @@ _REASON_KINDS = {REASON_SEED: pb2.Reason.SEED_NEIGHBOUR,
                  REASON_ARTIST: pb2.Reason.ARTIST}
 
 
-# With --processes N, each process holds its own copy of the index: a write or a reload
-# taken by one would not reach the others.
+# With --processes N, each process holds its own model: a reload taken by one would not
+# reach the others. (Added songs do: every process follows the song store.)
 _ONE_PROCESS = ("{rpc}: this server runs {n} processes (--processes {n}), and a change "
                 "made in one would be missing from the others; restart it with the new "
-                "bundle, or run one process (with --data-dir) to change the model in place")
+                "bundle, or run one process to change the model in place")
+FOLLOW_BACKOFF_S = (0.1, 5.0)  # first and longest wait before retrying an unreachable store
 
 
 # ---------------------------------------------------------------- pure response builders
@@ -251,17 +259,18 @@ class Health(health_aio.HealthServicer):  # type: ignore[misc]
 
 
 class ServingState:
-    """What the servicers share: the model (swapped whole on reload), the log of added
-    songs, the worker pool, health and metrics. Index writes and reloads run one at a time,
-    each in a shielded task, so a caller that gives up cannot leave one half done."""
+    """What the servicers share: the model (swapped whole on reload), the song store, the
+    worker pool, health and metrics. Index writes, reloads and the follower's catch-ups run
+    one at a time, each in a shielded task, so a caller that gives up cannot leave one half
+    done."""
 
     def __init__(self, config: ServerConfig, workers: Workers, metrics: Metrics,
-                 health: Health, wal: SongLog | None) -> None:
+                 health: Health, store: SongStore | None) -> None:
         self.config = config
         self.workers = workers
         self.metrics = metrics
         self.health = health
-        self.wal = wal
+        self.store = store
         self.batcher = (SimilarBatcher(workers, metrics, similar_responses_of,
                                       config.similar_batch)
                         if config.similar_batch else None)
@@ -301,7 +310,7 @@ class ServingState:
             await asyncio.wait(list(self._pending), timeout=timeout)
 
     def build(self, path: Path, verify: bool) -> tuple[LiveModel, int]:
-        """Load a bundle and re-add the logged songs to it (blocking)."""
+        """Load a bundle and add the store's songs to it (blocking)."""
         try:
             model = LiveModel.configured(self.config, path, verify)
         except OSError as exc:
@@ -309,11 +318,64 @@ class ServingState:
             # is unusable, the server is not broken, and the old model serves on.
             raise BundleError(f"{path}: unreadable ({exc.strerror or exc})") from None
         replayed = 0
-        if self.wal is not None and len(self.wal):
-            replayed, _ = model.replay(self.wal.songs())
-            log.info("re-added %d songs from the write-ahead log to model %s", replayed,
-                     model.version)
+        if self.store is not None:
+            replayed = catch_up(model, self.store)
+            if replayed or model.unplaceable:
+                log.info("added %d songs from the song store %s to model %s", replayed,
+                         self.store.url, model.version)
         return model, replayed
+
+    def apply_store(self) -> int:
+        """Serve the songs stored since the served model last looked (blocking; run it
+        with :meth:`exclusive`). Returns how many were added."""
+        model = self.model
+        if model is None or self.store is None:
+            return 0
+        added = catch_up(model, self.store)
+        if added:
+            log.info("applied %d songs from the song store (seq %d)", added,
+                     model.applied_seq)
+        return added
+
+    async def follow(self) -> None:
+        """Apply songs other servers add, until cancelled: wait for a NOTIFY (PostgreSQL)
+        or the poll interval, then catch up if the store's last seq moved. An unreachable
+        store is retried with exponential backoff; inference goes on meanwhile."""
+        store = self.store
+        assert store is not None
+        backoff = FOLLOW_BACKOFF_S[0]
+        down = False
+        while True:
+            try:
+                await asyncio.to_thread(store.wait, store.poll_s)
+                model = self.model
+                if model is not None:
+                    last = await asyncio.to_thread(store.last_seq)
+                    if last > model.applied_seq:
+                        await self.exclusive(self.apply_store, None, self._published)
+                if down:
+                    log.info("song store %s answers again; caught up to seq %d", store.url,
+                             model.applied_seq if model is not None else 0)
+                    self.metrics.store_up.set(1)
+                    down = False
+                backoff = FOLLOW_BACKOFF_S[0]
+            except StoreError as exc:
+                self.metrics.store_errors.labels("follow", exc.code.name).inc()
+                if not down:
+                    log.warning("song store unreachable, retrying with backoff (inference "
+                                "goes on): %s", exc)
+                    self.metrics.store_up.set(0)
+                    down = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, FOLLOW_BACKOFF_S[1])
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a bug here must not stop following
+                log.exception("song store follower failed; retrying")
+                await asyncio.sleep(FOLLOW_BACKOFF_S[1])
+
+    async def _published(self, _: object) -> None:
+        self.publish()
 
     async def install(self, built: tuple[LiveModel, int]) -> None:
         """Serve a freshly built model (runs on the loop, after :meth:`build`)."""
@@ -332,6 +394,20 @@ class ServingState:
         else:
             self.metrics.set_model(model.version, model.n_bundle + model.n_added,
                                    model.n_added)
+            self.metrics.store_applied_seq.set(model.applied_seq)
+            self.metrics.store_unplaceable.set(model.unplaceable)
+
+
+def catch_up(model: LiveModel, store: SongStore) -> int:
+    """Add to ``model`` every song stored after its ``applied_seq`` (blocking; the caller
+    holds the write lock). Returns how many it added."""
+    added = 0
+    while True:
+        batch = store.since(model.applied_seq)
+        if not batch:
+            return added
+        added += model.replay([stored.song for stored in batch])[0]
+        model.applied_seq = batch[-1].seq
 
 
 # ---------------------------------------------------------------- servicers
@@ -400,27 +476,41 @@ class AdminServicer(pb2_grpc.AdminServicer):
         songs = validation.new_songs(request)
         state = self.state
         state.require_model()
-        wal = state.wal
-        if state.config.processes > 1:
-            raise FailedPrecondition(_ONE_PROCESS.format(rpc="AddSongs",
-                                                         n=state.config.processes))
-        if wal is None:
-            raise FailedPrecondition("AddSongs needs a write-ahead log: start the server "
-                                     "with --data-dir")
+        store = state.store
+        if store is None:
+            raise FailedPrecondition("AddSongs needs a song store: start the server with "
+                                     "--data-dir (a SQLite file there) or --store URL")
 
         def add() -> pb2.AddSongsResponse:
             model = state.require_model()  # the one served now, after any reload
-            fresh, existing = model.absent(songs)
+            fresh, _ = model.absent(songs)
+            added: list[int] = []
             if fresh:
                 codes = model.encode_new(fresh, metadata_fields(fresh, songs))
-                wal.append(fresh)  # durable before it is visible or acknowledged
-                model.insert(fresh, codes)
-                log.info("added %d songs to model %s (%d already served)", len(fresh),
-                         model.version, len(existing))
-            return pb2.AddSongsResponse(added_song_ids=[s.song_id for s in fresh],
-                                        existing_song_ids=existing,
-                                        indexed_songs=model.n_bundle + model.n_added,
-                                        model_version=model.version)
+                try:
+                    # Committed before it is visible or acknowledged; on failure nothing
+                    # was written and nothing is served.
+                    stored = {s.song.song_id for s in store.add(fresh)}
+                except StoreError as exc:
+                    state.metrics.store_errors.labels("add", exc.code.name).inc()
+                    log.warning("AddSongs failed: %s", exc)
+                    raise
+                keep = [i for i, song in enumerate(fresh) if song.song_id in stored]
+                model.insert([fresh[i] for i in keep], codes[keep])
+                added = [fresh[i].song_id for i in keep]
+                log.info("added %d songs to model %s (%d already served or stored)",
+                         len(added), model.version, len(songs) - len(added))
+            try:
+                # Songs another replica stored first (and any others it added meanwhile):
+                # served before this call answers, as ours are.
+                catch_up(model, store)
+            except StoreError as exc:  # ours are durable: the follower catches up later
+                log.warning("AddSongs: catching up with the song store failed: %s", exc)
+            new = set(added)
+            return pb2.AddSongsResponse(
+                added_song_ids=added,
+                existing_song_ids=[s.song_id for s in songs if s.song_id not in new],
+                indexed_songs=model.n_bundle + model.n_added, model_version=model.version)
 
         async def after(_: pb2.AddSongsResponse) -> None:
             state.publish()
@@ -475,6 +565,7 @@ class Server:
         self.port = port
         self.metrics_port = 0
         self.preloaded = model  # loaded before this process was forked (--processes)
+        self.follower: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Accept calls (health NOT_SERVING), then load ``--bundle`` if given; returns once
@@ -483,7 +574,10 @@ class Server:
         await state.health.set("", NOT_SERVING)
         await state.health.set(RECOMMENDER, NOT_SERVING)
         await state.health.set(ADMIN, SERVING)
-        await self.grpc.start()
+        late = state.config.listen_after_load and (self.preloaded is not None
+                                                   or state.config.bundle is not None)
+        if not late:
+            await self.grpc.start()
         if state.config.metrics_port:
             self.metrics_port = state.metrics.serve(state.config.host,
                                                     state.config.metrics_port)
@@ -502,6 +596,11 @@ class Server:
         else:
             log.info("no --bundle: NOT_SERVING on %s until Admin.ReloadModel",
                      state.config.target)
+        if late:
+            await self.grpc.start()
+        if state.store is not None:
+            state.metrics.store_up.set(1)
+            self.follower = asyncio.create_task(state.follow(), name="songrec-store-follower")
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls, let in-flight ones finish within
@@ -509,11 +608,16 @@ class Server:
         state = self.state
         grace = state.config.grace_s if grace is None else grace
         await state.health.enter_graceful_shutdown()
+        if state.store is not None:
+            state.store.interrupt()
+        if self.follower is not None:
+            self.follower.cancel()
+            await asyncio.gather(self.follower, return_exceptions=True)
         await self.grpc.stop(grace)
         await state.settle(timeout=max(grace, 1.0))
         await asyncio.to_thread(state.workers.shutdown)
-        if state.wal is not None:
-            state.wal.close()
+        if state.store is not None:
+            state.store.close()
         state.metrics.close()
 
 
@@ -531,20 +635,16 @@ async def create_server(config: ServerConfig, model: LiveModel | None = None
     """Build the server for ``config`` and bind its port (0 picks one); not started yet.
     ``model``: one already loaded (``--processes``), served instead of loading ``--bundle``.
 
-    Opens (and replays) the write-ahead log, so a corrupt log fails here.
+    Opens the song store (importing a write-ahead log of ``--data-dir`` into it), so an
+    unusable store or a corrupt log fails here.
     """
-    wal = None
-    if config.data_dir is not None:
-        wal = SongLog.open(config.data_dir)
-        if wal.replay.records:
-            log.info("write-ahead log %s: %d songs in %d records", wal.path, len(wal),
-                     wal.replay.records)
+    store, torn = open_configured_store(config)
     wire.warm_up()
     metrics = Metrics()
-    if wal is not None and wal.replay.torn_bytes:
+    if torn:
         metrics.wal_torn.inc()
     health = Health()
-    state = ServingState(config, Workers(config.workers), metrics, health, wal)
+    state = ServingState(config, Workers(config.workers), metrics, health, store)
     gate = Gate(metrics, config.max_concurrent_rpcs, Tokens(config.admin_token, config.token),
                 max_response_bytes=config.max_message_bytes)
     server = grpc.aio.server(
@@ -568,10 +668,38 @@ async def create_server(config: ServerConfig, model: LiveModel | None = None
         else:
             port = server.add_insecure_port(address)
     except (RuntimeError, ConfigError) as exc:
-        if wal is not None:
-            wal.close()
+        if store is not None:
+            store.close()
         raise ConfigError(f"cannot bind {address} ({exc})") from None
     return Server(server, state, port, model), port
+
+
+def open_configured_store(config: ServerConfig) -> tuple[SongStore | None, int]:
+    """The song store of ``config`` (None: none configured), after importing a write-ahead
+    log found in ``--data-dir``; and the torn bytes that import dropped. Raises
+    :class:`ConfigError` when the store cannot be opened, :class:`WalError` for a corrupt
+    log."""
+    url = config.store_url
+    if url is None:
+        return None, 0
+    try:
+        store = open_store(url)
+    except (StoreConfigError, StoreError) as exc:
+        raise ConfigError(str(exc)) from None
+    torn = 0
+    try:
+        if config.data_dir is not None:
+            imported = import_log(store, config.data_dir)
+            if imported is not None:
+                torn = imported[2]
+    except StoreError as exc:
+        store.close()
+        raise ConfigError(f"importing the write-ahead log: {exc}") from None
+    except BaseException:
+        store.close()
+        raise
+    log.info("song store %s: %d songs", store.url, store.count())
+    return store, torn
 
 
 async def serve(config: ServerConfig, ready: Callable[[Server], None] | None = None,

@@ -36,6 +36,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     data_dir: Path | None = None
+    # The song store's URL (repr: it may hold a password). None: a SQLite file in
+    # --data-dir when one is given, else no store (AddSongs refused).
+    store: str | None = field(default=None, repr=False)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     admin_token: str | None = field(default=None, repr=False)
@@ -49,17 +52,31 @@ class ServerConfig:
     workers: int = field(default_factory=lambda: max(1, min(8, usable_cores())))
     threads: int = 1  # threads per ONNX Runtime / hnswlib call inside one worker
     # Server processes sharing the port (SO_REUSEPORT), forked once the model is loaded so
-    # they share its memory: the way past one process's GIL. Serving only: added songs and
-    # reloads would reach one process of them, so those need --processes 1.
+    # they share its memory: the way past one process's GIL. Each follows the song store;
+    # a reload would reach one process of them, so ReloadModel needs --processes 1.
     processes: int = 1
     capacity: int = 100_000  # index room for added songs before it must grow
     song_ef: int = 0  # HNSW ef for song searches; 0: the bundle's (manifest) value
     playlist_ef: int = 0  # HNSW ef for playlist searches (ae-neighbours, ae-hybrid); 0: bundle's
     similar_batch: int = 256  # most SimilarSongs lookups per index query; 0: no batching
     verify: bool = True  # sha256 of every bundle file at load
+    # Bind the port only once --bundle is loaded: behind a balancer without active health
+    # checks (nginx), no call then reaches a replica that cannot answer yet.
+    listen_after_load: bool = False
     grace_s: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
     log_format: str = "text"
     log_level: str = "INFO"
+
+    @property
+    def store_url(self) -> str | None:
+        """The song store to open: ``--store``, else a SQLite file in ``--data-dir``."""
+        if self.store:
+            return self.store
+        if self.data_dir is not None:
+            from server.store import default_url
+
+            return default_url(self.data_dir)
+        return None
 
     @property
     def target(self) -> str:
@@ -118,7 +135,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=_env(environ, "PORT", int, d.port),
                    help="0 picks a free port")
     p.add_argument("--data-dir", type=path, default=_env(environ, "DATA_DIR", path, None),
-                   help="directory of the write-ahead log of added songs (AddSongs needs it)")
+                   help="directory of the server's state: the default song store "
+                        "(songs.db) and a write-ahead log of an older version to import")
+    p.add_argument("--store", default=_env(environ, "STORE", str, None),
+                   help="song store URL, shared by every replica: sqlite:///PATH (default: "
+                        "sqlite:///<data-dir>/songs.db) or postgresql://USER@HOST:PORT/DB; "
+                        "AddSongs needs a store")
     p.add_argument("--tls-cert", type=path, default=_env(environ, "TLS_CERT", path, None))
     p.add_argument("--tls-key", type=path, default=_env(environ, "TLS_KEY", path, None))
     p.add_argument("--admin-token-file", type=path,
@@ -148,8 +170,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                    default=_env(environ, "PROCESSES", int, d.processes),
                    help="server processes sharing --port, forked after the bundle is "
                         "loaded (its memory is shared); more than 1 needs --bundle and a "
-                        "fixed --port, and serves inference only (no --data-dir, no "
-                        "ReloadModel: restart to change the model)")
+                        "fixed --port; each process follows the song store, and "
+                        "ReloadModel is refused (restart to change the model)")
     p.add_argument("--capacity", type=int, default=_env(environ, "CAPACITY", int, d.capacity),
                    help="room in the index for added songs before it is grown")
     p.add_argument("--song-ef", type=int, default=_env(environ, "SONG_EF", int, d.song_ef),
@@ -164,6 +186,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    default=_env(environ, "VERIFY", _bool, d.verify),
                    help="skip the sha256 check of the bundle's files at start-up")
+    p.add_argument("--listen-after-load", action="store_true",
+                   default=_env(environ, "LISTEN_AFTER_LOAD", _bool, d.listen_after_load),
+                   help="open the port only once --bundle is loaded (default: at once, "
+                        "with health NOT_SERVING until loaded); for balancers that do not "
+                        "probe health, such as nginx")
     p.add_argument("--grace", dest="grace_s", type=float,
                    default=_env(environ, "GRACE", float, d.grace_s),
                    help="seconds in-flight calls get to finish after SIGTERM")
@@ -209,12 +236,15 @@ def check_config(values: dict[str, Any], environ: Mapping[str, str]) -> ServerCo
         raise ConfigError(f"--grace: {config.grace_s} is negative")
     if config.processes > 1:
         for problem, wrong in (("needs --bundle", config.bundle is None),
-                               ("needs a fixed --port, not 0", config.port == 0),
-                               ("cannot take --data-dir: songs added through one process "
-                                "would be missing from the others; run one process to "
-                                "accept AddSongs", config.data_dir is not None)):
+                               ("needs a fixed --port, not 0", config.port == 0)):
             if wrong:
                 raise ConfigError(f"--processes {config.processes} {problem}")
+    if config.store is not None and not config.store.startswith(
+            ("sqlite:///", "postgresql://", "postgres://")):
+        from server.store import redact
+
+        raise ConfigError(f"--store {redact(config.store)}: not a store URL; use "
+                          f"sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE")
     if (config.tls_cert is None) != (config.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
     for name in ("tls_cert", "tls_key"):

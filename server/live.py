@@ -80,6 +80,10 @@ class LiveModel:
         self._added_ids: list[int] = []
         self._row_of_added: dict[int, int] = {}
         self._added_names: list[tuple[str, str]] = []
+        # The song store's rows up to this sequence number are applied (served, or
+        # counted in ``unplaceable``); the follower reads on from here.
+        self.applied_seq = 0
+        self.unplaceable = 0  # stored songs whose metadata this model cannot encode
 
     @staticmethod
     def load(path: Path, *, verify: bool, capacity: int, threads: int,
@@ -303,21 +307,27 @@ class LiveModel:
                 self._added_names.append((song.name, song.artists))
 
     def replay(self, songs: Sequence[NewSong]) -> tuple[int, int]:
-        """Re-add logged songs (skipping served ones and, with a warning, ones this model
-        cannot place). Returns (added, skipped as unplaceable)."""
+        """Add stored songs (skipping served ones and, with a warning naming them, ones
+        this model cannot place). Returns (added, skipped as unplaceable)."""
         fresh, _ = self.absent(songs)
-        added = skipped = 0
+        added = 0
+        skipped: list[int] = []
         for start in range(0, len(fresh), ENCODE_CHUNK):
             chunk = fresh[start : start + ENCODE_CHUNK]
             codes, known = self.engine.encoder.encode([s.meta for s in chunk])
             keep = [i for i, n in enumerate(known) if n > 0]
-            skipped += len(chunk) - len(keep)
+            skipped.extend(chunk[i].song_id for i, n in enumerate(known) if n == 0)
             self.insert([chunk[i] for i in keep], codes[keep])
             added += len(keep)
         if skipped:
-            log.warning("model %s knows none of the metadata of %d logged songs; they stay "
-                        "in the log but are not served by this model", self.version, skipped)
-        return added, skipped
+            self.unplaceable += len(skipped)
+            shown = ", ".join(str(i) for i in skipped[:10])
+            more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+            log.warning("model %s knows none of the metadata of %d stored songs (ids %s%s; "
+                        "its input columns: %s); they stay in the song store but this model "
+                        "does not serve them", self.version, len(skipped), shown, more,
+                        ", ".join(self.engine.manifest.column_groups))
+        return added, len(skipped)
 
     # ------------------------------------------------------------ metadata
 

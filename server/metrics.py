@@ -37,6 +37,18 @@ class Metrics:
         self.wal_torn = Counter("songrec_wal_torn_records",
                                 "torn last records dropped from the write-ahead log",
                                 registry=r)
+        self.store_up = Gauge("songrec_store_up",
+                              "1 while the song store answers, 0 while it cannot be reached",
+                              registry=r)
+        self.store_applied_seq = Gauge("songrec_store_applied_seq",
+                                       "the song store's last sequence number this server "
+                                       "has applied", registry=r)
+        self.store_unplaceable = Gauge("songrec_store_unplaceable_songs",
+                                       "stored songs whose metadata the served model cannot "
+                                       "encode (not served by it)", registry=r)
+        self.store_errors = Counter("songrec_store_errors",
+                                    "failed song store operations, by operation and status",
+                                    ["operation", "code"], registry=r)
         self.similar_batch = Histogram("songrec_similar_batch_size",
                                        "SimilarSongs lookups answered per index query",
                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)

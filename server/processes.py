@@ -11,9 +11,10 @@ gRPC must not be started before a fork: nothing here touches it until each child
 a child dies on its own it stops the others and exits non-zero. A process manager then
 restarts the whole server, rather than one half-configured child.
 
-Serving only: each process owns its copy of the index, so AddSongs and ReloadModel (which
-would reach one of them) are refused with FAILED_PRECONDITION. Change the model by
-restarting, or run one process with ``--data-dir``.
+Songs: the parent adds the song store's songs before forking; then each child follows the
+store on its own connection (as separate replicas do), so a song added through any one
+process is served by all within a second. ReloadModel would reach one process only, and is
+refused with FAILED_PRECONDITION: change the model by restarting.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from types import FrameType
 
 from server import wire
 from server.bundle import BundleError
-from server.config import ServerConfig
+from server.config import ConfigError, ServerConfig
 from server.live import LiveModel
+from server.store import StoreError
+from server.wal import WalError
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +42,20 @@ PR_SET_PDEATHSIG = 1  # prctl option: a signal for this process when its parent 
 def serve_processes(config: ServerConfig) -> int:
     """Load the bundle, fork ``config.processes`` servers, wait for them; the exit status."""
     assert config.bundle is not None  # checked with the flags
+    from server.app import catch_up, open_configured_store
+
     try:
         model = LiveModel.configured(config, config.bundle, config.verify)
-    except (BundleError, OSError) as exc:
+        # Connections are not shared across a fork: this one is closed before it.
+        store, _ = open_configured_store(config)
+        if store is not None:
+            try:
+                added = catch_up(model, store)
+                log.info("added %d songs from the song store %s before forking", added,
+                         store.url)
+            finally:
+                store.close()
+    except (BundleError, OSError, ConfigError, WalError, StoreError) as exc:
         log.error("cannot start: %s", exc)
         return 2
     wire.warm_up()  # compiled once here, not in every child

@@ -57,3 +57,51 @@ def copy_bundle(tiny_bundle: Path, tmp_path: Path):  # type: ignore[no-untyped-d
         return dest
 
     return make
+
+
+# ---------------------------------------------------------------- PostgreSQL and nginx
+
+# CI sets this: there the helper servers are installed by the project's own files
+# (`make sidecars`), so a missing one is a failure, never a skip.
+REQUIRE_SIDECARS = os.environ.get("SONGREC_REQUIRE_SIDECARS", "") not in ("", "0")
+
+
+def _sidecar_missing(reason: str) -> None:
+    if REQUIRE_SIDECARS:
+        pytest.fail(f"{reason} (SONGREC_REQUIRE_SIDECARS is set)")
+    pytest.skip(f"{reason}; `make sidecars` installs it")
+
+
+@pytest.fixture(scope="session")
+def postgres():  # type: ignore[no-untyped-def]
+    """A PostgreSQL server (the Debian package's) for the whole session, on loopback."""
+    from clients.sidecars import LocalPostgres, SidecarError, postgres_bin
+
+    if postgres_bin() is None:
+        _sidecar_missing("PostgreSQL is not installed")
+    try:
+        server = LocalPostgres()
+    except SidecarError as exc:
+        _sidecar_missing(f"PostgreSQL would not start: {exc}")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_url(postgres, request: pytest.FixtureRequest) -> str:  # type: ignore[no-untyped-def]
+    """The URL of a fresh, empty database on the session's PostgreSQL server (restarted
+    first if a test stopped it)."""
+    import re
+
+    if postgres.proc is None:
+        postgres.start()
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
+    return str(postgres.create_database(f"t_{name}_{os.getpid()}_{id(request)}"[:63]))
+
+
+@pytest.fixture(scope="session")
+def nginx_available() -> None:
+    from clients.sidecars import nginx_bin
+
+    if nginx_bin() is None:
+        _sidecar_missing("nginx is not installed")

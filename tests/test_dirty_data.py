@@ -21,8 +21,8 @@ from protos.songrec.v1 import songrec_pb2 as pb2
 from server import melon, validation
 from server.config import ServerConfig
 from server.errors import InvalidArgument
+from server.store import default_url, open_store
 from server.testing import ServerThread
-from server.wal import SongLog
 from trainer.dataset import DataError, Dataset, load_dataset
 from trainer.split import write_split
 from trainer.synth import (
@@ -547,7 +547,9 @@ def test_add_songs_reads_the_dirt_as_the_trainer_does(
         assert caplog.records[-1].getMessage() == (
             "EncodeSong: 1 issue dates out of range read as partial dates")
     # What was logged durably is what the trainer reads from the same records.
-    logged = {s.song_id: s for s in SongLog.open(state).songs()}
+    store = open_store(default_url(state))
+    logged = {s.song.song_id: s.song for s in store.all()}
+    store.close()
     assert set(logged) == {r["id"] for r in records}
     trainer_view = load(tiny_data, files=[])
     for rec in records:

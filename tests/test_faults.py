@@ -28,8 +28,8 @@ from clients.soak import ServerProcess
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
 from server.config import ServerConfig
+from server.store import default_url, open_store
 from server.testing import ServerThread
-from server.wal import SongLog
 
 ADMIN = "faults-admin-token"
 AUTH = [("authorization", f"Bearer {ADMIN}")]
@@ -144,10 +144,10 @@ def test_kill_9_during_add_songs_keeps_every_acknowledged_song(tiny_bundle: Path
                 song=metas[song_id - NEW_BASE], k=20))
             assert song_id in [n.song_id for n in found.neighbours if n.similarity > 0.999]
         assert server.stop() == 0
-    log = SongLog.open(tmp_path / "state")
-    logged = [song.song_id for song in log.songs()]
-    log.close()
-    assert len(logged) == len(set(logged)) and set(logged) == served
+    store = open_store(default_url(tmp_path / "state"))
+    stored = [s.song.song_id for s in store.all()]
+    store.close()
+    assert len(stored) == len(set(stored)) and set(stored) == served
 
 
 # ---------------------------------------------------------------- broken reload under load

@@ -108,8 +108,8 @@ def test_admin_rpcs_refused_without_the_admin_token_change_nothing(
     assert after.model_version == before.model_version
     registry = guarded.server.state.metrics.registry
     assert registry.get_sample_value("songrec_reloads_total", {"result": "ok"}) is None
-    wal = guarded.server.state.wal
-    assert wal is not None and len(wal) == 0
+    store = guarded.server.state.store
+    assert store is not None and store.count() == 0
     # The admin token does what the others could not.
     with guarded.channel() as channel:
         for method, request in ADMIN_CALLS:

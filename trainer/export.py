@@ -126,41 +126,50 @@ def song_metadata_arrays(trainer: Trainer) -> dict[str, np.ndarray]:
 
 
 def export_bundle(trainer: Trainer, out: Path, codes: np.ndarray | None = None,
-                  song_index: tuple[Any, IndexParams] | None = None) -> Manifest:
+                  song_index: tuple[Any, IndexParams] | None = None) -> Manifest | None:
     """Write the bundle for ``trainer``'s current model into ``out`` (atomically).
 
     ``codes`` and ``song_index`` (built over the representatives, as here) may be passed
-    when the caller already computed them."""
+    when the caller already computed them. Under torchrun every rank calls this: encoding
+    the songs and the exact neighbour tables are split by rank (``Trainer.song_codes``,
+    :func:`trainer.neighbours.sharded_neighbours`), then rank 0 writes the bundle and
+    returns its manifest; the other ranks return None."""
     cfg = trainer.config
-    out = Path(out)
-    staging = out.with_name(out.name + ".staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    dist = trainer.dist
     t0 = time.perf_counter()
-    export_onnx(trainer.model, staging / bundle_files.ENCODER)
     codes = trainer.song_codes() if codes is None else codes
     # Identical input rows (e.g. songs in no playlist with the same genres) give identical
     # codes: index one representative of each (see server.strategies.HnswSearch).
     rep_of = representatives(trainer.matrix.indptr, trainer.matrix.indices)
     reps = np.nonzero(rep_of == np.arange(len(rep_of)))[0]
+    unit = codes[reps] / np.maximum(np.linalg.norm(codes[reps], axis=1, keepdims=True), 1e-12)
+    extra: dict[str, Any] = {}
+    tables = None
+    if cfg.neighbours_k > 0 and len(reps) > 1:
+        from trainer.neighbours import sharded_neighbours, table_arrays
+
+        started = time.perf_counter()
+        tables = sharded_neighbours(unit, cfg.neighbours_k, dist, threads=cfg.threads,
+                                    work_dir=trainer.work_dir / "neighbours")
+        if tables is not None:
+            extra["song_neighbours"] = {"k": int(tables[0].shape[1]),
+                                        "seconds": round(time.perf_counter() - started, 1)}
+    if not dist.is_main:
+        return None
+    out = Path(out)
+    staging = out.with_name(out.name + ".staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    export_onnx(trainer.model, staging / bundle_files.ENCODER)
     if song_index is None:
         song_index = build_index(codes[reps], cfg.index_m, cfg.ef_construction, cfg.ef,
                                  cfg.threads, labels=reps)
     index, song_params = song_index
     index.save_index(str(staging / bundle_files.SONG_INDEX))
-    extra: dict[str, Any] = {}
-    unit = codes[reps] / np.maximum(np.linalg.norm(codes[reps], axis=1, keepdims=True), 1e-12)
     bundle_files.save_codes(staging, unit)
-    if cfg.neighbours_k > 0 and len(reps) > 1:
-        from trainer.neighbours import exact_neighbours, table_arrays
-
-        started = time.perf_counter()
-        pos, sim = exact_neighbours(unit, cfg.neighbours_k, threads=cfg.threads,
-                                    work_dir=trainer.work_dir / "neighbours")
-        bundle_files.save_neighbours(staging, table_arrays(reps, pos, sim))
-        extra["song_neighbours"] = {"k": int(pos.shape[1]),
-                                    "seconds": round(time.perf_counter() - started, 1)}
+    if tables is not None:
+        bundle_files.save_neighbours(staging, table_arrays(reps, *tables))
     pl_codes = playlist_codes(codes, trainer.catalog)
     pl_index, pl_params = build_index(pl_codes, cfg.index_m, cfg.ef_construction, cfg.ef,
                                       cfg.threads)

@@ -304,16 +304,22 @@ def bf16_is_fast() -> bool:
         return False
 
 
-def batch_loss(model: SongAutoEncoder, batch: Batch, sample: np.ndarray) -> LossParts:
+def batch_loss(model: SongAutoEncoder, batch: Batch, sample: np.ndarray,
+               totals: tuple[int, int] | None = None) -> LossParts:
     """The write-up's loss on one batch, with the sampled estimate of the zero part.
 
     After ``loss.backward()``, the dense layers have ordinary ``.grad``; the row tables'
     gradients are in ``parts.row_grads`` (for :class:`RowSparseAdam`).
+
+    ``totals`` = (positives, rows) of the whole batch when ``batch`` is one rank's share
+    of it: the MSEs are then divided by the whole batch's counts, so the ranks' losses add
+    up to the single-process loss of the whole batch (with the same ``sample``).
     """
     cfg = model.config
     d = cfg.input_dim
     b = batch.size
     n_pos = len(batch.cols)
+    pos_total, rows_total = (n_pos, b) if totals is None else totals
     sink = RowGrads()
     pattern = Pattern(batch, d)
     out_name = "in_table" if model.out_table is None else "out_table"
@@ -350,10 +356,29 @@ def batch_loss(model: SongAutoEncoder, batch: Batch, sample: np.ndarray) -> Loss
     observed = _observed_mask(batch, sample, b)
     neg_sq = neg_pred.square().masked_fill(observed, 0.0).sum() * (d / s)
 
-    masked_mse = pos_err / max(n_pos, 1)
-    plain_mse = (pos_err + neg_sq) / (b * d)
+    masked_mse = pos_err / max(pos_total, 1)
+    plain_mse = (pos_err + neg_sq) / (rows_total * d)
     loss = cfg.masked_weight * masked_mse + cfg.plain_weight * plain_mse
     return LossParts(loss, float(masked_mse.detach()), float(plain_mse.detach()), sink)
+
+
+class LossStep(nn.Module):
+    """:func:`batch_loss` as a module holding only the dense parameters, the module
+    DistributedDataParallel wraps: DDP all-reduces exactly these gradients. The row
+    tables stay outside it (their rows go through RowGrads and
+    ``trainer.distributed.average_row_grads``): registered here, DDP would all-reduce
+    D-row gradients that are never produced (D x 2048 zeros per step, or a hang)."""
+
+    model: SongAutoEncoder
+
+    def __init__(self, model: SongAutoEncoder) -> None:
+        super().__init__()
+        self.dense = nn.ParameterList(model.dense_parameters())
+        object.__setattr__(self, "model", model)  # not a submodule: its tables stay out
+
+    def forward(self, batch: Batch, sample: np.ndarray,  # type: ignore[override]
+                totals: tuple[int, int] | None = None) -> LossParts:
+        return batch_loss(self.model, batch, sample, totals)
 
 
 def _observed_mask(batch: Batch, sample: np.ndarray, b: int) -> torch.Tensor:

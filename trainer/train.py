@@ -3,6 +3,13 @@
     python -m trainer.train --data DIR --out BUNDLE [--preset tiny|small|melon]
                             [--epochs N] [--resume]
 
+Under torchrun (``torchrun --nproc_per_node=N [--nnodes=M --rdzv-endpoint=HOST:PORT] -m
+trainer.train ...``) the same command trains data-parallel (DistributedDataParallel, gloo
+on the CPU): each step's batch is split between the ranks, rank 0 validates and writes
+the checkpoints, the log and the bundle, and encoding the songs and the neighbour tables
+are split by rank. ``--resume`` (or a torchrun restart) continues from rank 0's last
+checkpoint, broadcast to the others.
+
 DIR is a dataset directory; when it is a split made by ``trainer.split`` (it has
 ``val_questions.json`` and ``val_answers.json``) the official metric on those questions is
 the validation score, computed every ``--val-every`` epochs and used for early stopping.
@@ -26,6 +33,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from trainer.distributed import (
+    SINGLE,
+    Dist,
+    PeerLost,
+    all_sum,
+    average_row_grads,
+    block_range,
+    broadcast_object,
+    broadcast_tensor,
+    collect_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +142,17 @@ def resolve_precision(precision: str) -> str:
 class Trainer:
     """One training run: features, model, optimisers, validation, checkpoints."""
 
-    def __init__(self, data_dir: Path, work_dir: Path, config: TrainConfig, *,
-                 strict: bool = False) -> None:
+    def __init__(self, data_dir: Path, work_dir: Path, config: TrainConfig,
+                 dist: Dist = SINGLE, *, strict: bool = False) -> None:
         import torch
 
         from trainer.catalog import build_catalog
         from trainer.dataset import load_dataset
         from trainer.features import FeatureConfig, build_song_matrix
-        from trainer.model import ModelConfig, RowSparseAdam, SongAutoEncoder
+        from trainer.model import LossStep, ModelConfig, RowSparseAdam, SongAutoEncoder
 
         self.config = config
+        self.dist = dist
         self.work_dir = work_dir
         self.data_dir = data_dir
         self.data = load_dataset(data_dir, strict=strict)
@@ -152,9 +172,17 @@ class Trainer:
         tables = {"in_table": self.model.in_table, "out_bias": self.model.out_bias}
         if self.model.out_table is not None:
             tables["out_table"] = self.model.out_table
+        self.row_tables = tables
         self.row_opt = RowSparseAdam(tables, config.lr, config.weight_decay)
         self.dense_opt = torch.optim.Adam(self.model.dense_parameters(), lr=config.lr,
                                           weight_decay=config.weight_decay)
+        # The loss as a module of the dense parameters only: what DDP wraps and
+        # all-reduces; the row tables' gradients are averaged by average_row_grads.
+        self.step_module: torch.nn.Module = LossStep(self.model)
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.step_module = DistributedDataParallel(self.step_module)
         self.epoch = 0
         self.best_score = -1.0
         self.bad_rounds = 0
@@ -182,19 +210,25 @@ class Trainer:
         return [questions[i] for i in pick], [answers[i] for i in pick]
 
     def song_codes(self, batch_size: int = 4096) -> np.ndarray:
-        """Codes of every song row (eval mode, no dropout)."""
+        """Codes of every song row (eval mode, no dropout). Under torchrun every rank
+        must call it: each encodes its block range and every rank gets all codes."""
         import torch
 
+        n = self.matrix.shape[0]
+        lo, hi = block_range(n, batch_size, self.dist.rank, self.dist.world)
         self.model.eval()
-        out = np.empty((self.matrix.shape[0], self.model_config.code_dim), dtype=np.float32)
+        out = np.empty((hi - lo, self.model_config.code_dim), dtype=np.float32)
         with torch.no_grad():
-            for start in range(0, self.matrix.shape[0], batch_size):
-                sub = self.matrix[start : start + batch_size]
+            for start in range(lo, hi, batch_size):
+                sub = self.matrix[start : min(start + batch_size, hi)]
                 cols = torch.from_numpy(sub.indices.astype(np.int64))
                 offsets = torch.from_numpy(sub.indptr[:-1].astype(np.int64))
-                out[start : start + len(offsets)] = self.model.encode(cols, offsets).numpy()
+                out[start - lo : start - lo + len(offsets)] = \
+                    self.model.encode(cols, offsets).numpy()
         self.model.train()
-        return out
+        codes = collect_rows(out, n, batch_size, self.dist, to_all=True)
+        assert codes is not None
+        return codes
 
     def validate(self, codes: np.ndarray | None = None) -> float | None:
         if self.validation is None:
@@ -219,46 +253,89 @@ class Trainer:
     # -- training ---------------------------------------------------------------------
 
     def run_epoch(self) -> dict[str, float]:
+        """One pass over the training rows.
+
+        Under torchrun each step's batch (the same ``batch_size`` rows as a single
+        process, from the same permutation) is split between the ranks, so the run takes
+        the same steps on the same batches as one process would. How the two sparse parts
+        stay right under DDP:
+
+        - the sampled output columns come from ``rng``, seeded by (seed, epoch) alone, so
+          every rank draws the same columns at every step, and the ranks' shares of the
+          sampled zero-part estimate add up to exactly the single-process estimate over
+          the whole batch (columns drawn per rank would give another estimator, each rank
+          scaling its own draw by D / S, that no longer reproduces the single-process run);
+        - each rank's loss is its share of the whole batch's loss (``whole``, given to
+          ``batch_loss`` as ``totals``: the MSEs divided by the whole batch's positives and
+          rows), and backward runs on share x
+          world size: DDP's average of the dense gradients, and ``average_row_grads``'
+          average of the row-sparse table gradients over the union of the ranks' rows,
+          are then exactly the whole batch's gradient;
+        - every rank applies the same averaged gradients with the same optimiser state, so
+          the replicas stay identical without sending weights.
+        """
         import torch
         from tqdm import tqdm
 
-        from trainer.model import batch_loss, make_batch
+        from trainer.model import make_batch
 
         cfg = self.config
+        dist = self.dist
         rng = np.random.default_rng([cfg.seed, self.epoch])
-        torch.manual_seed(cfg.seed * 100_003 + self.epoch)
+        # Dropout masks: each rank its own stream (rank 0 keeps the single-process one).
+        torch.manual_seed(cfg.seed * 100_003 + self.epoch + 7_919 * dist.rank)
         order = rng.permutation(self.train_rows)
+        lengths = np.diff(self.matrix.indptr)
         n_batches = -(-len(order) // cfg.batch_size)
         if cfg.max_steps_per_epoch:
             n_batches = min(n_batches, cfg.max_steps_per_epoch)
         totals = {"loss": 0.0, "masked_mse": 0.0, "plain_mse": 0.0}
         started = time.perf_counter()
         songs_done = 0
+        steps = 0
+        exchange_s = 0.0  # waiting for and averaging the other ranks' row gradients
         self.model.train()
         bar = tqdm(range(n_batches), desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                   unit="batch", file=sys.stderr, disable=None)
+                   unit="batch", file=sys.stderr, disable=None if dist.is_main else True)
         for step in bar:
             rows = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+            whole: tuple[int, int] | None = None
+            if dist.enabled:
+                if len(rows) < dist.world:  # a last batch too small to give every rank a row
+                    rng.integers(0, self.space.dim, size=cfg.negative_samples)
+                    continue
+                whole = (int(lengths[rows].sum()), len(rows))
+                rows = np.array_split(rows, dist.world)[dist.rank]
             sub = self.matrix[rows]
             batch = make_batch(sub.indptr, sub.indices)
             sample = rng.integers(0, self.space.dim, size=cfg.negative_samples)
-            parts = batch_loss(self.model, batch, sample)
+            parts = self.step_module(batch, sample, whole)
             self.dense_opt.zero_grad(set_to_none=True)
-            parts.loss.backward()
-            self.row_opt.step(parts.row_grads)
+            (parts.loss * dist.world).backward()
+            t0 = time.perf_counter()
+            row_grads = average_row_grads(parts.row_grads, self.row_tables, dist)
+            exchange_s += time.perf_counter() - t0
+            self.row_opt.step(row_grads)
             self.dense_opt.step()
             totals["loss"] += float(parts.loss.detach())
             totals["masked_mse"] += parts.masked_mse
             totals["plain_mse"] += parts.plain_mse
             songs_done += len(rows)
+            steps += 1
             elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{totals['loss'] / (step + 1):.4f}",
-                            songs_s=f"{songs_done / max(elapsed, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{totals['loss'] / steps:.4f}",
+                            songs_s=f"{songs_done * dist.world / max(elapsed, 1e-9):.0f}")
         bar.close()
+        # The ranks' shares add up to the whole batches' losses.
+        summed = all_sum([totals["loss"], totals["masked_mse"], totals["plain_mse"],
+                          float(songs_done)], dist)
+        totals = dict(zip(("loss", "masked_mse", "plain_mse"), summed[:3], strict=True))
         seconds = time.perf_counter() - started
-        stats = {k: v / max(n_batches, 1) for k, v in totals.items()}
-        stats.update(seconds=seconds, songs_per_s=songs_done / max(seconds, 1e-9),
-                     steps=n_batches)
+        stats = {k: v / max(steps, 1) for k, v in totals.items()}
+        stats.update(seconds=seconds, songs_per_s=summed[3] / max(seconds, 1e-9),
+                     steps=steps)
+        if dist.enabled:
+            stats["row_exchange_seconds"] = exchange_s
         return stats
 
     def fit(self) -> None:
@@ -267,10 +344,15 @@ class Trainer:
             stats = self.run_epoch()
             self.epoch += 1
             record: dict[str, Any] = {"epoch": self.epoch, **stats}
+            if self.dist.enabled:
+                record["world_size"] = self.dist.world
             if self.validation is not None and (self.epoch % cfg.val_every == 0
                                                 or self.epoch == cfg.epochs):
                 t0 = time.perf_counter()
-                val = self.validate()
+                codes = self.song_codes()  # every rank encodes its share
+                # Rank 0 scores; every rank takes its score, so all stop together.
+                val = broadcast_object(self.validate(codes) if self.dist.is_main else None,
+                                       self.dist)
                 record["val_score"] = val
                 record["val_seconds"] = time.perf_counter() - t0
                 assert val is not None
@@ -290,14 +372,42 @@ class Trainer:
                 log.info("early stop: no validation gain in %d rounds (best %.4f)",
                          self.bad_rounds, self.best_score)
                 break
-        if (self.work_dir / "best.pt").exists():
-            self.load_checkpoint(self.work_dir / "best.pt", weights_only=True)
+        best = self.work_dir / "best.pt"
+        if broadcast_object(best.exists(), self.dist):
+            if self.dist.is_main:
+                self.load_checkpoint(best, weights_only=True)
+            self.sync_from_main(optimizer=False)
 
     # -- checkpoints, log, plot --------------------------------------------------------
+
+    def sync_from_main(self, optimizer: bool) -> None:
+        """Rank 0's weights (and with ``optimizer``, its optimiser state and counters, as
+        after a resume) on every rank: only rank 0 reads checkpoints, so nodes need no
+        shared disk. Nothing to do in a single process."""
+        dist = self.dist
+        if not dist.enabled:
+            return
+        for tensor in self.model.state_dict().values():
+            broadcast_tensor(tensor, dist)
+        if not optimizer:
+            return
+        for table in (*self.row_opt.exp_avg.values(), *self.row_opt.exp_avg_sq.values()):
+            broadcast_tensor(table, dist)
+        meta = broadcast_object({
+            "epoch": self.epoch, "best_score": self.best_score, "bad_rounds": self.bad_rounds,
+            "history": self.history, "row_steps": self.row_opt.steps,
+            "dense_opt": self.dense_opt.state_dict()} if dist.is_main else None, dist)
+        if not dist.is_main:
+            self.dense_opt.load_state_dict(meta["dense_opt"])
+            self.row_opt.steps = int(meta["row_steps"])
+            self.epoch, self.best_score = int(meta["epoch"]), float(meta["best_score"])
+            self.bad_rounds, self.history = int(meta["bad_rounds"]), list(meta["history"])
 
     def save_checkpoint(self, name: str) -> None:
         import torch
 
+        if not self.dist.is_main:  # the replicas are identical: rank 0 writes
+            return
         state = {"config": self.config.to_json(), "epoch": self.epoch,
                  "best_score": self.best_score, "bad_rounds": self.bad_rounds,
                  "history": self.history, "model": self.model.state_dict(),
@@ -323,13 +433,26 @@ class Trainer:
         self.bad_rounds = int(state["bad_rounds"])
         self.history = list(state["history"])
 
+    def rewrite_log(self) -> None:
+        """The JSONL log as the checkpoint's history: a run stopped between appending an
+        epoch's record and saving its checkpoint would otherwise log that epoch twice."""
+        if not self.dist.is_main:
+            return
+        tmp = self.work_dir / "train_log.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        os.replace(tmp, self.work_dir / "train_log.jsonl")
+
     def _append_log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with (self.work_dir / "train_log.jsonl").open("a") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def plot(self) -> None:
         from trainer.plots import plot_training
 
+        if not self.dist.is_main:
+            return
         plot_training(self.history, self.work_dir / "training.png")
 
 
@@ -403,45 +526,82 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise PeerLost("stopped by SIGTERM (torchrun stops every worker once one has failed)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from server.bundle import BundleError
     from trainer.dataset import DataError
+    from trainer.distributed import init_from_env, restart_count, shutdown
 
+    dist = init_from_env()
+    if dist.enabled:
+        import signal
+
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        if not dist.is_main:  # one voice in the log: rank 0's (warnings still from all)
+            logging.getLogger().setLevel(logging.WARNING)
+    trainer: Trainer | None = None
+    work = args.out.with_name(args.out.name + ".work")
     try:
         config = config_from_args(args)
+        if dist.local_world > 1 and args.threads is None:
+            # Ranks sharing a machine share its cores.
+            config = replace(config, threads=max(1, (os.cpu_count() or 1) // dist.local_world))
         set_threads(config.threads)
-        work = args.out.with_name(args.out.name + ".work")
-        work.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(args.data, work, config, strict=args.strict)
+        if dist.is_main:
+            work.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(args.data, work, config, dist, strict=args.strict)
+        # torchrun restarts failed groups with the same arguments: resume then too.
+        resume = args.resume or restart_count() > 0
         last = work / "last.pt"
-        if args.resume and last.exists():
-            trainer.load_checkpoint(last)
-            log.info("resumed from %s at epoch %d", last, trainer.epoch)
-        elif not args.resume:
-            (work / "train_log.jsonl").unlink(missing_ok=True)
-            (work / "best.pt").unlink(missing_ok=True)
+        resumed = False
+        if dist.is_main:
+            if resume and last.exists():
+                trainer.load_checkpoint(last)
+                trainer.rewrite_log()
+                resumed = True
+                log.info("resumed from %s at epoch %d", last, trainer.epoch)
+            elif not resume:
+                (work / "train_log.jsonl").unlink(missing_ok=True)
+                (work / "best.pt").unlink(missing_ok=True)
+        trainer.sync_from_main(optimizer=broadcast_object(resumed, dist))
         trainer.fit()
         if not args.no_export:
             from trainer.export import export_bundle
 
             manifest = export_bundle(trainer, args.out)
-            print(f"bundle written: {args.out} (model {manifest.model_version}, "
-                  f"{manifest.extra['n_songs']} songs, code dim {manifest.code_dim})")
-            if not args.no_ranker:
-                from trainer.rank import RankConfig, train_ranker
+            if manifest is not None:  # rank 0 writes the bundle and trains the ranker
+                print(f"bundle written: {args.out} (model {manifest.model_version}, "
+                      f"{manifest.extra['n_songs']} songs, code dim {manifest.code_dim})")
+                if not args.no_ranker:
+                    from trainer.rank import RankConfig, train_ranker
 
-                rank_config = RankConfig(threads=config.threads)
-                if args.ranker_questions:
-                    rank_config = replace(rank_config, questions=args.ranker_questions)
-                info = train_ranker(args.data, args.out, rank_config)
-                print(f"ranker added: {info['best_iteration']} rounds, candidate recall "
-                      f"{info['recall']['union']:.3f} (strategy ranked is the default)")
+                    rank_config = RankConfig(threads=config.threads)
+                    if args.ranker_questions:
+                        rank_config = replace(rank_config, questions=args.ranker_questions)
+                    info = train_ranker(args.data, args.out, rank_config)
+                    print(f"ranker added: {info['best_iteration']} rounds, candidate recall "
+                          f"{info['recall']['union']:.3f} (strategy ranked is the default)")
     except (DataError, BundleError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except PeerLost as exc:
+        done = trainer.epoch if trainer is not None else 0
+        saved = (f"the last checkpoint is {work / 'last.pt'} (epoch {done})" if done
+                 else "no epoch was completed, so there is no checkpoint yet")
+        print(f"error: rank {dist.rank} of {dist.world}: the training group lost a worker "
+              f"after {done} completed epoch(s) ({exc}); training stops, {saved}. Run the "
+              "same torchrun command with --resume to continue from the last checkpoint, "
+              "or launch with torchrun --max-restarts=N to restart and resume "
+              "automatically.", file=sys.stderr)
+        return 1
+    finally:
+        shutdown(dist)
     return 0
 
 
