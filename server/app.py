@@ -63,6 +63,9 @@ RECOMMENDER = pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 ADMIN = pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Each drains: SIGHUP too, which a closed terminal or a process manager may send, and
+# which by default would end the process without draining.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 _REASON_KINDS = {REASON_SEED: pb2.Reason.SEED_NEIGHBOUR,
                  REASON_PLAYLIST: pb2.Reason.PLAYLIST_NEIGHBOUR,
@@ -317,6 +320,13 @@ class ServingState:
             # A path the file system refuses (a name too long, no permission): the bundle
             # is unusable, the server is not broken, and the old model serves on.
             raise BundleError(f"{path}: unreadable ({exc.strerror or exc})") from None
+        except BundleError:
+            raise
+        except Exception as exc:
+            # A check the loader lacks (a bug, logged with its traceback): the bundle is
+            # still refused, and the old model serves on.
+            log.exception("loading %s failed unexpectedly", path)
+            raise BundleError(f"{path}: cannot load ({exc!r})") from None
         replayed = 0
         if self.store is not None:
             replayed = catch_up(model, self.store)
@@ -704,11 +714,11 @@ def open_configured_store(config: ServerConfig) -> tuple[SongStore | None, int]:
 
 async def serve(config: ServerConfig, ready: Callable[[Server], None] | None = None,
                 model: LiveModel | None = None) -> int:
-    """Run until SIGTERM or SIGINT, then drain gracefully. Returns the exit status."""
+    """Run until SIGTERM, SIGINT or SIGHUP, then drain gracefully. Returns the exit status."""
     server, port = await create_server(config, model)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stopping.set)
     try:
         await server.start()
@@ -746,6 +756,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(serve(config))
     except (ConfigError, WalError, BundleError) as exc:
-        log.error("cannot start: %s", exc)
-        print(f"python -m server: {exc}", file=sys.stderr)
+        log.error("cannot start: %s", exc)  # one line on stderr, in the chosen log format
         return 2

@@ -15,8 +15,10 @@ A bundle is one directory::
                        (memory-mapped by the server: hnswlib's get_items is slow)
 
 This module is torch-free: the server imports it, and so does the trainer when it writes.
-Reading verifies the schema version, every checksum and the dimensions, and fails with a
-:class:`BundleError` that says what is wrong.
+Reading checks the manifest's own digest, its schema version and the type and range of
+every number it states, then the size (and, verifying, the sha256) of every file; index
+files are checked completely (:mod:`server.hnswfile`) before hnswlib reads them. Every
+failure is a :class:`BundleError` that names the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from server import hnswfile
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -47,6 +51,19 @@ COLUMNS = "columns.json"
 NEIGHBOURS = "neighbours.npz"
 CODES = "codes.npy"
 REQUIRED_FILES = (ENCODER, SONG_INDEX, PLAYLIST_INDEX, ARRAYS, COLUMNS)
+# The manifest's digest of its own content (every other key, canonical JSON): an edit made
+# after the trainer wrote it is refused even when the files' checksums are not verified.
+DIGEST = "manifest_sha256"
+
+# Ranges of the numbers a manifest states. Each is also checked against the files; the
+# ranges keep a number from reaching an allocation or a loop before that.
+MAX_DIM = 1 << 16  # code dimension
+MAX_INPUT_DIM = 1 << 30  # encoder input columns
+MAX_COUNT = (1 << 32) - 2  # hnswlib's element ids are 32-bit
+MAX_M = 1 << 14  # hnswlib keeps 2M links in 16 bits
+MAX_EF_CONSTRUCTION = 1 << 20
+MAX_EF = 100_000  # also the ceiling of --song-ef and --playlist-ef
+SPACES = ("cosine",)  # the strategies read similarity as 1 - cosine distance
 
 
 class BundleError(RuntimeError):
@@ -96,27 +113,104 @@ class Manifest:
 
     @staticmethod
     def from_json(raw: Mapping[str, Any], where: Path) -> Manifest:
-        version = raw.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise BundleError(f"{where}: schema_version {version!r}, this build reads "
-                              f"{SCHEMA_VERSION}; rebuild the bundle with this trainer")
+        """Parse and range-check a manifest (every number must be a JSON integer in its
+        range); :class:`BundleError` naming the field otherwise."""
+        check_schema(raw, where)
         try:
-            return Manifest(
-                schema_version=int(raw["schema_version"]),
+            manifest = Manifest(
+                schema_version=SCHEMA_VERSION,
                 model_version=str(raw["model_version"]),
                 created=str(raw["created"]),
-                code_dim=int(raw["code_dim"]),
-                input_dim=int(raw["input_dim"]),
-                column_groups={str(k): int(v) for k, v in raw["column_groups"].items()},
-                hyper_parameters=dict(raw["hyper_parameters"]),
+                code_dim=_integer(raw, "code_dim", 1, MAX_DIM),
+                input_dim=_integer(raw, "input_dim", 1, MAX_INPUT_DIM),
+                column_groups={str(k): _integer(raw["column_groups"], k, 0, MAX_INPUT_DIM,
+                                                "column_groups.")
+                               for k in _mapping(raw, "column_groups")},
+                hyper_parameters=dict(_mapping(raw, "hyper_parameters")),
                 data_fingerprint=str(raw["data_fingerprint"]),
-                song_index=IndexParams(**raw["song_index"]),
-                playlist_index=IndexParams(**raw["playlist_index"]),
-                files={str(k): dict(v) for k, v in raw["files"].items()},
-                extra=dict(raw.get("extra", {})),
+                song_index=_index_params(raw, "song_index"),
+                playlist_index=_index_params(raw, "playlist_index"),
+                files={str(k): _file_entry(raw["files"], k) for k in _mapping(raw, "files")},
+                extra=dict(_mapping(raw, "extra", optional=True)),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BundleError(f"{where}: malformed manifest ({exc!r})") from None
+        except KeyError as exc:
+            raise BundleError(f"{where}: malformed manifest (no {exc})") from None
+        except ValueError as exc:
+            raise BundleError(f"{where}: {exc}") from None
+        groups = sum(manifest.column_groups.values())
+        if groups != manifest.input_dim:
+            raise BundleError(f"{where}: column_groups add up to {groups} columns, input_dim "
+                              f"is {manifest.input_dim}")
+        return manifest
+
+
+def check_schema(raw: Mapping[str, Any], where: Path) -> None:
+    """A manifest of the schema this build reads (checked first: other schemas may
+    differ in everything else, the digest included)."""
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION or type(version) is not int:
+        raise BundleError(f"{where}: schema_version {version!r:.40}, this build reads "
+                          f"{SCHEMA_VERSION}; rebuild the bundle with this trainer")
+
+
+def _mapping(raw: Mapping[str, Any], key: str, optional: bool = False) -> Mapping[str, Any]:
+    value = raw.get(key, {}) if optional else raw[key]
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{key}: expected a JSON object, not {value!r:.40}")
+    return value
+
+
+def _integer(raw: Mapping[str, Any], key: str, low: int, high: int, prefix: str = "") -> int:
+    """``raw[key]`` as an int in ``low..high``: JSON integers only (not 1e9, "3" or true)."""
+    value = raw[key]
+    if type(value) is not int:
+        raise ValueError(f"{prefix}{key}: {value!r:.40} is not an integer")
+    if not low <= value <= high:
+        raise ValueError(f"{prefix}{key}: {value} is out of range {low}..{high}")
+    return value
+
+
+def _index_params(raw: Mapping[str, Any], key: str) -> IndexParams:
+    entry = _mapping(raw, key)
+    unknown = set(entry) - set(IndexParams.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{key}: unknown fields {sorted(unknown)}")
+    space = entry["space"]
+    if space not in SPACES:
+        raise ValueError(f"{key}.space: {space!r:.40}, this build serves {', '.join(SPACES)}")
+    prefix = key + "."
+    return IndexParams(space=str(space), dim=_integer(entry, "dim", 1, MAX_DIM, prefix),
+                       m=_integer(entry, "m", 2, MAX_M, prefix),
+                       ef_construction=_integer(entry, "ef_construction", 1,
+                                                MAX_EF_CONSTRUCTION, prefix),
+                       ef=_integer(entry, "ef", 1, MAX_EF, prefix),
+                       count=_integer(entry, "count", 1, MAX_COUNT, prefix))
+
+
+def _file_entry(files: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A ``files`` entry: a plain file name of the bundle directory, its size and sha256."""
+    if (not isinstance(name, str) or name != Path(name).name or name.startswith(".")
+            or name == MANIFEST or "\\" in name):
+        raise ValueError(f"files: {name!r:.60} is not a file name inside the bundle")
+    meta = files[name]
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"files.{name}: expected a JSON object")
+    digest = meta.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64 or digest.strip("0123456789abcdef"):
+        raise ValueError(f"files.{name}.sha256: {digest!r:.80} is not a sha256 hex digest")
+    return {"sha256": digest, "bytes": _integer(meta, "bytes", 0, 1 << 50, f"files.{name}.")}
+
+
+def manifest_digest(raw: Mapping[str, Any]) -> str:
+    """sha256 of a manifest's content without its digest, as canonical JSON."""
+    body = {key: value for key, value in raw.items() if key != DIGEST}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def seal(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with its digest set (what :func:`write_manifest` writes)."""
+    return {**raw, DIGEST: manifest_digest(raw)}
 
 
 def write_manifest(root: Path, manifest_fields: dict[str, Any]) -> Manifest:
@@ -137,7 +231,7 @@ def write_manifest(root: Path, manifest_fields: dict[str, Any]) -> Manifest:
     fields["files"] = files
     manifest = Manifest.from_json(_jsonable(fields), root / MANIFEST)
     tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2, ensure_ascii=False))
+    tmp.write_text(json.dumps(seal(manifest.to_json()), indent=2, ensure_ascii=False))
     os.replace(tmp, root / MANIFEST)
     return manifest
 
@@ -148,7 +242,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
-    """Read and check ``manifest.json``; with ``verify`` also every file's sha256."""
+    """Read and check ``manifest.json`` (its digest, numbers and the size of every file it
+    lists); with ``verify`` also every file's sha256."""
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
@@ -161,6 +256,17 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
         raise BundleError(f"{path}: unreadable manifest ({exc})") from None
     if not isinstance(raw, dict):
         raise BundleError(f"{path}: manifest is not a JSON object")
+    check_schema(raw, path)
+    stated = raw.get(DIGEST)
+    if stated is None:
+        # Bundles written before manifests carried a digest: every number is still
+        # checked against the files, so they load, with a warning.
+        log.warning("%s: no %s (written by an older trainer); its numbers are checked "
+                    "against the files, but other edits would go unnoticed; re-export the "
+                    "bundle to add one", path, DIGEST)
+    elif stated != manifest_digest(raw):
+        raise BundleError(f"{path}: {DIGEST} does not match its content: the manifest was "
+                          f"changed after the trainer wrote it")
     manifest = Manifest.from_json(raw, path)
     for name in REQUIRED_FILES:
         if name not in manifest.files:
@@ -177,15 +283,28 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
     return manifest
 
 
+def read_npz(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Members of an ``.npz`` (all, or ``keys``), loaded without pickle. Members must be
+    stored uncompressed, as ``np.savez`` writes them: a compressed one could expand to any
+    size in memory (a decompression bomb)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = [i.filename for i in archive.infolist()
+                      if i.compress_type != zipfile.ZIP_STORED]
+        if packed:
+            raise BundleError(f"{path}: member {packed[0]} is compressed; bundles store "
+                              f"them uncompressed (np.savez)")
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in (npz.files if keys is None else keys)}
+    except (OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile) as exc:
+        # BadZipFile: a damaged member (bad CRC) when the checksums were not verified;
+        # MemoryError: a member whose header declares a shape larger than memory.
+        raise BundleError(f"{path}: unreadable ({exc!r})") from None
+
+
 def load_arrays(root: str | Path) -> dict[str, np.ndarray]:
     """``arrays.npz`` as a dict, loaded without pickle."""
-    path = Path(root) / ARRAYS
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        # BadZipFile: a damaged member (bad CRC) when the checksums were not verified.
-        raise BundleError(f"{path}: unreadable ({exc})") from None
+    return read_npz(Path(root) / ARRAYS)
 
 
 def save_arrays(root: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -208,11 +327,7 @@ def load_neighbours(root: str | Path, manifest: Manifest) -> dict[str, np.ndarra
     if NEIGHBOURS not in manifest.files:
         return None
     path = Path(root) / NEIGHBOURS
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            table = {key: npz[key] for key in ("labels", "rows", "sims")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise BundleError(f"{path}: unreadable ({exc!r})") from None
+    table = read_npz(path, ("labels", "rows", "sims"))
     labels, rows, sims = table["labels"], table["rows"], table["sims"]
     if (labels.ndim != 1 or rows.ndim != 2 or rows.shape != sims.shape
             or len(labels) != len(rows) or len(labels) != manifest.song_index.count):
@@ -236,7 +351,7 @@ def load_codes(root: str | Path, manifest: Manifest) -> np.ndarray | None:
     path = Path(root) / CODES
     try:
         codes: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise BundleError(f"{path}: unreadable ({exc})") from None
     if codes.ndim != 2 or codes.shape != (manifest.song_index.count, manifest.code_dim):
         raise BundleError(f"{path}: shape {codes.shape}, expected "
@@ -260,20 +375,42 @@ def save_columns(root: Path, columns: Mapping[str, Any]) -> None:
 
 
 def load_hnsw(root: str | Path, params: IndexParams, name: str, *,
-              max_elements: int | None = None) -> Any:
-    """Load an hnswlib index and set its ``ef`` from the manifest (hnswlib forgets it)."""
+              max_elements: int | None = None, labels: np.ndarray | None = None) -> Any:
+    """Load an hnswlib index and set its ``ef`` from the manifest (hnswlib forgets it).
+
+    The file is checked first (:func:`server.hnswfile.check_index_file`) against
+    ``params`` and, when given, the sorted ``labels`` it must hold; after the load, a few
+    of its own vectors are searched for (a canary: hnswlib's errors surface here, not in
+    a client's call)."""
     import hnswlib
 
     path = Path(root) / name
+    what = {SONG_INDEX: "song_index", PLAYLIST_INDEX: "playlist_index"}.get(name, name)
+    try:
+        held = hnswfile.check_index_file(path, dim=params.dim, count=params.count,
+                                         m=params.m, ef_construction=params.ef_construction,
+                                         labels=labels, what=what)
+    except hnswfile.IndexFileError as exc:
+        raise BundleError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise BundleError(f"{path}: unreadable ({exc.strerror or exc})") from None
     index = hnswlib.Index(space=params.space, dim=params.dim)
     try:
         index.load_index(str(path), max_elements=max_elements or params.count)
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, MemoryError) as exc:
         raise BundleError(f"{path}: cannot load index ({exc})") from None
     if index.get_current_count() != params.count:
         raise BundleError(f"{path}: {index.get_current_count()} items, manifest says "
                           f"{params.count}")
     index.set_ef(params.ef)
+    try:
+        found, distances = index.knn_query(held.sample, k=1)
+    except RuntimeError as exc:
+        raise BundleError(f"{path}: a search for its own vectors failed ({exc})") from None
+    if not np.isfinite(distances).all() or (
+            labels is not None and not np.isin(found, labels).all()):
+        raise BundleError(f"{path}: a search for its own vectors answered labels or "
+                          f"distances it does not hold")
     return index
 
 

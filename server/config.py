@@ -4,11 +4,15 @@ defaults, turned into one frozen :class:`ServerConfig`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from server.bundle import MAX_EF
 
 T = TypeVar("T")
 
@@ -106,15 +110,23 @@ def _bool(raw: str) -> bool:
 
 
 def read_token(path: Path, what: str) -> str:
-    """A token from a file (surrounding whitespace stripped); never echoes the content."""
+    """A token from a file (see :func:`clean_token`); never echoes the content."""
     try:
-        token = path.read_text(encoding="utf-8").strip()
+        raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{what} file {path}: unreadable ({exc.__class__.__name__})") from None
+    return clean_token(raw, f"{what} file {path}")
+
+
+def clean_token(raw: str, where: str) -> str:
+    """A token with surrounding whitespace (a trailing newline from a file or an
+    environment variable) stripped: a client's bearer token is stripped too, so a stored
+    one with whitespace could never match. Empty, or whitespace inside: refused."""
+    token = raw.strip()
     if not token:
-        raise ConfigError(f"{what} file {path}: empty")
+        raise ConfigError(f"{where}: empty")
     if any(c.isspace() for c in token):
-        raise ConfigError(f"{what} file {path}: the token contains whitespace")
+        raise ConfigError(f"{where}: the token contains whitespace")
     return token
 
 
@@ -218,15 +230,20 @@ def check_config(values: dict[str, Any], environ: Mapping[str, str]) -> ServerCo
     admin_file = values.pop("admin_token_file")
     token_file = values.pop("token_file")
     admin = read_token(admin_file, "admin token") if admin_file else None
-    admin = admin or environ.get(ENV_PREFIX + "ADMIN_TOKEN") or None
+    admin = admin or _env_token(environ, "ADMIN_TOKEN")
     token = read_token(token_file, "token") if token_file else None
-    token = token or environ.get(ENV_PREFIX + "TOKEN") or None
+    token = token or _env_token(environ, "TOKEN")
     config = ServerConfig(admin_token=admin, token=token, **values)
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            flag = "--" + item.name.removesuffix("_s").replace("_", "-")
+            raise ConfigError(f"{flag}: {value} is not a finite number")
     limits = {"port": (0, 65535), "metrics_port": (0, 65535),
               "max_concurrent_rpcs": (1, 100_000), "max_message_bytes": (1024, 1 << 30),
               "workers": (1, 256), "threads": (1, 256), "similar_batch": (0, 4096),
-              "capacity": (0, 100_000_000), "song_ef": (0, 100_000),
-              "playlist_ef": (0, 100_000), "processes": (1, 256)}
+              "capacity": (0, 100_000_000), "song_ef": (0, MAX_EF),
+              "playlist_ef": (0, MAX_EF), "processes": (1, 256)}
     for name, (low, high) in limits.items():
         value = getattr(config, name)
         if not low <= value <= high:
@@ -253,4 +270,12 @@ def check_config(values: dict[str, Any], environ: Mapping[str, str]) -> ServerCo
             raise ConfigError(f"--{name.replace('_', '-')} {file}: no such file")
     if config.bundle is not None and not config.bundle.is_dir():
         raise ConfigError(f"--bundle {config.bundle}: no such directory")
+    if config.data_dir is not None and config.data_dir.exists() and \
+            not config.data_dir.is_dir():
+        raise ConfigError(f"--data-dir {config.data_dir}: not a directory")
     return config
+
+
+def _env_token(environ: Mapping[str, str], name: str) -> str | None:
+    raw = environ.get(ENV_PREFIX + name)
+    return clean_token(raw, ENV_PREFIX + name) if raw else None

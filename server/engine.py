@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from server import bundle as bundle_files
-from server import voting
-from server.bundle import Manifest
+from server import integrity, voting
+from server.bundle import BundleError, Manifest
 from server.columns import ColumnSpace, pad_batch
 from server.ranking import RANKER_ARRAYS, RANKER_ONNX, Ranker, load_ranker
 from server.strategies import (
@@ -65,6 +65,40 @@ class Encoder:
                                             providers=["CPUExecutionProvider"])
         self.columns = columns
 
+    def check(self, input_dim: int, code_dim: int, where: Path) -> None:
+        """A canary: the session takes ``columns`` (int64) and ``weights`` (float) and
+        answers ``code``, ``code_dim`` wide, for a batch naming the first and last of
+        ``input_dim`` columns and the padding column, and refuses the column after that (so
+        its vocabulary is the bundle's width). Raises :class:`BundleError`."""
+        import onnxruntime as ort
+
+        inputs = {i.name: i.type for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        if (inputs != {"columns": "tensor(int64)", "weights": "tensor(float)"}
+                or "code" not in outputs):
+            raise BundleError(f"{where}: inputs {inputs}, outputs {outputs}; expected "
+                              f"columns (int64) and weights (float) in, code out")
+        columns = np.asarray([[0, input_dim - 1, input_dim], [input_dim] * 3], dtype=np.int64)
+        weights = np.asarray([[1.0, 1.0, 0.0], [0.0] * 3], dtype=np.float32)
+        try:
+            (codes,) = self.session.run(["code"], {"columns": columns, "weights": weights})
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError(f"{where}: fails on columns 0..{input_dim} (manifest "
+                              f"input_dim {input_dim}, plus padding): {exc}") from None
+        shape = getattr(codes, "shape", None)
+        if shape != (2, code_dim) or not np.isfinite(codes).all():
+            raise BundleError(f"{where}: answers codes of shape {shape} for 2 songs, "
+                              f"manifest code_dim is {code_dim} (or they are not finite)")
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # the refusal below is expected: do not log it
+        try:
+            self.session.run(["code"], {"columns": np.asarray([[input_dim + 1]]),
+                                        "weights": np.zeros((1, 1), dtype=np.float32)}, quiet)
+        except Exception:
+            return
+        raise BundleError(f"{where}: takes column {input_dim + 1}, past manifest input_dim "
+                          f"{input_dim} and the padding column: its vocabulary is wider")
+
     def encode_columns(self, rows: list[np.ndarray]) -> np.ndarray:
         cols, weights = pad_batch(rows, self.columns.dim)
         (codes,) = self.session.run(["code"], {"columns": cols, "weights": weights})
@@ -99,40 +133,65 @@ class Engine:
     def load(root: str | Path, *, verify: bool = True, capacity: int = 100_000,
              threads: int | None = None, song_ef: int | None = None,
              playlist_ef: int | None = None) -> Engine:
-        """Load and verify a bundle; ``capacity`` is room for songs added at run time."""
+        """Load a bundle, checked whole before anything of it serves: the manifest
+        (digest, numbers, sizes; with ``verify`` every sha256), the arrays against each
+        other and the manifest (:mod:`server.integrity`), the index files before hnswlib
+        reads them (:mod:`server.hnswfile`), and canary calls of the indexes and the
+        encoder. ``capacity`` is room for songs added at run time. Raises
+        :class:`~server.bundle.BundleError` naming the file and the mismatch."""
         root = Path(root)
         manifest = bundle_files.read_manifest(root, verify=verify)
         arrays = bundle_files.load_arrays(root)
         try:
             catalog = Catalog.from_arrays(arrays)
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            raise BundleError(f"{root / bundle_files.ARRAYS}: inconsistent arrays "
+                              f"({exc!r})") from None
+        try:
             columns = ColumnSpace.from_json(bundle_files.load_columns(root))
-        except (KeyError, ValueError) as exc:
-            raise bundle_files.BundleError(f"{root}: inconsistent arrays ({exc!r})") from None
-        if columns.dim != manifest.input_dim:
-            raise bundle_files.BundleError(f"{root}: columns.json has {columns.dim} columns, "
-                                           f"manifest input_dim is {manifest.input_dim}")
-        rep_of = arrays.get("rep_of")
-        if rep_of is None or len(rep_of) != catalog.n_songs:
-            raise bundle_files.BundleError(f"{root}: arrays.npz lacks rep_of for its "
-                                           f"{catalog.n_songs} songs")
-        n_reps = int((rep_of == np.arange(len(rep_of))).sum())
-        if n_reps != manifest.song_index.count:
-            raise bundle_files.BundleError(f"{root}: {n_reps} distinct songs in arrays, "
-                                           f"{manifest.song_index.count} in the index")
-        if manifest.song_index.dim != manifest.code_dim:
-            raise bundle_files.BundleError(f"{root}: index dim {manifest.song_index.dim} "
-                                           f"!= code dim {manifest.code_dim}")
+        except ValueError as exc:
+            raise BundleError(f"{root / bundle_files.COLUMNS}: {exc}") from None
+        if columns.dim != manifest.input_dim or columns.sizes() != manifest.column_groups:
+            raise BundleError(f"{root / bundle_files.COLUMNS}: groups {columns.sizes()} "
+                              f"({columns.dim} columns), manifest says column_groups "
+                              f"{manifest.column_groups} (input_dim {manifest.input_dim})")
+        try:
+            integrity.check_catalog(catalog, manifest)
+            reps = integrity.check_rep_of(np.asarray(arrays.get("rep_of", np.zeros(0))),
+                                          catalog.n_songs, manifest.song_index.count)
+            for name in ("song_name", "song_artist"):
+                integrity.check_strings(name, arrays.get(f"{name}_blob"),
+                                        arrays.get(f"{name}_offsets"), catalog.n_songs)
+        except integrity.IntegrityError as exc:
+            raise BundleError(f"{root / bundle_files.ARRAYS}: {exc}") from None
+        for name, params in (("song_index", manifest.song_index),
+                             ("playlist_index", manifest.playlist_index)):
+            if params.dim != manifest.code_dim:
+                raise BundleError(f"{root / bundle_files.MANIFEST}: {name}.dim {params.dim} "
+                                  f"!= code_dim {manifest.code_dim}")
         threads = threads or int(os.environ.get("SONGREC_THREADS", "1"))
         songs = bundle_files.load_hnsw(root, manifest.song_index, bundle_files.SONG_INDEX,
-                                       max_elements=manifest.song_index.count + capacity)
+                                       max_elements=manifest.song_index.count + capacity,
+                                       labels=reps)
         songs.set_num_threads(threads)
         if song_ef:
             songs.set_ef(song_ef)
             log.info("song index ef %d (bundle: %d)", song_ef, manifest.song_index.ef)
         table = bundle_files.load_neighbours(root, manifest)
         codes = bundle_files.load_codes(root, manifest)
+        try:
+            if table is not None:
+                integrity.check_table(table, reps, catalog.n_songs)
+        except integrity.IntegrityError as exc:
+            raise BundleError(f"{root / bundle_files.NEIGHBOURS}: {exc}") from None
+        try:
+            if codes is not None:
+                integrity.check_codes(codes)
+        except integrity.IntegrityError as exc:
+            raise BundleError(f"{root / bundle_files.CODES}: {exc}") from None
         playlists = bundle_files.load_hnsw(root, manifest.playlist_index,
-                                           bundle_files.PLAYLIST_INDEX)
+                                           bundle_files.PLAYLIST_INDEX,
+                                           labels=np.arange(manifest.playlist_index.count))
         playlists.set_num_threads(threads)
         if playlist_ef:
             playlists.set_ef(playlist_ef)
@@ -141,15 +200,15 @@ class Engine:
         try:
             encoder = Encoder(root / bundle_files.ENCODER, columns, threads)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise bundle_files.BundleError(f"{root / bundle_files.ENCODER}: cannot load "
-                                           f"({exc})") from None
+            raise BundleError(f"{root / bundle_files.ENCODER}: cannot load ({exc})") from None
+        encoder.check(manifest.input_dim, manifest.code_dim, root / bundle_files.ENCODER)
         ranker = _ranker(root, manifest, catalog, threads)
         # Kernels compiled (or loaded from numba's cache) before the first call.
         voting.warm_up(catalog.playlist_songs.indices.dtype)
         log.info("loaded bundle %s (model %s, %d songs, %d playlists)", root,
                  manifest.model_version, catalog.n_songs, len(catalog.playlist_ids))
-        return Engine(root, manifest, catalog, song_search(root, songs, rep_of, table, codes),
-                      HnswSearch(playlists), encoder, arrays, ranker)
+        return Engine(root, manifest, catalog, song_search(root, songs, np.asarray(
+            arrays["rep_of"]), table, codes), HnswSearch(playlists), encoder, arrays, ranker)
 
     @property
     def model_version(self) -> str:
@@ -236,7 +295,7 @@ def song_search(root: Path, index: Any, rep_of: np.ndarray, table: dict[str, np.
     try:
         return HnswSearch(index, rep_of, table, codes)
     except ValueError as exc:
-        raise bundle_files.BundleError(f"{root}: {exc}") from None
+        raise BundleError(f"{root}: {exc}") from None
 
 
 def _one_string(blob: Any, offsets: Any, i: int) -> str:

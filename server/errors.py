@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from server.bundle import BundleError
+from server.storage import StorageError, StorageFull
 
 
 class ServingError(Exception):
@@ -70,11 +71,17 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and details a client sees for ``exc``.
 
     Domain errors carry their own code; a bundle that fails to load is a failed
-    precondition (the old model keeps serving). Anything else is a server bug: ``INTERNAL``
-    with a generic message, while the traceback goes to the log only.
+    precondition (the old model keeps serving); a durable write that failed is
+    ``RESOURCE_EXHAUSTED`` when the disk is full, ``UNAVAILABLE`` otherwise (nothing of it
+    was kept: retrying later is safe). Anything else is a server bug: ``INTERNAL`` with a
+    generic message, while the traceback goes to the log only.
     """
     if isinstance(exc, ServingError):
         return exc.code, str(exc)
     if isinstance(exc, BundleError):
         return grpc.StatusCode.FAILED_PRECONDITION, f"bundle refused: {exc}"
+    if isinstance(exc, StorageError):
+        code = (grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, StorageFull)
+                else grpc.StatusCode.UNAVAILABLE)
+        return code, f"not stored: {exc}"
     return grpc.StatusCode.INTERNAL, "internal server error (logged on the server)"

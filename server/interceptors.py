@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -100,9 +101,13 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                                 details: Any) -> Any:
         handler = await continuation(details)
         method: str = details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX) \
-                or handler.unary_unary is None:
+        if handler is None:
             return handler
+        if not method.startswith(SERVICE_PREFIX) or handler.unary_unary is None:
+            wrapped = self._wrapped.get(method)
+            if wrapped is None:
+                wrapped = self._wrapped[method] = parsing(method, handler)
+            return wrapped
         wrapped = self._wrapped.get(method)
         if wrapped is None:
             # The request arrives as bytes and is parsed inside the guard: a payload that
@@ -176,6 +181,67 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     self.metrics.in_flight.dec()
 
         return guarded
+
+
+def parsing(method: str, handler: Any) -> Any:
+    """``handler`` (health, reflection: no shedding, no token) with its requests parsed here:
+    bytes that are no message get ``INVALID_ARGUMENT`` instead of gRPC's ``UNKNOWN`` and a
+    logged traceback."""
+    deserialize = handler.request_deserializer
+    if deserialize is None:
+        return handler
+    name = method.rsplit("/", 1)[-1]
+
+    async def parse(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return parse_request(name, raw, deserialize)
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def each(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async for raw in requests:
+            yield await parse(raw, context)
+
+    serialize = handler.response_serializer
+    if handler.unary_unary is not None:
+        unary = handler.unary_unary
+
+        async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            return await unary(await parse(raw, context), context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serialize)
+    if handler.unary_stream is not None:
+        stream = handler.unary_stream
+
+        async def yielding(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            async for response in stream(await parse(raw, context), context):
+                yield response
+
+        async def writing(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            return await stream(await parse(raw, context), context)  # with context.write
+
+        return grpc.unary_stream_rpc_method_handler(
+            yielding if inspect.isasyncgenfunction(stream) else writing,
+            response_serializer=serialize)
+    if handler.stream_stream is not None:
+        streams = handler.stream_stream
+
+        async def yielding_all(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for response in streams(each(requests, context), context):
+                yield response
+
+        async def writing_all(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await streams(each(requests, context), context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            yielding_all if inspect.isasyncgenfunction(streams) else writing_all,
+            response_serializer=serialize)
+    streamed = handler.stream_unary
+
+    async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await streamed(each(requests, context), context)
+
+    return grpc.stream_unary_rpc_method_handler(stream_unary, response_serializer=serialize)
 
 
 def _serialize(response: Any) -> bytes:

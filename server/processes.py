@@ -7,9 +7,9 @@ connections over them. Forked after the load, the children share the model's mem
 copy-on-write: the index, tables and codes are never written while serving.
 
 gRPC must not be started before a fork: nothing here touches it until each child runs
-:func:`server.app.serve`. The parent only waits: it passes SIGTERM/SIGINT on, and when
-a child dies on its own it stops the others and exits non-zero. A process manager then
-restarts the whole server, rather than one half-configured child.
+:func:`server.app.serve`. The parent only waits: it passes SIGTERM, SIGINT and SIGHUP on,
+and when a child dies on its own it stops the others and exits non-zero. A process manager
+then restarts the whole server, rather than one half-configured child.
 
 Songs: the parent adds the song store's songs before forking; then each child follows the
 store on its own connection (as separate replicas do), so a song added through any one
@@ -82,13 +82,14 @@ def serve_processes(config: ServerConfig) -> int:
 
 
 def _serve_child(config: ServerConfig, model: LiveModel, number: int) -> int:
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    from server.app import STOP_SIGNALS, serve
+
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)  # serve() installs the loop's own handlers
     _die_with_parent()
     # Each process needs a port of its own for its metrics.
     mine = dataclasses.replace(config, metrics_port=config.metrics_port + number
                                if config.metrics_port else 0)
-    from server.app import serve
 
     return asyncio.run(serve(mine, model=model))
 
@@ -103,7 +104,10 @@ def _die_with_parent() -> None:
 
 
 def _supervise(children: dict[int, int]) -> int:
-    """Wait for every child; pass SIGTERM/SIGINT on; stop all when one dies unasked."""
+    """Wait for every child; pass SIGTERM, SIGINT and SIGHUP on; stop all when one dies
+    unasked."""
+    from server.app import STOP_SIGNALS
+
     stopping = False
     status = 0
 
@@ -116,8 +120,8 @@ def _supervise(children: dict[int, int]) -> int:
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGTERM, stop_all)
-    signal.signal(signal.SIGINT, stop_all)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop_all)
     while children:
         try:
             pid, wait_status = os.wait()

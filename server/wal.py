@@ -6,13 +6,15 @@ one record per acknowledged ``AddSongs`` call). A crash can leave the last recor
 (short, or with a bad checksum); opening the log detects that, reports it, truncates the
 tail and keeps every complete record. A bad record *followed by* good data is corruption,
 not a torn write, and is refused rather than silently dropping acknowledged songs.
+
+Appends go through :class:`server.storage.AppendFile`: a failed one (a full disk) raises
+:class:`server.storage.StorageError` and leaves the file and the logged songs as they were.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 import threading
 import zlib
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from server.engine import SongMeta
+from server.storage import AppendFile, StorageError
 from server.validation import NewSong
 
 log = logging.getLogger(__name__)
@@ -109,48 +112,50 @@ class SongLog:
     """Append-only, fsynced log of added songs in ``data_dir``.
 
     Open with :meth:`open`, which replays it; :meth:`append` returns only after the record
-    and (for a new file) its directory entry are on disk.
+    and (for a new file) its directory entry are on disk, or raises
+    :class:`~server.storage.StorageError` with the log as it was.
     """
 
-    def __init__(self, path: Path, fh: Any, replay: Replay) -> None:
+    def __init__(self, path: Path, file: AppendFile, replay: Replay) -> None:
         self.path = path
-        self._fh = fh
+        self._file = file
         self._lock = threading.Lock()
         self.replay = replay
         self._songs: list[NewSong] = list(replay.songs)
 
     @staticmethod
     def open(data_dir: Path) -> SongLog:
-        """Open (creating if needed) the log in ``data_dir``, drop a torn tail, replay it."""
-        data_dir.mkdir(parents=True, exist_ok=True)
+        """Open (creating if needed) the log in ``data_dir``, drop a torn tail, replay it.
+        Raises :class:`WalError` naming the path and the problem."""
         path = data_dir / FILE_NAME
-        created = not path.exists()
         try:
-            fh = open(path, "a+b")  # noqa: SIM115 - kept open for the server's lifetime
+            data_dir.mkdir(parents=True, exist_ok=True)
+            file = AppendFile.open(path)
         except OSError as exc:
-            raise WalError(f"{path}: cannot open ({exc.strerror})") from None
+            where = exc.filename or path
+            raise WalError(f"{where}: cannot open the write-ahead log there "
+                           f"({exc.strerror or exc})") from None
         try:
-            replay = SongLog._recover(path, fh, created)
+            replay = SongLog._recover(path, file)
+        except (OSError, StorageError) as exc:
+            file.close()
+            raise WalError(f"{path}: cannot prepare the write-ahead log ("
+                           f"{exc.strerror if isinstance(exc, OSError) else exc})") from None
         except BaseException:
-            fh.close()
+            file.close()
             raise
-        if created:
-            _fsync_dir(data_dir)
-        return SongLog(path, fh, replay)
+        return SongLog(path, file, replay)
 
     @staticmethod
-    def _recover(path: Path, fh: Any, created: bool) -> Replay:
-        fh.seek(0)
-        raw = fh.read()
+    def _recover(path: Path, file: AppendFile) -> Replay:
+        raw = file.read()
         if not raw:
-            fh.write(MAGIC)
-            fh.flush()
-            os.fsync(fh.fileno())
+            file.append(MAGIC)
             return Replay(0, [], 0)
         if not raw.startswith(MAGIC):
             if MAGIC.startswith(raw):  # torn while writing the magic itself
-                fh.truncate(0)
-                return SongLog._recover(path, fh, created)
+                file.truncate(0)
+                return SongLog._recover(path, file)
             raise WalError(f"{path}: not a songrec write-ahead log (bad magic)")
         payloads, valid = scan(raw[len(MAGIC) :], path)
         songs: list[NewSong] = []
@@ -166,9 +171,7 @@ class SongLog:
             log.warning("write-ahead log %s: dropped a torn last record (%d bytes) left by "
                         "an interrupted write; %d complete records kept", path, torn,
                         len(payloads))
-            fh.truncate(len(MAGIC) + valid)
-            fh.flush()
-            os.fsync(fh.fileno())
+            file.truncate(len(MAGIC) + valid)
         return Replay(len(payloads), songs, torn)
 
     def songs(self) -> list[NewSong]:
@@ -180,37 +183,15 @@ class SongLog:
         return len(self._songs)
 
     def append(self, songs: Sequence[NewSong]) -> None:
-        """Write one record holding ``songs`` and fsync it (blocking: call off the loop)."""
+        """Write one record holding ``songs`` and fsync it (blocking: call off the loop).
+        Raises :class:`~server.storage.StorageError`, the log unchanged, when the write
+        fails (:class:`~server.storage.StorageFull`: no space)."""
         payload = json.dumps({"songs": [encode_song(s) for s in songs]},
                              ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         with self._lock:
-            start = os.fstat(self._fh.fileno()).st_size
-            try:
-                self._fh.write(frame(payload))
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
-            except OSError as exc:
-                # Cut the half-written record, so later appends do not follow garbage
-                # (which the next start-up would have to refuse as corruption).
-                try:
-                    self._fh.truncate(start)
-                except OSError:
-                    pass
-                raise WalError(f"{self.path}: append failed ({exc.strerror})") from None
+            self._file.append(frame(payload))
             self._songs.extend(songs)
 
     def close(self) -> None:
         with self._lock:
-            self._fh.close()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a directory entry (a new file is not durable until its directory is)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory fds
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            self._file.close()

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients.soak import ServerProcess
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
+from server.bundle import seal
 from server.config import ServerConfig
 from server.store import default_url, open_store
 from server.testing import ServerThread
@@ -238,7 +239,7 @@ def test_broken_reloads_under_load_fail_no_inference_call(
     fresh = copy_bundle("fresh")
     manifest = json.loads((fresh / "manifest.json").read_text())
     manifest["model_version"] = "fresh-v2"
-    (fresh / "manifest.json").write_text(json.dumps(manifest))
+    (fresh / "manifest.json").write_text(json.dumps(seal(manifest)))
     meta = song_metas(tiny_split, 1)[0]
     requests = [("SimilarSongs", pb2.SimilarSongsRequest(song_id=3, k=10)),
                 ("ContinuePlaylist", pb2.ContinuePlaylistRequest(seed_song_ids=[1, 2, 3])),

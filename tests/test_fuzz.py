@@ -12,8 +12,12 @@ afterwards. The default run is small and derandomized; ``-m slow`` runs many mor
 
 from __future__ import annotations
 
+import json
 import math
+import random
+import shutil
 import struct
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +28,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from clients.soak import ServerProcess
 from protos.songrec.v1 import songrec_pb2 as pb2
+from server.bundle import DIGEST, seal
 from server.config import ServerConfig
+from server.hnswfile import HEADER
 from server.strategies import RANKED, STRATEGIES
 from server.testing import ServerThread
 
@@ -469,3 +476,189 @@ def test_every_rpc_was_exercised(fuzzed: Fuzzed) -> None:
 def test_fuzzed_requests_long_run(fuzzed: Fuzzed, name: str) -> None:
     fuzz_typed(fuzzed, name, LONG, derandomize=False)
     fuzz_raw(fuzzed, name, LONG // 2, derandomize=False)
+
+
+# ---------------------------------------------------------------- bundle mutations
+#
+# Every number of the manifest changed (sealed with a recomputed digest, so that the checks
+# behind it are reached, and not), bytes of each index file's header flipped, with and
+# without skip_verify, each reloaded into a server *process* (a crash shows as a dead
+# server, not a dead test run): the reload is refused with FAILED_PRECONDITION naming a
+# bundle file, or accepted, and either way the server answers as the API promises.
+
+INDEX_FILES = ("songs.hnsw", "playlists.hnsw")
+PROBES: list[tuple[str, Any]] = [
+    ("SimilarSongs", pb2.SimilarSongsRequest(song_id=5, k=10, exclude_song_ids=[7])),
+    ("SimilarSongsBatch", pb2.SimilarSongsBatchRequest(song_ids=[1, 2, 3000], k=20)),
+    ("ContinuePlaylist", pb2.ContinuePlaylistRequest(seed_song_ids=[1, 2, 3])),
+    ("ContinuePlaylist", pb2.ContinuePlaylistRequest(seed_song_ids=[4], strategy="ae-quota")),
+    ("ContinuePlaylist", pb2.ContinuePlaylistRequest(tags=["x"], title="love songs")),
+    ("EncodeSong", pb2.EncodeSongRequest(song=pb2.SongMetadata(
+        genres=["GN0100"], detail_genres=["GN0105"]), k=50)),
+]
+
+
+def numbers(raw: Any, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], Any]]:
+    """(path, value) of every number in a JSON value (booleans are not numbers here)."""
+    if isinstance(raw, dict):
+        return [n for key, value in raw.items() for n in numbers(value, (*path, key))]
+    if isinstance(raw, list):
+        return [n for i, value in enumerate(raw) for n in numbers(value, (*path, i))]
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return [(path, raw)]
+    return []
+
+
+def replacements(value: Any) -> list[Any]:
+    """Other values for a number: near, zero, negative, huge, another type."""
+    if isinstance(value, float):
+        return [value * 2, 0.0, -1.0, 1e308, math.nan, int(value), str(value)]
+    return [value + 1, value - 1, 0, -1, 2 * value + 1, 10**9, 2**63, -(2**63), value + 0.5,
+            str(value), None]
+
+
+def put(raw: Any, path: tuple[Any, ...], value: Any) -> Any:
+    copy = json.loads(json.dumps(raw))
+    target = copy
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return copy
+
+
+class Mutations:
+    """A server process on the tiny bundle and a working copy of it to mutate."""
+
+    def __init__(self, server: ServerProcess, original: Path, work: Path) -> None:
+        self.server = server
+        self.original = original
+        self.work = work
+        self.manifest = json.loads((original / "manifest.json").read_text())
+        self.channel = grpc.insecure_channel(server.target)
+        self.outcomes: Counter[str] = Counter()
+
+    def restore(self) -> None:
+        for name in ("manifest.json", *INDEX_FILES):
+            shutil.copyfile(self.original / name, self.work / name)
+
+    def try_reload(self, what: str, skip_verify: bool) -> None:
+        """Reload the working copy; then the server must be alive and answer correctly."""
+        try:
+            self.channel.unary_unary("/songrec.v1.Admin/ReloadModel")(
+                pb2.ReloadModelRequest(bundle_path=str(self.work),
+                                       skip_verify=skip_verify).SerializeToString(),
+                metadata=AUTH, timeout=CALL_TIMEOUT)
+            outcome = "accepted"
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details() or ""  # type: ignore[attr-defined]
+            assert self.server.process.poll() is None, f"{what}: the server died"
+            assert code is Code.FAILED_PRECONDITION, (what, code, details)
+            # Naming the file: a path inside the bundle.
+            assert "still serving" in details and f"{self.work}/" in details, (what, details)
+            outcome = "refused"
+        self.outcomes[outcome] += 1
+        self.probe(what)
+
+    def probe(self, what: str) -> None:
+        health = health_pb2_grpc.HealthStub(self.channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT).status == \
+            health_pb2.HealthCheckResponse.SERVING, what
+        for name, request in PROBES:
+            raw = self.channel.unary_unary(f"/songrec.v1.Recommender/{name}")(
+                request.SerializeToString(), timeout=CALL_TIMEOUT)
+            check_answer(name, request, REQUESTS[name][2].FromString(raw))
+
+    def manifest_numbers(self, sealed: bool, skip_verify: bool, every_value: bool) -> None:
+        for path, value in numbers(self.manifest):
+            if path[0] == DIGEST:
+                continue
+            values = replacements(value) if every_value else replacements(value)[:1]
+            for new in values:
+                raw = put(self.manifest, path, new)
+                text = json.dumps(seal(raw) if sealed else raw)
+                (self.work / "manifest.json").write_text(text)
+                self.try_reload(f"manifest {'/'.join(map(str, path))} = {new!r} "
+                                f"(sealed {sealed}, skip_verify {skip_verify})", skip_verify)
+        self.restore()
+
+    def header_flips(self, skip_verify: bool, masks: tuple[int, ...],
+                     positions: range = range(HEADER.size)) -> None:
+        for name in INDEX_FILES:
+            original = (self.original / name).read_bytes()
+            for position in positions:
+                for mask in masks:
+                    data = bytearray(original)
+                    data[position] ^= mask
+                    (self.work / name).write_bytes(bytes(data))
+                    self.try_reload(f"{name} byte {position} ^ {mask:#x} (skip_verify "
+                                    f"{skip_verify})", skip_verify)
+            (self.work / name).write_bytes(original)
+
+    def body_flips(self, skip_verify: bool, count: int, seed: int) -> None:
+        rng = random.Random(seed)
+        for name in INDEX_FILES:
+            original = (self.original / name).read_bytes()
+            for _ in range(count):
+                position = rng.randrange(HEADER.size, len(original))
+                mask = 1 << rng.randrange(8)
+                data = bytearray(original)
+                data[position] ^= mask
+                (self.work / name).write_bytes(bytes(data))
+                self.try_reload(f"{name} byte {position} ^ {mask:#x} (skip_verify "
+                                f"{skip_verify})", skip_verify)
+            (self.work / name).write_bytes(original)
+
+    def close(self) -> None:
+        self.channel.close()
+        print(f"bundle mutations: {dict(self.outcomes)}")  # shown with pytest -s
+        assert not [line for line in self.server.log_lines() if "Traceback" in line]
+
+
+@pytest.fixture
+def mutations(tiny_bundle: Path, tmp_path: Path) -> Iterator[Mutations]:
+    work = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, work)
+    with ServerProcess(["--bundle", str(tiny_bundle), "--workers", "2", "--no-verify"],
+                       env={"SONGREC_ADMIN_TOKEN": ADMIN, "OMP_NUM_THREADS": "1"}) as server:
+        found = Mutations(server, tiny_bundle, work)
+        yield found
+        found.close()
+
+
+def test_bundle_mutations_are_refused_or_served(mutations: Mutations) -> None:
+    """A short pass: each number of the manifest changed once (sealed), and a few header
+    bytes of each index file flipped, with skip_verify."""
+    mutations.manifest_numbers(sealed=True, skip_verify=True, every_value=False)
+    mutations.header_flips(skip_verify=True, masks=(0x01,), positions=range(0, HEADER.size, 7))
+    assert mutations.outcomes["refused"] and mutations.outcomes["accepted"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3000)
+@pytest.mark.parametrize("skip_verify", [True, False])
+def test_bundle_manifest_mutations_long_run(mutations: Mutations, skip_verify: bool) -> None:
+    """Every number of the manifest, every replacement value, sealed; and unsealed (the
+    digest refuses those)."""
+    mutations.manifest_numbers(sealed=True, skip_verify=skip_verify, every_value=True)
+    refused = mutations.outcomes["refused"]
+    mutations.manifest_numbers(sealed=False, skip_verify=skip_verify, every_value=False)
+    assert mutations.outcomes["refused"] - refused == len(numbers(mutations.manifest))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3000)
+@pytest.mark.parametrize("skip_verify", [True, False])
+def test_index_header_flips_long_run(mutations: Mutations, skip_verify: bool) -> None:
+    """Every header byte of each index file, three ways; with verification on, the sha256
+    refuses every one."""
+    mutations.header_flips(skip_verify=skip_verify, masks=(0x01, 0x80, 0xFF))
+    if not skip_verify:
+        assert not mutations.outcomes["accepted"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3000)
+def test_index_body_flips_long_run(mutations: Mutations) -> None:
+    """Random single-bit flips past the headers, skip_verify: refused, or served within
+    the API's promises (a flipped low bit of a vector is not detectable without sha256)."""
+    mutations.body_flips(skip_verify=True, count=150, seed=11)

@@ -142,6 +142,31 @@ def test_probes_need_no_token(guarded: ServerThread) -> None:
         assert "songrec.v1.Admin" in {s.name for s in reply.list_services_response.service}
 
 
+def test_probes_with_malformed_payloads_get_invalid_argument(
+        guarded: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
+    """Bytes that are no message, sent to health or reflection, get INVALID_ARGUMENT
+    (gRPC's own deserializer answered UNKNOWN and logged a traceback)."""
+    junk = b"\xff\xff\xff"
+    with caplog.at_level("DEBUG"), guarded.channel() as channel:
+        calls = [("Check", channel.unary_unary("/grpc.health.v1.Health/Check"), junk),
+                 ("Watch", channel.unary_stream("/grpc.health.v1.Health/Watch"), junk),
+                 ("ServerReflectionInfo", channel.stream_stream(
+                     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+                  iter([junk]))]
+        for name, method, payload in calls:
+            with pytest.raises(grpc.RpcError) as exc:
+                reply = method(payload, timeout=10)
+                if name != "Check":
+                    list(reply)
+            assert exc.value.code() == Code.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            assert f"not a valid {name} request message" in \
+                exc.value.details()  # type: ignore[attr-defined]
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
 # ---------------------------------------------------------------- TLS end to end
 
 

@@ -21,8 +21,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.soak import ServerProcess
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
+from server.bundle import seal
 from server.config import ServerConfig
 from server.testing import ServerThread
 
@@ -237,7 +239,7 @@ def test_reload_model_success_and_failure(admin_server: ServerThread, copy_bundl
     fresh = copy_bundle("next")
     manifest = json.loads((fresh / "manifest.json").read_text())
     manifest["model_version"] = "reloaded-v2"
-    (fresh / "manifest.json").write_text(json.dumps(manifest))
+    (fresh / "manifest.json").write_text(json.dumps(seal(manifest)))
     broken = copy_bundle("broken")
     data = bytearray((broken / "arrays.npz").read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, wrong checksum
@@ -467,6 +469,51 @@ def test_command_refuses_bad_configuration(args: list[str], message: str) -> Non
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def run_server(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "server", "--port", "0", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_unusable_data_dir_is_one_line_and_status_2(tmp_path: Path) -> None:
+    """A --data-dir naming a file, or on a read-only file system (root: a read-only
+    tmpfs), stops the start with one line naming it (not a traceback and status 1)."""
+    (tmp_path / "file").write_text("")
+    cases = [(tmp_path / "file", "not a directory")]
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    mounted = os.geteuid() == 0 and shutil.which("mount") is not None and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only)],
+        capture_output=True, timeout=30).returncode == 0
+    if mounted:
+        cases += [(read_only, "Read-only file system"),
+                  (read_only / "sub", "Read-only file system")]
+    try:
+        for data_dir, message in cases:
+            result = run_server(["--data-dir", str(data_dir), "--log-level", "ERROR"])
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2, result.stderr
+            assert len(lines) == 1 and str(data_dir) in lines[0] and message in lines[0], \
+                result.stderr
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(read_only)], capture_output=True, timeout=30)
+    if not mounted:
+        pytest.skip("the read-only case needs root and mount (a read-only tmpfs)")
+
+
+def test_sighup_drains_like_sigterm(tiny_bundle: Path) -> None:
+    with ServerProcess(["--bundle", str(tiny_bundle), "--no-verify"],
+                       env={"OMP_NUM_THREADS": "1"}) as server, \
+            grpc.insecure_channel(server.target) as channel:
+        reply = pb2_grpc.RecommenderStub(channel).SimilarSongs(
+            pb2.SimilarSongsRequest(song_id=1, k=2), timeout=30)
+        assert len(reply.neighbours) == 2
+        server.signal(signal.SIGHUP)
+        assert server.wait(timeout=30) == 0
+    messages = server.messages()
+    assert any(m.startswith("shutting down") for m in messages) and messages[-1] == "stopped"
 
 
 def test_port_in_use_is_a_clear_error() -> None:

@@ -22,6 +22,7 @@ from server.engine import SongMeta
 from server.errors import DeadlineExceeded, InvalidArgument, NotFound, status_for
 from server.locks import RWLock
 from server.logs import JsonFormatter
+from server.storage import StorageFailed, StorageFull
 from server.validation import NewSong
 from server.wal import FILE_NAME, HEADER, MAGIC, SongLog, WalError, frame, scan
 from server.workers import Workers
@@ -210,6 +211,10 @@ def test_status_mapping() -> None:
     assert status_for(NotFound("x"))[0] == grpc.StatusCode.NOT_FOUND
     code, message = status_for(BundleError("/b: sha256 mismatch"))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "sha256" in message
+    code, message = status_for(StorageFull("/d/songs.wal: append failed, no space left"))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "no space left" in message
+    assert status_for(StorageFailed("/d/songs.wal: I/O error"))[0] == \
+        grpc.StatusCode.UNAVAILABLE
     code, message = status_for(ZeroDivisionError("secret detail"))
     assert code == grpc.StatusCode.INTERNAL and "secret" not in message
 
@@ -239,11 +244,32 @@ def test_config_flags_beat_environment(tmp_path: Path) -> None:
     (["--max-concurrent-rpcs", "0"], {}, "--max-concurrent-rpcs: 0"),
     (["--token-file", "/no/such/file"], {}, "token file /no/such/file: unreadable"),
     (["--grace", "-1"], {}, "--grace: -1.0 is negative"),
+    (["--grace", "nan"], {}, "--grace: nan is not a finite number"),
+    (["--grace", "inf"], {}, "--grace: inf is not a finite number"),
+    ([], {"SONGREC_GRACE": "-inf"}, "--grace: -inf is not a finite number"),
+    ([], {"SONGREC_ADMIN_TOKEN": " \n"}, "SONGREC_ADMIN_TOKEN: empty"),
+    ([], {"SONGREC_TOKEN": "two words"}, "SONGREC_TOKEN: the token contains whitespace"),
 ])
 def test_config_errors(argv: list[str], env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(argv, env)
     assert message in str(exc.value)
+
+
+def test_tokens_with_surrounding_whitespace_are_stripped(tmp_path: Path) -> None:
+    """A trailing newline (``export T=$(cat file)`` keeps none, an env file may) would make
+    a token no client can present: clients' bearer tokens are stripped too."""
+    config = load_config([], {"SONGREC_ADMIN_TOKEN": "admin-tok\n",
+                              "SONGREC_TOKEN": "\tinference-tok  "})
+    assert (config.admin_token, config.token) == ("admin-tok", "inference-tok")
+    (tmp_path / "tok").write_text("\n file-tok \r\n")
+    assert load_config(["--token-file", str(tmp_path / "tok")], {}).token == "file-tok"
+
+
+def test_data_dir_that_is_a_file_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"--data-dir .*file: not a directory"):
+        load_config(["--data-dir", str(tmp_path / "file")], {})
 
 
 def test_empty_token_file_refused(tmp_path: Path) -> None:
