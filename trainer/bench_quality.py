@@ -50,8 +50,8 @@ AE_VARIANTS: dict[str, list[str]] = {
     "ae-no-plain-mse": ["--loss-weights", "15,0"],
     "ae-cf-only": ["--groups", "playlists"],  # listeners only
     "ae-cb-only": ["--groups", "genres,detail_genres,artists,years"],  # catalogue only
-    # The default column groups plus artists (the Spotify sample's strongest signal).
-    "ae-artists": ["--groups", "playlists,tags,genres,detail_genres,artists"],
+    # The column groups without artists (the default before the learned second stage).
+    "ae-no-artists": ["--groups", "playlists,tags,genres,detail_genres"],
 }
 # Ranker ablations: the "ae" bundle copied, its ranker retrained without one model family's
 # sources and features (``trainer.rank --without``).
@@ -78,8 +78,9 @@ AE_ROWS: list[tuple[str, str, dict[str, Any], str]] = [
     ("ae-rank-no-ae", "ranked", {}, "ranked without the autoencoder's sources and features"),
     ("ae-rank-no-als", "ranked", {}, "ranked without ALS"),
     ("ae-rank-no-cf", "ranked", {}, "ranked without neighbour CF"),
-    ("ae-artists", "ae-hybrid", {}, "ae-hybrid, column groups + artists"),
-    ("ae-artists", "ranked", {}, "ranked, column groups + artists"),
+    ("ae-no-artists", "ae-quota", {}, "ae-quota, column groups without artists"),
+    ("ae-no-artists", "ae-hybrid", {}, "ae-hybrid, column groups without artists"),
+    ("ae-no-artists", "ranked", {}, "ranked, column groups without artists"),
 ]
 
 
