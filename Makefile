@@ -11,7 +11,7 @@ export HNSWLIB_NO_NATIVE := 1
 export OMP_NUM_THREADS ?= 2
 export MKL_NUM_THREADS ?= 2
 
-.PHONY: install sidecars serve test test-all lint protos bench-quality bench-rank bench-train bench-serving bench-load bench-data bench-replicas demo-replicas soak clean
+.PHONY: install sidecars serve test test-all lint protos bench-quality bench-rank bench-train bench-serving bench-heavy bench-load bench-data bench-replicas demo-replicas soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -79,6 +79,11 @@ protos: $(STAMP)
 
 bench-serving: $(STAMP)
 	$(BIN)/python -m clients.bench_serving
+
+# One-song probes while the heaviest SimilarSongsBatch calls run, against a fresh server on
+# the demo bundle; results into docs/BENCHMARKS.md (about a minute).
+bench-heavy: $(STAMP) $(DEMO_BUNDLE)/manifest.json
+	$(BIN)/python -m clients.bench_heavy --bundle $(DEMO_BUNDLE) --out docs/BENCHMARKS.md
 
 # A load test against a running `make serve` (another terminal).
 bench-load: $(STAMP) $(DEMO_SPLIT)/val_questions.json

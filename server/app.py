@@ -53,7 +53,7 @@ from server.strategies import (
 from server.validation import NewSong
 from server.wal import WalError
 from server.wire import WireMessage, similar_responses
-from server.workers import Workers, deadline_of
+from server.workers import Budget, Workers, deadline_of
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +148,18 @@ def similar_responses_of(answers: Sequence[Neighbours], version: str
 def batch_pb(results: Sequence[Neighbours], unknown: Sequence[int],
              version: str) -> pb2.SimilarSongsBatchResponse:
     """Many songs' neighbours as a ``SimilarSongsBatchResponse``."""
-    response = pb2.SimilarSongsBatchResponse(unknown_song_ids=unknown, model_version=version)
-    for found in results:
-        item = response.results.add(song_id=found.song_id, model_version=version)
-        fill_neighbours(item.neighbours, found)
+    response = pb2.SimilarSongsBatchResponse(model_version=version)
+    add_batch_results(response, results, unknown)
     return response
+
+
+def add_batch_results(response: pb2.SimilarSongsBatchResponse, results: Sequence[Neighbours],
+                      unknown: Sequence[int]) -> None:
+    """Append some songs' neighbours (and unknown ids) to a ``SimilarSongsBatchResponse``."""
+    response.unknown_song_ids.extend(unknown)
+    for found in results:
+        item = response.results.add(song_id=found.song_id, model_version=response.model_version)
+        fill_neighbours(item.neighbours, found)
 
 
 def encoded_pb(encoded: Encoded, version: str) -> pb2.EncodeSongResponse:
@@ -281,6 +288,13 @@ class ServingState:
         self.bundle = config.bundle
         self._write_lock = asyncio.Lock()
         self._pending: set[asyncio.Task[Any]] = set()
+
+    async def in_pieces(self, step: Callable[[Budget], bool], cost: int,
+                        context: grpc.aio.ServicerContext) -> None:
+        """Run a call's work a piece at a time (``server.workers``), in the heavy lane
+        from the start when the cost model says it is heavy."""
+        await self.workers.run_pieces(step, deadline_of(context),
+                                      heavy=cost > validation.HEAVY_COST)
 
     def require_model(self) -> LiveModel:
         """The served model; :class:`FailedPrecondition` when none is loaded."""
@@ -434,9 +448,18 @@ class RecommenderServicer(pb2_grpc.RecommenderServicer):
                                ) -> pb2.ContinuePlaylistResponse:
         params = validation.continue_params(request)
         model = self.state.require_model()
-        return await self.state.workers.run(
-            lambda: continuation_pb(model.continue_playlist(params), model.version),
-            deadline_of(context))
+        job = model.continuation(params)
+        response: list[pb2.ContinuePlaylistResponse] = []
+
+        def step(budget: Budget) -> bool:
+            if not job.step(budget):
+                return False
+            assert job.result is not None
+            response.append(continuation_pb(job.result, model.version))
+            return True
+
+        await self.state.in_pieces(step, validation.continue_cost(params), context)
+        return response[0]
 
     async def SimilarSongs(self, request: pb2.SimilarSongsRequest,
                            context: grpc.aio.ServicerContext
@@ -456,12 +479,11 @@ class RecommenderServicer(pb2_grpc.RecommenderServicer):
                                 ) -> pb2.SimilarSongsBatchResponse:
         params = validation.similar_batch_params(request)
         model = self.state.require_model()
-
-        def work() -> pb2.SimilarSongsBatchResponse:
-            results, unknown = model.similar(params)
-            return batch_pb(results, unknown, model.version)
-
-        return await self.state.workers.run(work, deadline_of(context))
+        response = pb2.SimilarSongsBatchResponse(model_version=model.version)
+        job = model.similar_batch(params, lambda found, unknown: add_batch_results(
+            response, found, unknown))
+        await self.state.in_pieces(job.step, validation.similar_cost(params), context)
+        return response
 
     async def EncodeSong(self, request: pb2.EncodeSongRequest,
                          context: grpc.aio.ServicerContext) -> pb2.EncodeSongResponse:
@@ -654,7 +676,7 @@ async def create_server(config: ServerConfig, model: LiveModel | None = None
     if torn:
         metrics.wal_torn.inc()
     health = Health()
-    state = ServingState(config, Workers(config.workers), metrics, health, store)
+    state = ServingState(config, Workers(config.workers, metrics), metrics, health, store)
     gate = Gate(metrics, config.max_concurrent_rpcs, Tokens(config.admin_token, config.token),
                 max_response_bytes=config.max_message_bytes)
     server = grpc.aio.server(

@@ -13,35 +13,45 @@ the same per query in a batch). ``--similar-batch 0`` turns it off.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from server.errors import DeadlineExceeded, ServingError
 from server.live import LiveModel, Neighbours
 from server.metrics import Metrics
-from server.validation import SimilarParams
-from server.workers import Workers
+from server.validation import SLICE_COST, SimilarParams, lookup_cost
+from server.workers import Budget, Progress, Workers
 
 
-@dataclass
+@dataclass(order=True)
 class _Pending:
-    model: LiveModel
-    params: SimilarParams
-    deadline: float | None
-    future: asyncio.Future[Any]  # the response: a message or its wire bytes
+    cost: int  # the cost model's bound: cheaper lookups go first
+    seq: int  # then arrival order
+    model: LiveModel = field(compare=False)
+    params: SimilarParams = field(compare=False)
+    deadline: float | None = field(compare=False)
+    future: asyncio.Future[Any] = field(compare=False)  # the response: a message or bytes
 
 
 Render = Callable[[Sequence[Neighbours], str], Sequence[Any]]
 
 
 class SimilarBatcher:
-    """Queues single-song lookups; one batch at a time runs in a worker as one index query,
-    and the responses are rendered there too, all at once (``render(answers,
+    """Queues single-song lookups; one batch at a time runs in a worker as one index query
+    per slice, and the responses are rendered there too, all at once (``render(answers,
     model_version)`` gives one response per answer, a message or its wire bytes).
 
-    Lookups for different models (during a reload) are answered by their own model.
+    A batch is one piece of work (``server.workers``): the cheapest lookups by the cost
+    model first, as many as fit in the piece's time budget; the rest wait for the next
+    piece with the lookups that arrived meanwhile, so a cheap lookup never waits behind
+    more than one piece of expensive ones. Lookups for different models (during a
+    reload) are answered by their own model.
     """
 
     def __init__(self, workers: Workers, metrics: Metrics, render: Render,
@@ -50,7 +60,8 @@ class SimilarBatcher:
         self.metrics = metrics
         self.render = render
         self.max_batch = max_batch
-        self._queue: list[_Pending] = []
+        self._queue: list[_Pending] = []  # a heap
+        self._seq = itertools.count()
         self._running = False
         self._task: asyncio.Task[None] | None = None  # referenced, so it is not collected
 
@@ -59,7 +70,9 @@ class SimilarBatcher:
         """The neighbours of one song; raises what the lookup raised (e.g. ``NotFound``)."""
         future: asyncio.Future[Any] = \
             asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(model, params, deadline, future))
+        heapq.heappush(self._queue, _Pending(lookup_cost(params.k, len(params.exclude)),
+                                             next(self._seq), model, params, deadline,
+                                             future))
         if not self._running:
             self._running = True
             self._task = asyncio.ensure_future(self._drain())
@@ -68,9 +81,13 @@ class SimilarBatcher:
     async def _drain(self) -> None:
         try:
             while self._queue:
-                batch = self._queue[: self.max_batch]
-                del self._queue[: self.max_batch]
-                await self._run([p for p in batch if self._live(p)])
+                batch: list[_Pending] = []
+                while self._queue and len(batch) < self.max_batch:
+                    pending = heapq.heappop(self._queue)
+                    if self._live(pending):
+                        batch.append(pending)
+                for pending in await self._run(batch):
+                    heapq.heappush(self._queue, pending)
         finally:
             self._running = False
 
@@ -85,16 +102,17 @@ class SimilarBatcher:
             return False
         return True
 
-    async def _run(self, batch: list[_Pending]) -> None:
+    async def _run(self, batch: list[_Pending]) -> list[_Pending]:
+        """Answer what of ``batch`` fits in one piece; returns the lookups left over."""
         if not batch:
-            return
-        self.metrics.similar_batch.observe(len(batch))
-        by_model: dict[int, list[_Pending]] = {}
-        for pending in batch:
-            by_model.setdefault(id(pending.model), []).append(pending)
+            return []
+        progress = Progress(len(batch), SLICE_COST,
+                            np.asarray([p.cost for p in batch], dtype=np.int64))
 
-        def work() -> list[tuple[_Pending, Any]]:
-            out: list[tuple[_Pending, Any]] = []
+        def lookups(start: int, end: int, out: list[tuple[_Pending, Any]]) -> None:
+            by_model: dict[int, list[_Pending]] = {}
+            for pending in batch[start:end]:
+                by_model.setdefault(id(pending.model), []).append(pending)
             for group in by_model.values():
                 model = group[0].model
                 answers = model.similar_each([p.params for p in group])
@@ -106,6 +124,10 @@ class SimilarBatcher:
                 if found:
                     rendered = self.render([a for _, a in found], model.version)
                     out.extend(zip([p for p, _ in found], rendered, strict=True))
+
+        def work() -> list[tuple[_Pending, Any]]:
+            out: list[tuple[_Pending, Any]] = []
+            progress.step(Budget(), lambda start, end: lookups(start, end, out))
             return out
 
         try:
@@ -114,7 +136,8 @@ class SimilarBatcher:
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
-            return
+            return []
+        self.metrics.similar_batch.observe(len(results))
         for pending, answer in results:
             if pending.future.done():
                 continue
@@ -122,3 +145,4 @@ class SimilarBatcher:
                 pending.future.set_exception(answer)
             else:
                 pending.future.set_result(answer)
+        return batch[progress.done:]

@@ -239,20 +239,22 @@ class Engine:
             return "ae-neighbours"
         return name
 
-    def continue_playlist(self, strategy: str, query: Query) -> Answer:
-        return run_strategy(self.resolve_strategy(strategy), self.catalog, self.songs,
-                            self.playlists, query, self.ranker)
+    def continue_playlist(self, strategy: str, query: Query,
+                          songs: VectorSearch | None = None) -> Answer:
+        """Run a strategy; ``songs``: the song search to use (default: the index), e.g.
+        one holding neighbour lists computed beforehand (``PrefetchedLists``)."""
+        return run_strategy(self.resolve_strategy(strategy), self.catalog,
+                            self.songs if songs is None else songs, self.playlists, query,
+                            self.ranker)
 
-    def similar(self, rows: np.ndarray, k: int, exclude: set[int] | None = None
+    def similar(self, rows: np.ndarray, k: int, exclude: np.ndarray | None = None
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """For each song row, its k nearest other songs (rows, cosine similarities)."""
-        exclude = exclude or set()
-        found = self.songs.neighbours(rows, k + 1 + len(exclude))
-        out = []
-        for row, (labels, sims) in zip(rows.tolist(), found, strict=True):
-            keep = (labels != row) & ~np.isin(labels, list(exclude))
-            out.append((labels[keep][:k], sims[keep][:k]))
-        return out
+        """For each song row, its k nearest other songs not in ``exclude`` (rows, cosine
+        similarities)."""
+        excluded = np.zeros(0, dtype=np.int64) if exclude is None else exclude
+        labels, sims, offsets = self.songs.similar_lists(rows, k, [excluded] * len(rows))
+        bounds = offsets.tolist()
+        return [(labels[a:b], sims[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
 
     def nearest_to(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.songs.search(codes, k)

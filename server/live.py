@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,26 @@ from server.strategies import (
     REASON_PLAYLIST,
     REASON_SEED,
     REASON_TAG,
+    Answer,
+    PrefetchedLists,
     Query,
+    quota_lists,
 )
-from server.validation import ContinueParams, EncodeParams, NewSong, SimilarParams
+from server.validation import (
+    ContinueParams,
+    EncodeParams,
+    NewSong,
+    SimilarParams,
+    first_slice,
+    lookup_cost,
+)
+from server.workers import Budget, Progress
 
 log = logging.getLogger(__name__)
 
 ENCODE_CHUNK = 1000  # songs per encoder call when replaying the log
+INSERT_FIRST = 16  # songs in the first slice of an insert; later slices are timed
+READERS_TURN_S = 0.001  # the pause between pieces of an insert, for waiting queries
 
 
 @dataclass(frozen=True)
@@ -136,7 +150,7 @@ class LiveModel:
             rows[i] = self._row_of_added.get(song_ids[i], -1)
         return rows
 
-    def ids_of(self, rows: Sequence[int]) -> list[int]:
+    def ids_of(self, rows: Sequence[int] | np.ndarray) -> list[int]:
         """External ids of rows (call under the lock)."""
         song_ids = self.engine.catalog.song_ids
         n = len(song_ids)
@@ -154,7 +168,18 @@ class LiveModel:
     # ------------------------------------------------------------ queries
 
     def continue_playlist(self, params: ContinueParams) -> Continuation:
-        """Run a strategy on a question given in external ids."""
+        """Run a strategy on a question given in external ids (in one go)."""
+        job = self.continuation(params)
+        job.step(Budget(None))
+        assert job.result is not None
+        return job.result
+
+    def continuation(self, params: ContinueParams) -> ContinuationJob:
+        """A question to answer in pieces of bounded time (:class:`ContinuationJob`)."""
+        return ContinuationJob(self, params)
+
+    def _question(self, params: ContinueParams) -> tuple[Query, list[int], list[str]]:
+        """The question in rows, the unknown seed ids and tags (call under the lock)."""
         catalog = self.engine.catalog
         tag_rows, unknown_tags = [], []
         for tag in params.tags:
@@ -163,42 +188,50 @@ class LiveModel:
                 unknown_tags.append(tag)
             else:
                 tag_rows.append(index)
-        with self.lock.read():
-            seeds, unknown = self.rows_of(params.seed_ids)
-            query = Query(seeds, np.asarray(tag_rows, dtype=np.int32), params.title,
-                          params.updt_date, params.n_songs, params.n_tags, params.drop_future)
-            answer = self.engine.continue_playlist(params.strategy, query)
-            rows = answer.songs.tolist()
-            song_ids = self.ids_of(rows)
-            reasons: list[tuple[str, int | str | None]] = []
-            for kind, source in answer.reasons:
-                if kind in (REASON_SEED, REASON_ARTIST):
-                    reasons.append((kind, self.ids_of([source])[0]))
-                elif kind == REASON_PLAYLIST:
-                    reasons.append((kind, source))
-                elif kind == REASON_TAG:
-                    reasons.append((kind, catalog.tags[source]))
-                else:
-                    reasons.append((kind, None))
-            names = self.names_of(rows) if params.include_names else None
+        seeds, unknown = self.rows_of(params.seed_ids)
+        return (Query(seeds, np.asarray(tag_rows, dtype=np.int32), params.title,
+                      params.updt_date, params.n_songs, params.n_tags, params.drop_future),
+                unknown, unknown_tags)
+
+    def _continuation(self, params: ContinueParams, answer: Answer, unknown: list[int],
+                      unknown_tags: list[str]) -> Continuation:
+        """A strategy's answer in external ids (call under the lock)."""
+        catalog = self.engine.catalog
+        rows = answer.songs.tolist()
+        song_ids = self.ids_of(rows)
+        reasons: list[tuple[str, int | str | None]] = []
+        for kind, source in answer.reasons:
+            if kind in (REASON_SEED, REASON_ARTIST):
+                reasons.append((kind, self.ids_of([source])[0]))
+            elif kind == REASON_PLAYLIST:
+                reasons.append((kind, source))
+            elif kind == REASON_TAG:
+                reasons.append((kind, catalog.tags[source]))
+            else:
+                reasons.append((kind, None))
+        names = self.names_of(rows) if params.include_names else None
         return Continuation(song_ids, answer.song_scores.tolist(), reasons, names,
                             [catalog.tags[t] for t in answer.tags.tolist()],
                             answer.tag_scores.tolist(), unknown, unknown_tags,
                             self.engine.resolve_strategy(params.strategy))
 
     def similar(self, params: SimilarParams) -> tuple[list[Neighbours], list[int]]:
-        """Nearest songs of each known id (in request order), and the unknown ids."""
-        with self.lock.read():
-            rows, unknown = self.rows_of(params.song_ids)
-            missing = set(unknown)
-            known_ids = [i for i in params.song_ids if i not in missing]
-            exclude_rows, _ = self.rows_of(sorted(params.exclude))
-            found = (self.engine.similar(rows, params.k, set(exclude_rows.tolist()))
-                     if len(rows) else [])
-            results = [self._neighbours(song_id, labels.tolist(), sims.tolist(),
-                                        params.include_names)
-                       for song_id, (labels, sims) in zip(known_ids, found, strict=True)]
+        """Nearest songs of each known id (in request order), and the unknown ids (in one
+        go; :meth:`similar_batch` works in pieces)."""
+        results: list[Neighbours] = []
+        unknown: list[int] = []
+
+        def emit(found: list[Neighbours], missing: list[int]) -> None:
+            results.extend(found)
+            unknown.extend(missing)
+
+        self.similar_batch(params, emit).step(Budget(None))
         return results, unknown
+
+    def similar_batch(self, params: SimilarParams,
+                      emit: Callable[[list[Neighbours], list[int]], None]) -> SimilarJob:
+        """Many songs' neighbours in pieces of bounded time (:class:`SimilarJob`)."""
+        return SimilarJob(self, params, emit)
 
     def similar_one(self, params: SimilarParams) -> Neighbours:
         """``similar`` for a single id; :class:`NotFound` when the index lacks it."""
@@ -215,40 +248,32 @@ class LiveModel:
             known = np.flatnonzero(rows >= 0)
             found: dict[int, Neighbours] = {}
             if len(known):
-                found = dict(zip(known.tolist(), self._similar_known(
-                    [requests[i] for i in known.tolist()], rows[known]), strict=True))
+                chosen = [requests[i] for i in known.tolist()]
+                nothing = np.zeros(0, dtype=np.int64)
+                excluded = [self.rows_of(sorted(p.exclude))[0] if p.exclude else nothing
+                            for p in chosen]
+                found = dict(zip(known.tolist(), self._neighbour_lists(
+                    [p.song_ids[0] for p in chosen], rows[known],
+                    np.asarray([p.k for p in chosen]), excluded,
+                    [p.include_names for p in chosen]), strict=True))
             return [found[i] if i in found else NotFound(
                 f"song_id: {params.song_ids[0]} is not in the index of model "
                 f"{self.version} ({self.n_bundle + self.n_added} songs)")
                 for i, params in enumerate(requests)]
 
-    def _similar_known(self, requests: Sequence[SimilarParams], rows: np.ndarray
-                       ) -> list[Neighbours]:
-        """One lookup for the whole batch, sliced per request: numpy's cost per call, not
-        the work, dominated when each request was answered on its own."""
-        excluded = {i: self.rows_of(sorted(p.exclude))[0]
-                    for i, p in enumerate(requests) if p.exclude}
-        # One query for all: deep enough for the most demanding request.
-        depth = max(p.k + 1 + len(excluded.get(i, ())) for i, p in enumerate(requests))
-        labels, sims, offsets = self.engine.songs.neighbour_lists(rows, depth)
-        owner = np.repeat(np.arange(len(rows)), np.diff(offsets))
-        keep = labels != rows[owner]
-        for i, rows_out in excluded.items():
-            part = slice(int(offsets[i]), int(offsets[i + 1]))
-            keep[part] &= ~np.isin(labels[part], rows_out)
-        # Each request's first k kept neighbours: rank among the kept, within its list.
-        kept_so_far = np.cumsum(keep)
-        rank = kept_so_far - np.concatenate([[0], kept_so_far])[offsets[:-1]][owner]
-        keep &= rank <= np.asarray([p.k for p in requests])[owner]
-        chosen = labels[keep]
-        ids, similarities = self.ids_of(chosen), sims[keep].tolist()
-        names = (self.names_of(chosen.tolist())
-                 if any(p.include_names for p in requests) else None)
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(owner[keep],
-                                                            minlength=len(rows)))]).tolist()
-        return [Neighbours(p.song_ids[0], ids[a:b], similarities[a:b],
-                           names[a:b] if names is not None and p.include_names else None)
-                for p, a, b in zip(requests, bounds, bounds[1:], strict=False)]
+    def _neighbour_lists(self, song_ids: Sequence[int], rows: np.ndarray,
+                         k: int | np.ndarray, excluded: Sequence[np.ndarray],
+                         include_names: Sequence[bool]) -> list[Neighbours]:
+        """The neighbours of known songs, one lookup for all (call under the lock):
+        numpy's cost per call, not the work, dominated when each was answered alone."""
+        labels, sims, offsets = self.engine.songs.similar_lists(rows, k, excluded)
+        ids, similarities = self.ids_of(labels), sims.tolist()
+        names = self.names_of(labels.tolist()) if any(include_names) else None
+        bounds = offsets.tolist()
+        return [Neighbours(song_id, ids[a:b], similarities[a:b],
+                           names[a:b] if names is not None and with_names else None)
+                for song_id, with_names, a, b in zip(song_ids, include_names, bounds,
+                                                     bounds[1:], strict=False)]
 
     def encode(self, params: EncodeParams) -> Encoded:
         """Code of an unseen song and its nearest songs."""
@@ -295,16 +320,25 @@ class LiveModel:
         return codes
 
     def insert(self, songs: Sequence[NewSong], codes: np.ndarray) -> None:
-        """Add encoded songs to the index (exclusive lock; grows the index when full)."""
-        if not songs:
-            return
-        with self.lock.write():
-            start = self.n_bundle + len(self._added_ids)
-            self.engine.songs.add(codes, np.arange(start, start + len(songs), dtype=np.int64))
-            for offset, song in enumerate(songs):
-                self._row_of_added[song.song_id] = start + offset
-                self._added_ids.append(song.song_id)
-                self._added_names.append((song.name, song.artists))
+        """Add encoded songs to the index (grows it when full). Queries cannot run while
+        the exclusive lock is held, so songs go in a piece (``server.workers``) at a time,
+        with a pause between pieces for the queries that waited: a thousand songs at once
+        held every query for their whole insert (~80 ms on the demo bundle, about ten times
+        that with Melon's wider codes and denser graph)."""
+        progress = Progress(len(songs), INSERT_FIRST)
+
+        def add(first: int, end: int) -> None:
+            with self.lock.write():
+                start = self.n_bundle + len(self._added_ids)
+                self.engine.songs.add(codes[first:end],
+                                      np.arange(start, start + end - first, dtype=np.int64))
+                for offset, song in enumerate(songs[first:end]):
+                    self._row_of_added[song.song_id] = start + offset
+                    self._added_ids.append(song.song_id)
+                    self._added_names.append((song.name, song.artists))
+
+        while not progress.step(Budget(), add):
+            time.sleep(READERS_TURN_S)
 
     def replay(self, songs: Sequence[NewSong]) -> tuple[int, int]:
         """Add stored songs (skipping served ones and, with a warning naming them, ones
@@ -345,3 +379,84 @@ class LiveModel:
                 "song_index": dataclasses.replace(m.song_index, ef=self.engine.songs.index.ef),  # type: ignore[attr-defined]
                 "playlist_index": dataclasses.replace(
                     m.playlist_index, ef=self.engine.playlists.index.ef)}  # type: ignore[attr-defined]
+
+
+class SimilarJob:
+    """``SimilarSongsBatch`` worked through in slices of its ids, a piece at a time
+    (:meth:`step`, see ``server.workers``); ``emit(results, unknown)`` gets each slice's
+    answers in request order. Exclusions are looked up again in each piece: songs may be
+    added between pieces."""
+
+    def __init__(self, model: LiveModel, params: SimilarParams,
+                 emit: Callable[[list[Neighbours], list[int]], None]) -> None:
+        self.model = model
+        self.params = params
+        self.emit = emit
+        self.progress = Progress(len(params.song_ids), first_slice(
+            lookup_cost(params.k, len(params.exclude))))
+        self._excluded = np.zeros(0, dtype=np.int64)
+
+    def step(self, budget: Budget) -> bool:
+        """Work until ``budget`` is spent; True once every id is answered."""
+        model = self.model
+        with model.lock.read():
+            self._excluded = model.rows_of(sorted(self.params.exclude))[0]
+            return self.progress.step(budget, self._slice)
+
+    def _slice(self, start: int, end: int) -> None:
+        ids = self.params.song_ids[start:end]
+        model = self.model
+        rows, unknown = model.rows_of(ids)
+        missing = set(unknown)
+        known = [i for i in ids if i not in missing]
+        found = model._neighbour_lists(known, rows, self.params.k,
+                                       [self._excluded] * len(rows),
+                                       [self.params.include_names] * len(rows))
+        self.emit(found, unknown)
+
+
+class ContinuationJob:
+    """``ContinuePlaylist`` worked through a piece at a time (:meth:`step`, see
+    ``server.workers``): the seed lists that need graph searches (songs added at run time,
+    bundles without a neighbour table) are computed a slice of seeds at a time, then the
+    strategy runs on them (:class:`~server.strategies.PrefetchedLists`). A question whose
+    lists all come from the table is answered in its first piece. ``result`` holds the
+    answer once :meth:`step` has returned True."""
+
+    def __init__(self, model: LiveModel, params: ContinueParams) -> None:
+        self.model = model
+        self.params = params
+        self.result: Continuation | None = None
+        self._question: tuple[Query, list[int], list[str]] | None = None
+        self._lists: PrefetchedLists | None = None
+        self._graph_rows = np.zeros(0, dtype=np.int64)
+        self.progress = Progress(0)
+
+    def step(self, budget: Budget) -> bool:
+        """Work until ``budget`` is spent; True once ``result`` is set."""
+        model = self.model
+        with model.lock.read():
+            if self._question is None:
+                self._start()
+            if not self.progress.finished:
+                if not self.progress.step(budget, self._fetch) or budget.left() <= 0:
+                    return False
+            assert self._question is not None
+            query, unknown, unknown_tags = self._question
+            answer = model.engine.continue_playlist(self.params.strategy, query, self._lists)
+            self.result = model._continuation(self.params, answer, unknown, unknown_tags)
+        return True
+
+    def _start(self) -> None:
+        model = self.model
+        self._question = model._question(self.params)
+        rows, k = quota_lists(self._question[0])
+        songs = model.engine.songs
+        self._graph_rows = rows[songs.needs_graph(rows, k, allow_short=True)]
+        if len(self._graph_rows):
+            self._lists = PrefetchedLists(songs, k)
+            self.progress = Progress(len(self._graph_rows), first_slice(k))
+
+    def _fetch(self, start: int, end: int) -> None:
+        assert self._lists is not None
+        self._lists.fetch(self._graph_rows[start:end])

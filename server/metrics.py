@@ -1,5 +1,6 @@
 """Prometheus metrics of one server: requests and latency by method and status code, the
-index size, the model version, reloads. Each server has its own registry (tests run many)."""
+index size, the model version, reloads, the worker lanes. Each server has its own registry
+(tests run many)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ log = logging.getLogger(__name__)
 # From a sub-millisecond similar-songs lookup to a multi-second model reload.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0)
+# Pieces of model work aim at 20 ms (server.workers.PIECE_SECONDS): finer around that.
+PIECE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 1.0, 10.0)
 
 
 class Metrics:
@@ -52,6 +55,26 @@ class Metrics:
         self.similar_batch = Histogram("songrec_similar_batch_size",
                                        "SimilarSongs lookups answered per index query",
                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        # The worker lanes (server.workers): how long work waits for a thread is what
+        # saturation looks like; health stays SERVING (docs/OPERATIONS.md, Observe).
+        self.work_wait = Histogram("songrec_work_wait_seconds",
+                                   "time a piece of model work waited for a worker, by lane",
+                                   ["lane"], buckets=LATENCY_BUCKETS, registry=r)
+        self.work_queued = Gauge("songrec_work_queued", "pieces of model work waiting for a "
+                                 "worker, by lane", ["lane"], registry=r)
+        self.piece_seconds = Histogram("songrec_work_piece_seconds",
+                                     "time a piece of model work held a worker, by lane",
+                                     ["lane"], buckets=PIECE_BUCKETS, registry=r)
+        self.heavy_calls = Gauge("songrec_heavy_calls",
+                                 "calls in progress that are heavy by the cost model",
+                                 registry=r)
+        self.stopped_calls = Counter("songrec_stopped_calls",
+                                     "calls stopped between pieces of their work, by why "
+                                     "(deadline, cancelled)", ["reason"], registry=r)
+        for lane in ("light", "heavy"):  # exported at 0 before the first call
+            self.work_wait.labels(lane)
+            self.work_queued.labels(lane)
+            self.piece_seconds.labels(lane)
         self._http: Any = None
         # (method, code) -> (counter child, histogram child): labels() validates and locks
         # on every call, which the hot path need not repeat for a pair it has seen.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -606,17 +607,47 @@ class HnswSearch:
         bounds = offsets.tolist()
         return [(labels[a:b], sims[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
 
+    def needs_graph(self, rows: np.ndarray, k: int, *, allow_short: bool = False
+                    ) -> np.ndarray:
+        """Which of ``rows`` :meth:`neighbour_lists` answers from the graph (the rest come
+        from the table): songs added at run time, lists deeper than the table (unless
+        ``allow_short``), every row without a table."""
+        rows = np.asarray(rows, dtype=np.int64)
+        table = self._table_rows
+        if table is None or (not allow_short and k > table.shape[1] + 1):
+            return np.ones(len(rows), dtype=bool)
+        graph: np.ndarray = rows >= self._n_fixed
+        return graph
+
     def neighbour_lists(self, rows: np.ndarray, k: int, *, allow_short: bool = False
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`neighbours` as flat arrays: rows, similarities and ``offsets`` (the list
-        of ``rows[i]`` is ``offsets[i]:offsets[i + 1]``)."""
+        of ``rows[i]`` is ``offsets[i]:offsets[i + 1]``). Each row's list depends on that
+        row alone: the table answers the rows it can even when others need the graph."""
         rows = np.asarray(rows, dtype=np.int64)
+        graph = self.needs_graph(rows, k, allow_short=allow_short)
+        if len(rows) == 0 or graph.all():
+            return self._graph_lists(rows, k)
+        if not graph.any():
+            return self._table_lists(rows, k)
+        inside = np.flatnonzero(~graph)
+        outside = np.flatnonzero(graph)
+        return merge_lists(len(rows), [(inside, *self._table_lists(rows[inside], k)),
+                                       (outside, *self._graph_lists(rows[outside], k))])
+
+    def _graph_lists(self, rows: np.ndarray, k: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if len(rows) == 0:
+            return (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32),
+                    np.zeros(1, dtype=np.int64))
+        labels, sims = self.search(self.vectors(rows), k)
+        return (labels.ravel(), sims.ravel(),
+                np.arange(len(labels) + 1, dtype=np.int64) * labels.shape[1])
+
+    def _table_lists(self, rows: np.ndarray, k: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         table = self._table_rows
-        if (table is None or len(rows) == 0 or bool((rows >= self._n_fixed).any())
-                or (not allow_short and k > table.shape[1] + 1)):
-            labels, sims = self.search(self.vectors(rows), k)
-            return (labels.ravel(), sims.ravel(),
-                    np.arange(len(labels) + 1, dtype=np.int64) * labels.shape[1])
+        assert table is not None
         reps = self._labels(rows)
         slots = self._slot_of[reps]
         # The song itself (its group) first, as a graph search for its own vector has it.
@@ -635,6 +666,149 @@ class HnswSearch:
             cand = np.take_along_axis(cand, order, axis=1)
             cand_sims = np.take_along_axis(cand_sims, order, axis=1)
         return self._expand_rows(cand, cand_sims, k)
+
+    def similar_lists(self, rows: np.ndarray, k: int | np.ndarray,
+                      exclude: Sequence[np.ndarray]
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each row, its first ``k`` (or ``k[i]``) neighbours other than itself and the
+        rows of ``exclude[i]``, as flat arrays like :meth:`neighbour_lists`.
+
+        Each list is looked up ``k + 1`` deep first (the table answers that for bundle
+        songs); a row whose exclusions took places is looked up again, deeper (twice as
+        deep, or past twice the exclusions it met), never past ``k + 1 + len(exclude[i])``,
+        which always suffices. An exclusion costs one flag lookup per candidate, and deep
+        searches only for the rows whose neighbours it really removes. Rows that share an
+        exclusion list should share the array object: it is marked once for all of them.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        n = len(rows)
+        same_k = k if isinstance(k, int) else (
+            int(k[0]) if n and bool((k == k[0]).all()) else None)
+        if same_k is not None and not any(map(len, exclude)):  # the common case, quickly
+            labels, sims, offsets = self.neighbour_lists(rows, same_k + 1)
+            owner = np.repeat(np.arange(n), np.diff(offsets))
+            keep = first_per_list(labels != rows[owner], owner, offsets, same_k)
+            counts = np.bincount(owner[keep], minlength=n)
+            return (labels[keep], sims[keep],
+                    np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        ks = np.broadcast_to(np.asarray(k, dtype=np.int64), (n,))
+        depth = ks + 1
+        caps = depth + np.fromiter(map(len, exclude), dtype=np.int64, count=n)
+        uniform = same_k is not None
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        pending = np.arange(n)
+        while len(pending):
+            deeper = []
+            if uniform and len(parts) == 0 and len(pending) == n:
+                groups = [(pending, int(depth[0]) if n else 1)]
+            else:  # rows as deep are searched together
+                groups = [(pending[depth[pending] == d], d)
+                          for d in np.unique(depth[pending]).tolist()]
+            for group, d in groups:
+                part, again, more = self._similar_pass(rows[group], ks[group], d,
+                                                       caps[group], exclude, group)
+                if part is not None:
+                    if len(part[0]) == n:  # every list done in one pass: the common case
+                        return part[1], part[2], part[3]
+                    parts.append(part)
+                depth[group[again]] = more
+                deeper.append(group[again])
+            pending = np.concatenate(deeper)
+        return merge_lists(n, parts)
+
+    def _similar_pass(self, rows: np.ndarray, ks: np.ndarray, d: int, caps: np.ndarray,
+                      exclude: Sequence[np.ndarray], positions: np.ndarray
+                      ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
+                                 np.ndarray, np.ndarray]:
+        """One lookup ``d`` deep for :meth:`similar_lists`: the finished lists (positions,
+        labels, sims, offsets; None when none is), which rows must go deeper, and how deep."""
+        labels, sims, offsets = self.neighbour_lists(rows, d)
+        lengths = np.diff(offsets)
+        owner = np.repeat(np.arange(len(rows)), lengths)
+        keep = labels != rows[owner]
+        if bool((caps > ks + 1).any()):  # some rows have exclusions
+            drop_marked(keep, labels, offsets, [exclude[i] for i in positions.tolist()])
+            kept = np.bincount(owner[keep], minlength=len(rows))
+            final = (kept >= ks) | (lengths < d) | (d >= caps)
+        else:
+            kept = lengths - 1
+            final = np.ones(len(rows), dtype=bool)
+        again = np.flatnonzero(~final)
+        more = np.minimum(caps[again], np.maximum(2 * d, ks[again] + 1 + 2 * (
+            lengths[again] - kept[again])))
+        if len(again) == len(rows):
+            return None, again, more
+        keep = first_per_list(keep, owner, offsets, ks[owner])
+        if len(again):
+            keep &= final[owner]
+        counts = np.bincount(owner[keep], minlength=len(rows))
+        if len(again):
+            counts = counts[final]
+        finished = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return (positions[final], labels[keep], sims[keep], finished), again, more
+
+
+def merge_lists(n: int, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat lists of ``n`` rows from parts ``(positions, labels, sims, offsets)``, each
+    holding the lists of rows ``positions`` (in the layout of :meth:`neighbour_lists`)."""
+    lengths = np.zeros(n, dtype=np.int64)
+    for positions, _, _, offsets in parts:
+        lengths[positions] = np.diff(offsets)
+    out_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    out_labels = np.empty(int(out_offsets[-1]), dtype=np.int64)
+    out_sims = np.empty(int(out_offsets[-1]), dtype=np.float32)
+    for positions, labels, sims, offsets in parts:
+        sizes = np.diff(offsets)
+        owner = np.repeat(np.arange(len(positions)), sizes)
+        within = np.arange(len(labels)) - offsets[:-1][owner]
+        target = out_offsets[positions][owner] + within
+        out_labels[target] = labels
+        out_sims[target] = sims
+    return out_labels, out_sims, out_offsets
+
+
+def first_per_list(keep: np.ndarray, owner: np.ndarray, offsets: np.ndarray,
+                   k: int | np.ndarray) -> np.ndarray:
+    """``keep`` narrowed to the first ``k`` kept entries of each list (``k``: one number,
+    or one per entry)."""
+    kept_so_far = np.cumsum(keep)
+    before = np.concatenate([[0], kept_so_far])[offsets[:-1]]
+    rank: np.ndarray = kept_so_far - before[owner]
+    return keep & (rank <= k)
+
+
+_FLAGS = threading.local()  # one scratch array per worker thread
+
+
+def drop_marked(keep: np.ndarray, labels: np.ndarray, offsets: np.ndarray,
+                marked: Sequence[np.ndarray]) -> None:
+    """Clear ``keep`` where list ``i``'s label is in ``marked[i]``: one flag lookup per
+    label. Flags live in a per-thread array that is set and cleared around each use, so a
+    call costs O(labels + marked), never O(songs) (zeroing 700k flags per call would cost
+    more than the lookups). Consecutive lists sharing one array object are done at once."""
+    i, n = 0, len(marked)
+    while i < n:
+        rows = marked[i]
+        j = i + 1
+        while j < n and marked[j] is rows:
+            j += 1
+        start, end = int(offsets[i]), int(offsets[j])
+        if len(rows) and end > start:
+            part = labels[start:end]
+            flags = _flags(max(int(part.max()), int(rows.max())) + 1)
+            flags[rows] = True
+            keep[start:end] &= ~flags[part]
+            flags[rows] = False
+        i = j
+
+
+def _flags(size: int) -> np.ndarray:
+    flags: np.ndarray | None = getattr(_FLAGS, "array", None)
+    if flags is None or len(flags) < size:
+        flags = np.zeros(max(size, 2 * len(flags) if flags is not None else 0), dtype=bool)
+        _FLAGS.array = flags
+    return flags
 
 
 def _drop(labels: np.ndarray, sims: np.ndarray, skip: np.ndarray, k: int
@@ -819,6 +993,56 @@ def _cold_start(catalog: Catalog, picker: _Picker, query: Query) -> np.ndarray |
     return catalog.tag_popularity.astype(np.float32)
 
 
+def quota_lists(query: Query) -> tuple[np.ndarray, int]:
+    """The neighbour lists ``ae-quota`` reads: the seeds with a share (``quotas``), each
+    list as deep as the whole answer plus the seeds (the write-up kept 100 similar songs
+    per song), so that earlier seeds' picks rarely exhaust a later seed's list. Asked
+    with ``allow_short``."""
+    seeds = query.seeds
+    active = seeds[: min(query.n_songs, len(seeds))]  # quotas: shares > 0 come first
+    return active, query.n_songs + len(seeds)
+
+
+class PrefetchedLists:
+    """A :class:`VectorSearch` that answers some rows' neighbour lists (asked ``k`` deep
+    with ``allow_short``) from lists computed beforehand, e.g. by the server in pieces of
+    bounded time, and passes everything else to ``songs``. A row's list depends on that
+    row alone (:meth:`HnswSearch.neighbour_lists`; hnswlib answers each query of a batch
+    on its own), so the answers are those of one lookup for all."""
+
+    def __init__(self, songs: HnswSearch, k: int) -> None:
+        self.songs = songs
+        self.k = k
+        self._lists: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def fetch(self, rows: np.ndarray) -> None:
+        """Compute and keep the lists of ``rows``."""
+        labels, sims, offsets = self.songs.neighbour_lists(rows, self.k, allow_short=True)
+        bounds = offsets.tolist()
+        for row, a, b in zip(rows.tolist(), bounds, bounds[1:], strict=False):
+            self._lists[row] = (labels[a:b], sims[a:b])
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.songs.search(vectors, k)
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        return self.songs.vectors(labels)
+
+    def count(self) -> int:
+        return self.songs.count()
+
+    def neighbours(self, rows: np.ndarray, k: int, *, allow_short: bool = False
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+        rows = np.asarray(rows, dtype=np.int64)
+        if k != self.k or not allow_short or not self._lists:
+            return self.songs.neighbours(rows, k, allow_short=allow_short)
+        wanted = rows.tolist()
+        rest = np.asarray([r for r in wanted if r not in self._lists], dtype=np.int64)
+        found = dict(zip(rest.tolist(), self.songs.neighbours(rest, k, allow_short=True),
+                         strict=True)) if len(rest) else {}
+        return [self._lists[r] if r in self._lists else found[r] for r in wanted]
+
+
 def ae_quota(catalog: Catalog, songs: VectorSearch, query: Query) -> Answer:
     """The write-up's per-seed quota filling with tag voting."""
     picker = _Picker(catalog, query, songs.count())
@@ -827,11 +1051,9 @@ def ae_quota(catalog: Catalog, songs: VectorSearch, query: Query) -> Answer:
         return _finish(catalog, picker, query, _cold_start(catalog, picker, query))
     shares = quotas(query.n_songs, len(seeds))
     active = [i for i, s in enumerate(shares) if s > 0]
-    # Each seed's list is as deep as the whole answer plus the seeds (the write-up kept 100
-    # similar songs per song), so earlier seeds' picks rarely exhaust a later seed's list.
     # Filtering happens here, in numpy order, not in an index callback.
-    k = query.n_songs + len(seeds)
-    lists = songs.neighbours(seeds[active], k, allow_short=True)
+    rows, k = quota_lists(query)
+    lists = songs.neighbours(rows, k, allow_short=True)
     for pos, i in enumerate(active):
         taken = 0
         labels, sims = lists[pos]

@@ -38,6 +38,13 @@ MAX_META_VALUES = {"genres": 64, "detail_genres": 64, "artist_ids": 64, "playlis
 MAX_NAME_CHARS = 1000
 MAX_PATH_CHARS = 4096
 
+# Cost model: the work of one call in candidate neighbours looked at, an upper bound that
+# the limits above keep finite. One song's list costs k + 1 candidates; with exclusions it
+# is deepened by doubling, never past k + 1 + exclusions, so at most twice that. The work
+# is done in pieces of server.workers.PIECE_SECONDS each, whatever the cost.
+HEAVY_COST = 20_000  # calls costing more run in the heavy lane from their first piece
+SLICE_COST = 2_000  # a piece's first slice holds about this much work; later ones are timed
+
 V = TypeVar("V")
 
 log = logging.getLogger(__name__)
@@ -292,3 +299,29 @@ def reload_params(request: pb2.ReloadModelRequest) -> ReloadParams:
     if "\x00" in path:
         raise InvalidArgument("bundle_path: contains a NUL character")
     return ReloadParams(Path(path) if path else None, not request.skip_verify)
+
+
+# ---------------------------------------------------------------- cost model
+
+
+def lookup_cost(k: int, excluded: int) -> int:
+    """Candidates one song's neighbour list looks at, at most (see the cost model)."""
+    return k + 1 if excluded == 0 else 2 * (k + 1 + excluded)
+
+
+def similar_cost(params: SimilarParams) -> int:
+    """``SimilarSongs``/``SimilarSongsBatch``: ids x lookup cost (at most 1000 x 2 x 2001
+    under the limits; ``song_ids x k`` alone is capped at ``MAX_BATCH_RESULTS``)."""
+    return len(params.song_ids) * lookup_cost(params.k, len(params.exclude))
+
+
+def continue_cost(params: ContinueParams) -> int:
+    """``ContinuePlaylist``: the seeds with a share each read a list ``n_songs + seeds``
+    deep (``ae-quota``, and the other strategies' top-up), then ``n_songs`` are picked."""
+    seeds = len(params.seed_ids)
+    return min(params.n_songs, seeds) * (params.n_songs + seeds) + params.n_songs
+
+
+def first_slice(item_cost: int) -> int:
+    """Items in a piece's first slice, when each costs ``item_cost``."""
+    return max(1, SLICE_COST // max(item_cost, 1))

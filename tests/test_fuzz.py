@@ -17,6 +17,7 @@ import math
 import random
 import shutil
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from hypothesis import strategies as st
 
 from clients.soak import ServerProcess
 from protos.songrec.v1 import songrec_pb2 as pb2
+from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
 from server.bundle import DIGEST, seal
 from server.config import ServerConfig
 from server.hnswfile import HEADER
@@ -662,3 +664,114 @@ def test_index_body_flips_long_run(mutations: Mutations) -> None:
     """Random single-bit flips past the headers, skip_verify: refused, or served within
     the API's promises (a flipped low bit of a vector is not detectable without sha256)."""
     mutations.body_flips(skip_verify=True, count=150, seed=11)
+
+
+# ---------------------------------------------------------------- heavy shapes (issue 11)
+
+HEAVY_ROUNDS = 25
+ADDED = list(range(2_000_000, 2_000_050))  # songs added at run time: graph-served seeds
+
+
+@pytest.fixture(scope="module")
+def heavy(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
+    """A server with the default message limit, so that the heaviest answers are sent and
+    checked, and with songs added at run time (their lists need graph searches)."""
+    state = tmp_path_factory.mktemp("fuzz-heavy-state")
+    config = ServerConfig(bundle=tiny_bundle, port=0, data_dir=state, admin_token=ADMIN,
+                          workers=2)
+    with ServerThread(config) as live:
+        fuzzed = Fuzzed(live, tiny_bundle)
+        code, _, details = fuzzed.call("AddSongs", pb2.AddSongsRequest(songs=[
+            pb2.NewSong(song_id=song_id, metadata=pb2.SongMetadata(
+                genres=["GN0100"], detail_genres=["GN0101"], artist_ids=[i % 7]))
+            for i, song_id in enumerate(ADDED)]).SerializeToString())
+        assert code is Code.OK, details
+        yield fuzzed
+        fuzzed.channel.close()
+
+
+@st.composite
+def heavy_id_lists(draw: Any, cluster: list[int]) -> list[int]:
+    """Close to the limit of 1000 ids: one dense neighbourhood, random known songs, the
+    added songs among them, or one id repeated."""
+    kind = draw(st.sampled_from(["cluster", "random", "added", "repeated"]))
+    size = draw(st.sampled_from([900, 999, 1000]))
+    if kind == "cluster":
+        return cluster[:size]
+    if kind == "repeated":
+        return [cluster[0]] * size
+    ids = draw(st.lists(KNOWN, min_size=size, max_size=size))
+    return ADDED + ids[len(ADDED):] if kind == "added" else ids
+
+
+@st.composite
+def heavy_requests(draw: Any, cluster: list[int]) -> tuple[str, Any]:
+    """SimilarSongsBatch with up to 1000 ids, k up to 1000 and 1000 exclusions (of the
+    same dense neighbourhood, at random, or none), or ContinuePlaylist with 1000 seeds
+    (added songs among them) for 1000 songs."""
+    if draw(st.booleans()):
+        ids = draw(heavy_id_lists(cluster))
+        exclude = draw(st.sampled_from(["same", "cluster", "random", "none"]))
+        excluded = {"same": ids, "cluster": cluster, "none": []}.get(exclude) or draw(
+            st.lists(KNOWN, min_size=1000, max_size=1000))
+        k = draw(st.sampled_from([1, 10, 100, 1000]))
+        if draw(st.booleans()):  # within song_ids x k <= 100000, or just past it
+            ids = ids[: max(1, 100_000 // k + draw(st.sampled_from([0, 0, 1])))]
+        return "SimilarSongsBatch", pb2.SimilarSongsBatchRequest(
+            song_ids=ids, k=k, exclude_song_ids=excluded[:1000],
+            include_names=draw(st.booleans()))
+    seeds = draw(heavy_id_lists(cluster))
+    return "ContinuePlaylist", pb2.ContinuePlaylistRequest(
+        seed_song_ids=list(dict.fromkeys(ADDED + seeds))[:1000],
+        n_songs=draw(st.sampled_from([100, 1000])), strategy=draw(st.sampled_from(STRATEGIES)),
+        drop_future=draw(st.booleans()), updt_date="2015-06-01")
+
+
+@pytest.mark.slow
+def test_heavy_shapes_long_run(heavy: Fuzzed) -> None:
+    """Rounds of 2-4 of the heaviest requests at once, some with deadlines that expire
+    mid-way, while one-song probes go on: every call ends with a deliberate code (a
+    deadline that passes may end one with DEADLINE_EXCEEDED), answers keep the API's
+    promises, probes are answered throughout, and the server ends healthy and idle."""
+    stub = pb2_grpc.RecommenderStub(heavy.channel)
+    near = stub.SimilarSongs(pb2.SimilarSongsRequest(song_id=0, k=999), timeout=CALL_TIMEOUT)
+    cluster = [0, *[n.song_id for n in near.neighbours]]
+    outcomes: set[tuple[str, str]] = set()
+
+    @settings(max_examples=HEAVY_ROUNDS, deadline=None, derandomize=False, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                     HealthCheck.large_base_example])
+    @given(round_=st.lists(st.tuples(heavy_requests(cluster),
+                                     st.sampled_from([0.05, 0.3, CALL_TIMEOUT])),
+                           min_size=2, max_size=4))
+    def run(round_: list[tuple[tuple[str, Any], float]]) -> None:
+        calls = [(name, request, timeout, heavy.calls[name].future(
+            request.SerializeToString(), timeout=timeout, metadata=AUTH))
+            for (name, request), timeout in round_]
+        while not all(call.done() for *_, call in calls):
+            probe = stub.SimilarSongs(pb2.SimilarSongsRequest(song_id=7, k=10),
+                                      timeout=CALL_TIMEOUT)
+            assert len(probe.neighbours) == 10
+        for name, request, timeout, call in calls:
+            error = call.exception()
+            outcomes.add((name, "OK" if error is None else error.code().name))
+            if error is None:
+                check_answer(name, request, REQUESTS[name][2].FromString(call.result()))
+                continue
+            code = error.code()
+            allowed = DELIBERATE | ({Code.DEADLINE_EXCEEDED} if timeout < CALL_TIMEOUT
+                                    else set())
+            assert code in allowed, f"{name}: {code.name}: {error.details()}"
+
+    run()
+    # Both RPCs were answered in full, and deadlines cut some calls short.
+    assert {("SimilarSongsBatch", "OK"), ("ContinuePlaylist", "OK")} <= outcomes, outcomes
+    assert any(code == "DEADLINE_EXCEEDED" for _, code in outcomes), outcomes
+    assert_healthy(heavy)
+    end = time.monotonic() + 30
+    registry = heavy.live.server.state.metrics.registry
+    while time.monotonic() < end and (registry.get_sample_value("songrec_heavy_calls")
+                                      or registry.get_sample_value(
+                                          "songrec_work_queued", {"lane": "heavy"})):
+        time.sleep(0.05)
+    assert registry.get_sample_value("songrec_heavy_calls") == 0
