@@ -51,6 +51,7 @@ serve: $(STAMP) $(DEMO_BUNDLE)/manifest.json
 	$(BIN)/python -m server --bundle $(DEMO_BUNDLE) --port 50051 --data-dir data/serve
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
@@ -59,6 +60,7 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy server clients
+	$(BIN)/lint-imports
 
 bench-quality: $(STAMP)
 	$(BIN)/python -m trainer.bench_quality --out docs/BENCHMARKS.md

@@ -42,9 +42,16 @@ from typing import Any
 import grpc
 import numpy as np
 
-from clients.bench_serving import free_port, machine, replace_marked
+from clients.benchtools import (
+    ServerError,
+    ServerProcess,
+    free_port,
+    machine,
+    replace_marked,
+    shown_command,
+    shown_path,
+)
 from clients.loadtest import BundleSource, LoadError
-from clients.soak import ServerProcess, SoakError
 from protos.songrec.v1 import songrec_pb2 as pb2
 
 PROG = "python -m clients.bench_heavy"
@@ -277,7 +284,8 @@ def _q(values: Sequence[float], q: float) -> str:
 
 def render(report: Report, args: argparse.Namespace, command: str) -> str:
     lines = [f"`{command}` on a {machine()}, {dt.date.today().isoformat()}. Bundle "
-             f"`{args.bundle}`; server flags: `{args.server_args or '(defaults)'}`. Heavy "
+             f"`{shown_path(args.bundle)}`; server flags: "
+             f"`{args.server_args or '(defaults)'}`. Heavy "
              f"call: `SimilarSongsBatch` with {HEAVY_IDS} ids, k {HEAVY_K}, {HEAVY_EXCLUDE} "
              f"excluded ids (*random*: drawn at random; *deep*: ids and exclusions both "
              f"the {HEAVY_IDS} nearest songs of the most popular song). Probe: "
@@ -335,12 +343,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = bench(args)
-    except (SoakError, LoadError, OSError, grpc.RpcError) as exc:
+    except (ServerError, LoadError, OSError, grpc.RpcError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
-    command = "python -m clients.bench_heavy " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    body = render(report, args, command.strip())
+    command = shown_command(PROG, [
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])])
+    body = render(report, args, command)
     print(body)
     if args.out is not None and str(args.out) != "-":
         replace_marked(args.out, body, START, END)

@@ -23,10 +23,8 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +37,18 @@ from typing import Any
 import grpc
 import numpy as np
 
-from clients.client import NO_RETRY, TOKEN_ENV, ClientError, SongRecClient
+from clients.benchtools import (
+    REPO,
+    ServerError,
+    ServerProcess,
+    free_port,
+    latency_histogram,
+    machine,
+    replace_marked,
+    shown_command,
+    shown_path,
+)
+from clients.client import NO_RETRY, TOKEN_ENV, SongRecClient
 from clients.loadtest import (
     METHODS,
     Call,
@@ -50,9 +59,18 @@ from clients.loadtest import (
     build_workload,
     run,
 )
+from server.bundle import (
+    SONG_INDEX,
+    BundleError,
+    load_codes,
+    load_hnsw,
+    load_neighbours,
+    read_codes,
+    read_manifest,
+)
+from server.search import HnswSearch
 
 PROG = "python -m clients.bench_serving"
-REPO = Path(__file__).resolve().parents[1]
 START = "<!-- bench-serving:start -->"
 END = "<!-- bench-serving:end -->"
 RPCS = ("similar", "continue", "encode")
@@ -90,41 +108,6 @@ TARGETS = (Target("similar", "ratio", 0.60, 32), Target("continue", "ratio", 0.3
 
 
 # ---------------------------------------------------------------- small helpers
-
-
-def replace_marked(path: Path, body: str, start_marker: str, end_marker: str) -> None:
-    """Put ``body`` between two marker lines of ``path``; appends the marked section when
-    the file has none, creates the file when missing (torch-free twin of
-    ``trainer.bench_quality.replace_marked``)."""
-    section = f"{start_marker}\n{body.rstrip()}\n{end_marker}"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    start, end = text.find(start_marker), text.find(end_marker)
-    if start >= 0 and end > start:
-        text = text[:start] + section + text[end + len(end_marker):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-
-
-def machine() -> str:
-    """A one-line description of this machine: core count, CPU model, OS, Python."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{os.cpu_count()}-core CPU ({cpu}), {platform.system()}, "
-            f"Python {platform.python_version()}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -190,32 +173,15 @@ class Child:
         self._log.close()
 
 
-def start_server(bundle: Path, port: int, extra: Sequence[str], log: Path,
-                 timeout: float) -> tuple[Child, float]:
-    """Start ``python -m server`` and wait until health says SERVING; returns the process
-    and the seconds from spawn to SERVING."""
-    argv = [sys.executable, "-m", "server", "--bundle", str(bundle), "--port", str(port),
-            *extra]
-    start = time.perf_counter()
-    child = Child(argv, log)
-    with SongRecClient(f"127.0.0.1:{port}", retry=NO_RETRY, token="") as client:
-        while True:
-            if not child.alive():
-                raise LoadError(f"the server exited ({child.proc.returncode}) before "
-                                f"SERVING:\n{child.tail()}")
-            try:
-                if client.health("songrec.v1.Recommender", deadline=2.0) == "SERVING":
-                    return child, time.perf_counter() - start
-            except ClientError as exc:
-                if exc.code not in (grpc.StatusCode.UNAVAILABLE,
-                                    grpc.StatusCode.DEADLINE_EXCEEDED):
-                    child.stop()
-                    raise LoadError(f"health check: {exc}") from None
-            if time.perf_counter() - start > timeout:
-                child.stop()
-                raise LoadError(f"the server was not SERVING after {timeout:.0f} s:\n"
-                                f"{child.tail()}")
-            time.sleep(0.05)
+def start_server(bundle: Path, port: int, extra: Sequence[str], timeout: float
+                 ) -> ServerProcess:
+    """Start ``python -m server`` on ``port``; returns once it is SERVING (its
+    ``startup_s``: the seconds from spawn to SERVING)."""
+    try:
+        return ServerProcess(["--bundle", str(bundle), "--port", str(port), *extra],
+                             host=None, ready_timeout=timeout)
+    except ServerError as exc:
+        raise LoadError(str(exc)) from None
 
 
 def start_echo(responses: Path, code_dim: int, log: Path) -> tuple[Child, int]:
@@ -283,22 +249,10 @@ def index_comparison(bundle: Path, n_queries: int = 1000, k: int = 100,
     Measured for the graph alone and, when the bundle has the neighbour table and codes,
     for the graph plus one hop over the table (``HnswSearch._refine``), at the manifest's
     ``ef`` and smaller and larger ones until recall@k reaches 0.95."""
-    from server.bundle import (
-        SONG_INDEX,
-        load_codes,
-        load_hnsw,
-        load_neighbours,
-        read_manifest,
-    )
-    from server.strategies import HnswSearch
-
     manifest = read_manifest(bundle, verify=False)
     index = load_hnsw(bundle, manifest.song_index, SONG_INDEX)
     labels = np.sort(np.asarray(index.get_ids_list(), dtype=np.int64))
-    # In chunks: one get_items call over 575k x 1024 builds several full copies (OOM here).
-    unit = np.concatenate([np.asarray(index.get_items(labels[i : i + 20_000]),
-                                      dtype=np.float32)
-                           for i in range(0, len(labels), 20_000)])
+    unit = read_codes(index, labels)
     unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(len(labels), size=min(n_queries, len(labels) - 1),
@@ -405,7 +359,7 @@ def render(bench: Bench, command: str) -> str:
         "## Serving",
         "",
         f"`{command}` on a {machine()}, {dt.date.today().isoformat()}. Bundle "
-        f"`{bench.bundle}` (model {bench.model_version}, {bench.indexed_songs:,} songs "
+        f"`{shown_path(bench.bundle)}` (model {bench.model_version}, {bench.indexed_songs:,} songs "
         f"indexed, code dim {bench.code_dim}). Server `{bench.config.get('server', '')}`; "
         f"load: one `clients.loadtest` process "
         f"({bench.config.get('channels', 1)} gRPC connection(s)), closed loop, "
@@ -471,11 +425,10 @@ def render(bench: Bench, command: str) -> str:
 
 def plot(bench: Bench, path: Path, concurrency: int) -> None:
     """Per RPC, the latency histograms of the server and of the echo server."""
-    import matplotlib
+    import matplotlib  # the 'train' extra; only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     levels = sorted({c for _, c in bench.server})
     if not levels:
@@ -492,23 +445,9 @@ def plot(bench: Bench, path: Path, concurrency: int) -> None:
                 series[label] = result.latencies[rpc] * 1e3
         if not series:
             continue
-        # Shared bins, so that the two shapes compare.
-        low = max(min(float(ms.min()) for ms in series.values()), 1e-3)
-        high = max(max(float(ms.max()) for ms in series.values()), low * 2)
-        edges = np.geomspace(low, high, 60)
-        for label, ms in series.items():
-            p50, p99 = np.percentile(ms, [50, 99])
-            ax.hist(ms, bins=edges.tolist(), histtype="step", linewidth=1.5,
-                    label=f"{label}: p50 {p50:.1f}, p99 {p99:.1f} ms")
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        latency_histogram(ax, series, digits=1)
         ax.set_title(f"{RPC_TITLES[rpc]}, concurrency {concurrency}", fontsize=9)
         ax.set_xlabel("latency (ms)")
-        ax.set_ylabel("calls")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -589,7 +528,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def bench(args: argparse.Namespace, rpcs: Sequence[str], argv: Sequence[str]) -> int:
     """Server grid, echo grid, index comparison, then the report (see the module doc)."""
-    from server.bundle import BundleError, read_manifest
 
     bundle: Path = args.bundle
     try:
@@ -606,7 +544,8 @@ def bench(args: argparse.Namespace, rpcs: Sequence[str], argv: Sequence[str]) ->
     workloads = {rpc: build_workload(rpc, questions=questions, bundle=bundle,
                                      pool=args.pool, seed=0, shape=RequestShape(k=100))
                  for rpc in rpcs}
-    command = "make bench-serving" if not argv else f"{PROG} {shlex.join(argv)}"
+    command = ("make bench-serving" if not argv
+               else shown_command(PROG, [shlex.quote(a) for a in argv]))
     if args.plot and args.out != "-":
         # The image link is relative to the markdown file that shows it.
         plot_link = os.path.relpath(Path(args.plot).resolve(), Path(args.out).resolve().parent)
@@ -615,11 +554,13 @@ def bench(args: argparse.Namespace, rpcs: Sequence[str], argv: Sequence[str]) ->
     server_flags = list(args.server_arg)
     result = Bench(bundle=bundle, model_version=manifest.model_version,
                    indexed_songs=manifest.song_index.count, code_dim=manifest.code_dim)
-    result.config = {"server": "python -m server " + shlex.join(["--bundle", str(bundle),
+    result.config = {"server": "python -m server " + shlex.join(["--bundle",
+                                                                  shown_path(bundle),
                                                                   *server_flags]),
                      "duration": args.duration, "warmup": args.warmup,
                      "channels": args.channels,
-                     "concurrency": list(args.concurrency), "questions": str(questions),
+                     "concurrency": list(args.concurrency),
+                     "questions": shown_path(questions) if questions else "None",
                      "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
                      "plot": plot_link}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp_name:
@@ -627,14 +568,14 @@ def bench(args: argparse.Namespace, rpcs: Sequence[str], argv: Sequence[str]) ->
         port = free_port()
         target = f"127.0.0.1:{port}"
         print(f"starting the server on {bundle} ...", flush=True)
-        server, result.startup_s = start_server(bundle, port, server_flags,
-                                                tmp / "server.log", args.startup_timeout)
+        server = start_server(bundle, port, server_flags, args.startup_timeout)
+        result.startup_s = server.startup_s
         echo: Child | None = None
         try:
             print(f"SERVING after {result.startup_s:.1f} s", flush=True)
             with SongRecClient(target, retry=NO_RETRY) as client:
                 result.indexed_songs = client.model_info().indexed_songs
-            result.memory_idle = memory_mb(server.proc.pid)
+            result.memory_idle = memory_mb(server.pid)
             responses = tmp / "responses"
             responses.mkdir()
             result.response_bytes = capture_responses(target, workloads, responses)
@@ -648,7 +589,7 @@ def bench(args: argparse.Namespace, rpcs: Sequence[str], argv: Sequence[str]) ->
                               args.warmup, args.channels)
             result.server = grids["server"]
             result.echo = grids.get("echo", {})
-            result.memory_after = memory_mb(server.proc.pid)
+            result.memory_after = memory_mb(server.pid)
         finally:
             server.stop()
             if echo is not None:

@@ -44,7 +44,9 @@ from typing import Any
 
 import grpc
 import numpy as np
+import orjson
 
+from clients.benchtools import latency_histogram
 from clients.client import (
     DEFAULT_TARGET,
     TARGET_ENV,
@@ -55,6 +57,7 @@ from clients.client import (
     encode_request,
     similar_request,
 )
+from server import bundle as bundle_files
 
 PROG = "python -m clients.loadtest"
 METHODS = {"continue": "/songrec.v1.Recommender/ContinuePlaylist",
@@ -97,8 +100,6 @@ class RequestShape:
 
 def read_json_list(path: Path, what: str) -> list[Any]:
     try:
-        import orjson
-
         raw = orjson.loads(path.read_bytes())
     except OSError as exc:
         raise LoadError(f"{what} {path}: unreadable ({exc.strerror or exc})") from None
@@ -173,17 +174,14 @@ class BundleSource:
     @classmethod
     def load(cls, bundle: Path) -> BundleSource:
         try:
-            with np.load(bundle / "arrays.npz", allow_pickle=False) as npz:
-                get = {key: npz[key] for key in (
-                    "song_ids", "popularity", "issue_dates", "playlist_songs_indptr",
-                    "playlist_songs_indices", "playlist_tags_indptr",
-                    "playlist_tags_indices", "tag_blob", "tag_offsets")}
-            columns = json.loads((bundle / "columns.json").read_text(encoding="utf-8"))
-        except (OSError, KeyError, ValueError) as exc:
-            raise LoadError(f"bundle {bundle}: unreadable ({exc})") from None
-        blob, offsets = get["tag_blob"].tobytes(), get["tag_offsets"].tolist()
-        tags = [blob[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:],
-                                                           strict=True)]
+            get = bundle_files.load_arrays(bundle, (
+                "song_ids", "popularity", "issue_dates", "playlist_songs_indptr",
+                "playlist_songs_indices", "playlist_tags_indptr", "playlist_tags_indices",
+                "tag_blob", "tag_offsets"))
+            columns = bundle_files.load_columns(bundle)
+        except bundle_files.BundleError as exc:
+            raise LoadError(f"bundle {bundle}: {exc}") from None
+        tags = bundle_files.unpack_strings(get["tag_blob"], get["tag_offsets"])
         groups = {g["name"]: [str(k) for k in g["keys"]] for g in columns.get("groups", [])}
         return cls(get["song_ids"], get["popularity"].astype(np.float64),
                    get["issue_dates"],
@@ -666,35 +664,21 @@ def render(report: Mapping[str, Any]) -> str:
 
 def plot(latencies: Mapping[str, np.ndarray], path: Path, title: str) -> None:
     """Latency histograms (log-spaced bins, one step line per RPC) into a PNG."""
-    try:
+    try:  # matplotlib comes with the 'train' extra; only --plot needs it
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
     except ImportError:
         raise LoadError("--plot needs matplotlib (pip install matplotlib, or the project's "
                         "'train' extra)") from None
     present = {k: v * 1e3 for k, v in latencies.items() if len(v)}
     if not present:
         raise LoadError("--plot: no successful calls to draw")
-    low = max(min(float(v.min()) for v in present.values()), 1e-3)
-    high = max(max(float(v.max()) for v in present.values()), low * 2)
-    edges = np.geomspace(low, high, 60)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, ms in sorted(present.items()):
-        p50, p99 = np.percentile(ms, [50, 99])
-        ax.hist(ms, bins=edges.tolist(), histtype="step", linewidth=1.5,
-                label=f"{name}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, n={len(ms)}")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    latency_histogram(ax, dict(sorted(present.items())), counts=True)
     ax.set_xlabel("latency (ms, log scale)")
-    ax.set_ylabel("calls")
     ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -19,11 +19,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from clients.bench_serving import REPO, RPCS, free_port, load_grid, start_server
+from clients.bench_serving import RPCS, load_grid, start_server
+from clients.benchtools import REPO, free_port, shown_command, shown_path
 from clients.loadtest import LoadError, RequestShape, build_workload
 
 PROG = "python -m clients.profile_server"
@@ -97,30 +97,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         for rpc in [r.strip() for r in args.rpcs.split(",") if r.strip()]:
             calls = build_workload(rpc, questions=questions, bundle=args.bundle, pool=2000,
                                    seed=0, shape=RequestShape(k=100))
-            with tempfile.TemporaryDirectory(prefix="profile-") as tmp:
-                port = free_port()
-                server, _ = start_server(args.bundle, port, args.server_arg,
-                                         Path(tmp) / "server.log", 900.0)
-                try:
-                    load_grid({"server": f"127.0.0.1:{port}"}, {rpc: calls},
-                              [args.concurrency], 3.0, 1.0)
-                    folded = args.out_dir / f"{rpc}.folded"
-                    record = subprocess.Popen(
-                        [spy, "record", "--pid", str(server.proc.pid), "--rate",
-                         str(args.rate), "--duration", str(int(args.duration)), "--format",
-                         "raw", "--output", str(folded), "--nonblocking"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                    load_grid({"server": f"127.0.0.1:{port}"}, {rpc: calls},
-                              [args.concurrency], args.duration, 0.5)
-                    _, err = record.communicate(timeout=args.duration + 60)
-                    if record.returncode != 0 or not folded.exists():
-                        print(f"{PROG}: py-spy failed: {err.strip()[-500:]}", file=sys.stderr)
-                        return 2
-                finally:
-                    server.stop()
+            port = free_port()
+            server = start_server(args.bundle, port, args.server_arg, 900.0)
+            try:
+                load_grid({"server": f"127.0.0.1:{port}"}, {rpc: calls},
+                          [args.concurrency], 3.0, 1.0)
+                folded = args.out_dir / f"{rpc}.folded"
+                record = subprocess.Popen(
+                    [spy, "record", "--pid", str(server.pid), "--rate",
+                     str(args.rate), "--duration", str(int(args.duration)), "--format",
+                     "raw", "--output", str(folded), "--nonblocking"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                load_grid({"server": f"127.0.0.1:{port}"}, {rpc: calls},
+                          [args.concurrency], args.duration, 0.5)
+                _, err = record.communicate(timeout=args.duration + 60)
+                if record.returncode != 0 or not folded.exists():
+                    print(f"{PROG}: py-spy failed: {err.strip()[-500:]}", file=sys.stderr)
+                    return 2
+            finally:
+                server.stop()
             total, own, inclusive = fold(folded)
-            header = (f"{PROG} {shlex.join(argv)}\n(rpc {rpc}, concurrency "
-                      f"{args.concurrency}, {args.duration:.0f} s, bundle {args.bundle})")
+            header = (f"{shown_command(PROG, [shlex.quote(a) for a in argv])}\n(rpc {rpc}, "
+                      f"concurrency {args.concurrency}, {args.duration:.0f} s, bundle "
+                      f"{shown_path(args.bundle)})")
             text = render(rpc, total, own, inclusive, args.top, header)
             (args.out_dir / f"{rpc}.txt").write_text(text)
             print(text, flush=True)

@@ -32,10 +32,16 @@ from typing import Any
 import grpc
 import numpy as np
 
-from clients.bench_serving import machine, replace_marked
+from clients.benchtools import (
+    ServerProcess,
+    free_port,
+    machine,
+    replace_marked,
+    shown_command,
+    shown_path,
+)
 from clients.loadtest import LoadConfig, build_workload, run
-from clients.sidecars import LocalNginx, LocalPostgres, free_port
-from clients.soak import ServerProcess
+from clients.sidecars import LocalNginx, LocalPostgres
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
 
@@ -214,7 +220,7 @@ def _pcts(seconds: Sequence[float]) -> dict[str, float]:
 
 def bench(bundle: Path, seconds: float, songs: int) -> dict[str, Any]:
     calls = build_workload("similar", bundle=bundle, pool=2000, seed=1)
-    out: dict[str, Any] = {"machine": machine(), "bundle": str(bundle),
+    out: dict[str, Any] = {"machine": machine(), "bundle": shown_path(bundle),
                            "date": time.strftime("%Y-%m-%d"), "stores": {}}
     for kind in ("sqlite", "postgres"):
         with Fleet(bundle, 2, kind, balancer=False) as fleet:
@@ -315,8 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         return demo(args.bundle, args.port, args.store)
     result = bench(args.bundle, args.seconds, args.songs)
-    command = "python -m clients.replicas " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("/"))
+    command = shown_command("python -m clients.replicas",
+                            list(argv if argv is not None else sys.argv[1:]))
     body = render(result, command)
     print(body)
     if args.out is not None:

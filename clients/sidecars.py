@@ -20,18 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from clients.benchtools import free_port
+
 NGINX_TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "songrec.conf"
 
 
 class SidecarError(RuntimeError):
     """A helper server is not installed or would not start."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def postgres_bin() -> Path | None:

@@ -20,15 +20,10 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
-import queue
 import secrets
 import shlex
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -39,12 +34,18 @@ from typing import Any
 import grpc
 import numpy as np
 
-from clients.bench_serving import machine, replace_marked
+from clients.benchtools import (
+    ServerError,
+    ServerProcess,
+    machine,
+    replace_marked,
+    shown_command,
+    shown_path,
+)
 from clients.loadtest import DEFAULT_MIX, METHODS, Call, LoadError, build_workload, parse_mix
 from protos.songrec.v1 import songrec_pb2 as pb2
 
 PROG = "python -m clients.soak"
-ROOT = Path(__file__).resolve().parents[1]
 START_MARKER = "<!-- soak:start -->"
 END_MARKER = "<!-- soak:end -->"
 SHED = "RESOURCE_EXHAUSTED"  # deliberate load shedding, not an error
@@ -57,150 +58,6 @@ BATCH = "/songrec.v1.Recommender/SimilarSongsBatch"
 
 class SoakError(RuntimeError):
     """The soak cannot run: bad input, or a server that does not start."""
-
-
-# ---------------------------------------------------------------- a server in a child
-
-
-class ServerProcess:
-    """``python -m server`` in a child process with JSON logs on stderr; waits until it
-    listens and reads the port it picked (``--port 0``).
-
-    Parameters
-    ----------
-    args : sequence of str
-        More server flags (``--bundle``, ``--data-dir``, ...).
-    env : mapping, optional
-        Extra environment variables (tokens belong here, not in ``args``: a command line
-        is visible to every user of the machine).
-    host : str or None
-        ``--host`` to pass; None passes none (the server's default).
-    ready_timeout : float
-        Seconds to wait for "listening on".
-    """
-
-    def __init__(self, args: Sequence[str] = (), *, env: Mapping[str, str] | None = None,
-                 host: str | None = "127.0.0.1", ready_timeout: float = 120.0) -> None:
-        command = [sys.executable, "-m", "server", "--port", "0", "--log-format", "json"]
-        if host is not None:
-            command += ["--host", host]
-        command += list(args)
-        self._lines: list[str] = []
-        self._lock = threading.Lock()
-        self._news: queue.Queue[str] = queue.Queue()
-        self.port = 0
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, encoding="utf-8",
-            errors="replace")
-        self._reader = threading.Thread(target=self._read, daemon=True,
-                                        name=f"server-{self.process.pid}-log")
-        self._reader.start()
-        try:
-            self._wait_listening(ready_timeout)
-        except BaseException:
-            self.kill()
-            raise
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self._lock:
-                self._lines.append(line)
-            self._news.put(line)
-
-    def _wait_listening(self, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                line = self._news.get(timeout=0.2)
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    self._reader.join(timeout=5)
-                    raise SoakError(f"the server exited with status {self.process.returncode}"
-                                    f" before listening: {self.tail()}") from None
-                continue
-            message = _message(line)
-            if message.startswith("listening on "):
-                self.port = int(message.split()[2].rsplit(":", 1)[1])
-                return
-        raise SoakError(f"the server did not listen within {timeout:.0f} s: {self.tail()}")
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log_lines(self) -> list[str]:
-        """Every stderr line so far."""
-        with self._lock:
-            return list(self._lines)
-
-    def messages(self) -> list[str]:
-        """The ``msg`` of every JSON log line so far."""
-        return [_message(line) for line in self.log_lines()]
-
-    def tail(self, lines: int = 5) -> str:
-        return " | ".join(line.strip() for line in self.log_lines()[-lines:])
-
-    def rss_bytes(self) -> int | None:
-        """The child's resident set size (Linux ``/proc``); None when unavailable."""
-        return rss_bytes(self.pid)
-
-    def signal(self, sig: int) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-
-    def wait(self, timeout: float | None = None) -> int:
-        """Wait for the exit status (raises ``subprocess.TimeoutExpired``)."""
-        status = self.process.wait(timeout)
-        self._reader.join(timeout=5)
-        return status
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM (a graceful drain), then SIGKILL if it outlasts ``timeout``."""
-        self.signal(signal.SIGTERM)
-        try:
-            return self.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise SoakError(f"the server ignored SIGTERM for {timeout:.0f} s") from None
-
-    def kill(self) -> None:
-        """SIGKILL, no drain (what a crash or the OOM killer does)."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self._reader.join(timeout=5)
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
-
-
-def _message(line: str) -> str:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return line.strip()
-    return str(record.get("msg", "")) if isinstance(record, dict) else line.strip()
-
-
-def rss_bytes(pid: int) -> int | None:
-    """Resident set size of process ``pid`` from ``/proc/<pid>/status`` (None: unknown)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 # ---------------------------------------------------------------- the soak
@@ -461,7 +318,7 @@ def summarize(config: SoakConfig, record: Record, events: Events, final: Mapping
     return {
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),
-        "bundle": str(config.bundle), "duration_s": config.duration,
+        "bundle": shown_path(config.bundle), "duration_s": config.duration,
         "concurrency": config.concurrency, "mix": dict(config.mix),
         "warmup_s": config.warmup_s, "window_s": width,
         "add_every_s": config.add_every, "add_batch": config.add_batch,
@@ -554,7 +411,6 @@ def render(report: Mapping[str, Any], command: str) -> str:
 
 def write_section(path: Path, body: str) -> None:
     """Replace the soak section of ``path`` (appended when missing)."""
-    # The torch- and scipy-free twin of trainer.bench_quality.replace_marked.
     replace_marked(path, body, START_MARKER, END_MARKER)
 
 
@@ -623,12 +479,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {config.duration:g} s at concurrency {config.concurrency} against "
               f"a fresh server on {config.bundle} ...", file=sys.stderr)
         report = soak(config)
-    except (SoakError, LoadError, OSError) as exc:
+    except (SoakError, ServerError, LoadError, OSError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
-    command = "python -m clients.soak " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    body = render(report, command.strip())
+    command = shown_command("python -m clients.soak", [
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])])
+    body = render(report, command)
     print(body)
     if args.out is not None and str(args.out) != "-":
         write_section(args.out, body)

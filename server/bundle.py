@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -283,7 +283,7 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
     return manifest
 
 
-def read_npz(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+def read_npz(path: Path, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Members of an ``.npz`` (all, or ``keys``), loaded without pickle. Members must be
     stored uncompressed, as ``np.savez`` writes them: a compressed one could expand to any
     size in memory (a decompression bomb)."""
@@ -302,9 +302,26 @@ def read_npz(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.nd
         raise BundleError(f"{path}: unreadable ({exc!r})") from None
 
 
-def load_arrays(root: str | Path) -> dict[str, np.ndarray]:
-    """``arrays.npz`` as a dict, loaded without pickle."""
-    return read_npz(Path(root) / ARRAYS)
+def load_arrays(root: str | Path, keys: Sequence[str] | None = None
+                ) -> dict[str, np.ndarray]:
+    """``arrays.npz`` as a dict (only ``keys`` when given), loaded without pickle."""
+    return read_npz(Path(root) / ARRAYS, keys)
+
+
+def pack_strings(items: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings -> (utf-8 blob as uint8, int64 offsets): the pickle-free, compact layout of
+    every list of strings in ``arrays.npz`` (tags, title words, song names)."""
+    encoded = [s.encode("utf-8") for s in items]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+
+
+def unpack_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """The strings :func:`pack_strings` packed."""
+    raw = blob.tobytes()
+    bounds = offsets.tolist()
+    return [raw[a:b].decode("utf-8") for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def save_arrays(root: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -382,6 +399,8 @@ def load_hnsw(root: str | Path, params: IndexParams, name: str, *,
     ``params`` and, when given, the sorted ``labels`` it must hold; after the load, a few
     of its own vectors are searched for (a canary: hnswlib's errors surface here, not in
     a client's call)."""
+    # Imported here: the load test reads a bundle's arrays through this module and must
+    # not need the index library.
     import hnswlib
 
     path = Path(root) / name
@@ -412,6 +431,14 @@ def load_hnsw(root: str | Path, params: IndexParams, name: str, *,
         raise BundleError(f"{path}: a search for its own vectors answered labels or "
                           f"distances it does not hold")
     return index
+
+
+def read_codes(index: Any, labels: np.ndarray, chunk: int = 20_000) -> np.ndarray:
+    """The vectors an hnswlib index stores for ``labels`` (float32), read in chunks: one
+    ``get_items`` call over 575k x 1024 builds several full copies (out of memory)."""
+    return np.concatenate([np.asarray(index.get_items(labels[i : i + chunk]),
+                                      dtype=np.float32)
+                           for i in range(0, len(labels), chunk)])
 
 
 def replace_bundle(staging: Path, final: Path) -> None:

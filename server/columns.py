@@ -103,3 +103,15 @@ def pad_batch(rows: Sequence[np.ndarray], pad: int) -> tuple[np.ndarray, np.ndar
         columns[i, : len(row)] = row
         weights[i, : len(row)] = 1.0
     return columns, weights
+
+
+@dataclass(frozen=True)
+class SongMeta:
+    """A song not in the bundle, described by its metadata (``song_meta.json`` fields)."""
+
+    genres: tuple[str, ...] = ()
+    detail_genres: tuple[str, ...] = ()
+    artists: tuple[int, ...] = ()
+    issue_date: int = 0
+    playlists: tuple[int, ...] = ()
+    tags: tuple[str, ...] = ()

@@ -9,51 +9,36 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from server import bundle as bundle_files
 from server import integrity, voting
 from server.bundle import BundleError, Manifest
-from server.columns import ColumnSpace, pad_batch
-from server.ranking import RANKER_ARRAYS, RANKER_ONNX, Ranker, load_ranker
+from server.catalog import Catalog
+from server.columns import ColumnSpace, SongMeta, pad_batch
+from server.rankdata import RANKER_ARRAYS, RANKER_ONNX
+from server.ranking import Ranker, load_ranker
+from server.search import HnswSearch, VectorSearch
 from server.strategies import (
     DEFAULT_STRATEGY,
     RANKED,
     STRATEGIES,
     Answer,
-    Catalog,
-    HnswSearch,
     Query,
-    VectorSearch,
     run_strategy,
-    unpack_strings,
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SongMeta:
-    """A song not in the bundle, described by its metadata (``song_meta.json`` fields)."""
-
-    genres: tuple[str, ...] = ()
-    detail_genres: tuple[str, ...] = ()
-    artists: tuple[int, ...] = ()
-    issue_date: int = 0
-    playlists: tuple[int, ...] = ()
-    tags: tuple[str, ...] = ()
 
 
 class Encoder:
     """ONNX Runtime session of the bundle's encoder, with deliberate thread counts."""
 
     def __init__(self, path: Path, columns: ColumnSpace, threads: int = 1) -> None:
-        import onnxruntime as ort
-
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -241,20 +226,12 @@ class Engine:
 
     def continue_playlist(self, strategy: str, query: Query,
                           songs: VectorSearch | None = None) -> Answer:
-        """Run a strategy; ``songs``: the song search to use (default: the index), e.g.
-        one holding neighbour lists computed beforehand (``PrefetchedLists``)."""
+        """``strategy`` (as :meth:`resolve_strategy` resolves it) on ``query``; the answer
+        names the strategy that ran. ``songs``: the song search to use (default: the
+        index), e.g. one holding neighbour lists computed beforehand (``PrefetchedLists``)."""
         return run_strategy(self.resolve_strategy(strategy), self.catalog,
                             self.songs if songs is None else songs, self.playlists, query,
                             self.ranker)
-
-    def similar(self, rows: np.ndarray, k: int, exclude: np.ndarray | None = None
-                ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """For each song row, its k nearest other songs not in ``exclude`` (rows, cosine
-        similarities)."""
-        excluded = np.zeros(0, dtype=np.int64) if exclude is None else exclude
-        labels, sims, offsets = self.songs.similar_lists(rows, k, [excluded] * len(rows))
-        bounds = offsets.tolist()
-        return [(labels[a:b], sims[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
 
     def nearest_to(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.songs.search(codes, k)
@@ -264,14 +241,6 @@ class Engine:
         if 0 <= row < self.catalog.n_songs and self._names[0] is not None:
             return (_one_string(*self._names, row), _one_string(*self._artists, row))
         return "", ""
-
-    def info(self) -> dict[str, Any]:
-        m = self.manifest
-        return {"model_version": m.model_version, "songs": self.songs.count(),
-                "bundle_songs": self.catalog.n_songs,
-                "playlists": len(self.catalog.playlist_ids), "tags": len(self.catalog.tags),
-                "code_dim": m.code_dim, "input_dim": m.input_dim,
-                "column_groups": m.column_groups, "song_index": m.song_index.__dict__}
 
 
 def _ranker(root: Path, manifest: Manifest, catalog: Catalog, threads: int) -> Ranker | None:
@@ -306,4 +275,4 @@ def _one_string(blob: Any, offsets: Any, i: int) -> str:
     return bytes(blob[offsets[i] : offsets[i + 1]]).decode("utf-8")
 
 
-__all__ = ["Engine", "Encoder", "SongMeta", "VectorSearch", "unpack_strings"]
+__all__ = ["Engine", "Encoder", "VectorSearch"]

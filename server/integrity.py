@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from server.bundle import Manifest
-from server.strategies import Catalog, NeighbourCF, RowLists
+from server.catalog import Catalog, NeighbourCF, RowLists
 
 
 class IntegrityError(ValueError):

@@ -1,5 +1,7 @@
 """One served model: a loaded bundle plus the songs added at run time, behind a readers-writer
-lock, answering in external ids. Every method blocks: call them from worker threads."""
+lock, answering in external ids. The one place where rows, tag indices and playlist
+positions become song ids, tags, playlist ids and names. Every method blocks: call them
+from worker threads."""
 
 from __future__ import annotations
 
@@ -17,13 +19,13 @@ from server.config import ServerConfig
 from server.engine import Engine
 from server.errors import InvalidArgument, NotFound
 from server.locks import RWLock
-from server.ranking import REASON_ARTIST
+from server.search import PrefetchedLists
 from server.strategies import (
+    REASON_ARTIST,
     REASON_PLAYLIST,
     REASON_SEED,
     REASON_TAG,
     Answer,
-    PrefetchedLists,
     Query,
     quota_lists,
 )
@@ -204,7 +206,7 @@ class LiveModel:
             if kind in (REASON_SEED, REASON_ARTIST):
                 reasons.append((kind, self.ids_of([source])[0]))
             elif kind == REASON_PLAYLIST:
-                reasons.append((kind, source))
+                reasons.append((kind, int(catalog.playlist_ids[source])))
             elif kind == REASON_TAG:
                 reasons.append((kind, catalog.tags[source]))
             else:
@@ -213,7 +215,7 @@ class LiveModel:
         return Continuation(song_ids, answer.song_scores.tolist(), reasons, names,
                             [catalog.tags[t] for t in answer.tags.tolist()],
                             answer.tag_scores.tolist(), unknown, unknown_tags,
-                            self.engine.resolve_strategy(params.strategy))
+                            answer.strategy)
 
     def similar(self, params: SimilarParams) -> tuple[list[Neighbours], list[int]]:
         """Nearest songs of each known id (in request order), and the unknown ids (in one
@@ -419,7 +421,7 @@ class ContinuationJob:
     """``ContinuePlaylist`` worked through a piece at a time (:meth:`step`, see
     ``server.workers``): the seed lists that need graph searches (songs added at run time,
     bundles without a neighbour table) are computed a slice of seeds at a time, then the
-    strategy runs on them (:class:`~server.strategies.PrefetchedLists`). A question whose
+    strategy runs on them (:class:`~server.search.PrefetchedLists`). A question whose
     lists all come from the table is answered in its first piece. ``result`` holds the
     answer once :meth:`step` has returned True."""
 

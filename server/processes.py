@@ -28,9 +28,12 @@ import signal
 from types import FrameType
 
 from server import wire
+from server.app import STOP_SIGNALS, serve
 from server.bundle import BundleError
 from server.config import ConfigError, ServerConfig
+from server.following import catch_up, open_configured_store
 from server.live import LiveModel
+from server.memory import glibc
 from server.store import StoreError
 from server.wal import WalError
 
@@ -42,8 +45,6 @@ PR_SET_PDEATHSIG = 1  # prctl option: a signal for this process when its parent 
 def serve_processes(config: ServerConfig) -> int:
     """Load the bundle, fork ``config.processes`` servers, wait for them; the exit status."""
     assert config.bundle is not None  # checked with the flags
-    from server.app import catch_up, open_configured_store
-
     try:
         model = LiveModel.configured(config, config.bundle, config.verify)
         # Connections are not shared across a fork: this one is closed before it.
@@ -82,23 +83,18 @@ def serve_processes(config: ServerConfig) -> int:
 
 
 def _serve_child(config: ServerConfig, model: LiveModel, number: int) -> int:
-    from server.app import STOP_SIGNALS, serve
-
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)  # serve() installs the loop's own handlers
     _die_with_parent()
     # Each process needs a port of its own for its metrics.
     mine = dataclasses.replace(config, metrics_port=config.metrics_port + number
                                if config.metrics_port else 0)
-
     return asyncio.run(serve(mine, model=model))
 
 
 def _die_with_parent() -> None:
     """Ask Linux for SIGTERM when the parent dies, so no orphan keeps the port."""
-    from server.app import _glibc
-
-    prctl = _glibc("prctl")
+    prctl = glibc("prctl")
     if prctl is not None:
         prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
@@ -106,8 +102,6 @@ def _die_with_parent() -> None:
 def _supervise(children: dict[int, int]) -> int:
     """Wait for every child; pass SIGTERM, SIGINT and SIGHUP on; stop all when one dies
     unasked."""
-    from server.app import STOP_SIGNALS
-
     stopping = False
     status = 0
 

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from protos.songrec.v1 import songrec_pb2 as pb2
 from server import melon
-from server.engine import SongMeta
+from server.columns import SongMeta
 from server.errors import InvalidArgument
 from server.strategies import DEFAULT_STRATEGY, STRATEGIES
 

@@ -194,3 +194,17 @@ def warm_up(indices_dtype: np.dtype | type = np.int32) -> None:
     expand_groups(np.zeros((1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.float32), 1,
                   np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64),
                   np.zeros(1, dtype=np.int64))
+
+
+def best_first(scores: np.ndarray, n: int | None = None) -> np.ndarray:
+    """Positions of the ``n`` best scores (all when None), by score then position.
+
+    Sorts only the chosen, in one compiled pass (:func:`best_positions`): a
+    numpy partition degrades ~15x on masses of equal values (2 ms on 30k tag scores mostly
+    at 0 votes), and the numpy way around that took a dozen calls holding the GIL."""
+    if n is None or n >= len(scores):
+        return np.argsort(-scores, kind="stable")
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    positions: np.ndarray = best_positions(scores, n)
+    return positions

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.engine import SongMeta
+from server.columns import SongMeta
 from server.storage import AppendFile, StorageError
 from server.validation import NewSong
 

@@ -11,11 +11,29 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from clients.benchtools import free_port
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+__all__ = ["free_port", "wait_until"]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0,
+               what: str = "condition") -> float:
+    """Poll ``condition`` until it holds and return the seconds that took; AssertionError
+    naming ``what`` after ``timeout``."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not reached within {timeout:g} s")
+        time.sleep(0.01)
+    return time.monotonic() - start
 
 
 @pytest.fixture(scope="session")

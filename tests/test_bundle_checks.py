@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.soak import ServerProcess
+from clients.benchtools import ServerProcess
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
 from server import bundle as bundle_files

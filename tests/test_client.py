@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import free_port
 
 from clients.client import (
     NO_RETRY,
@@ -61,12 +61,6 @@ def meta(tiny_split: Path) -> dict[int, dict[str, Any]]:
 def question(tiny_split: Path) -> dict[str, Any]:
     questions = json.loads((tiny_split / "val_questions.json").read_text())
     return next(q for q in questions if len(q["songs"]) >= 3)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---------------------------------------------------------------- every method

@@ -12,8 +12,8 @@ import torch
 
 from server import bundle as bundle_files
 from server.bundle import BundleError, read_manifest
-from server.columns import ColumnSpace, pad_batch
-from server.engine import Engine, SongMeta
+from server.columns import ColumnSpace, SongMeta, pad_batch
+from server.engine import Engine
 
 
 def test_onnx_encoder_matches_torch(tiny_split: Path, tmp_path: Path) -> None:

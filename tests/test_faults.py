@@ -22,9 +22,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.soak import ServerProcess
+from clients.benchtools import ServerProcess
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
 from server.bundle import seal
@@ -56,14 +57,6 @@ def song_metas(tiny_split: Path, n: int) -> list[pb2.SongMetadata]:
                              artist_ids=m["artist_id_basket"], issue_date=m["issue_date"],
                              playlist_ids=playlists.get(m["id"], []))
             for m in meta]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"{what}: not reached within {timeout:g} s")
-        time.sleep(0.01)
 
 
 def serving(channel: grpc.Channel) -> bool:

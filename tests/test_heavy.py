@@ -22,9 +22,9 @@ from server import validation
 from server.config import ServerConfig
 from server.engine import Engine, SongMeta
 from server.errors import DeadlineExceeded, ResourceExhausted
+from server.lists import drop_marked
 from server.live import LiveModel
 from server.metrics import Metrics
-from server.strategies import drop_marked
 from server.testing import ServerThread
 from server.validation import ContinueParams, NewSong, SimilarParams
 from server.workers import Budget, Progress, Workers

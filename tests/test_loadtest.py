@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from clients import bench_serving
+from clients.benchtools import replace_marked
 from clients.echo_server import start_echo, synthetic_responses
 from clients.loadtest import (
     LoadConfig,
@@ -225,8 +226,8 @@ def test_bench_serving_report(tmp_path: Path) -> None:
         in text
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\nintro\n")
-    bench_serving.replace_marked(doc, text, bench_serving.START, bench_serving.END)
-    bench_serving.replace_marked(doc, "second", bench_serving.START, bench_serving.END)
+    replace_marked(doc, text, bench_serving.START, bench_serving.END)
+    replace_marked(doc, "second", bench_serving.START, bench_serving.END)
     assert doc.read_text() == ("# Benchmarks\n\nintro\n\n<!-- bench-serving:start -->\n"
                                "second\n<!-- bench-serving:end -->\n")
     png = tmp_path / "lat.png"

@@ -10,7 +10,7 @@ import pytest
 
 from server import bundle as bundle_files
 from server.engine import Engine
-from server.strategies import ExactSearch, HnswSearch
+from server.search import ExactSearch, HnswSearch
 from trainer import neighbours
 from trainer.neighbours import exact_neighbours, recall_against_fp32, table_arrays
 

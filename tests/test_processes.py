@@ -14,8 +14,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from conftest import free_port
 
-from clients.soak import ServerProcess
+from clients.benchtools import ServerProcess
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
 from server.config import ConfigError, load_config
@@ -23,12 +24,6 @@ from server.live import LiveModel
 from server.validation import similar_params
 
 ADMIN = "processes-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def two_free_ports() -> int:

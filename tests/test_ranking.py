@@ -12,16 +12,11 @@ import pytest
 
 from server.bundle import BundleError, read_manifest, write_manifest
 from server.engine import Engine
-from server.ranking import (
-    FEATURES,
-    RANKER_ARRAYS,
-    RANKER_ONNX,
-    REASON_ARTIST,
-    SOURCES,
-    candidate_features,
-)
+from server.rankdata import FEATURES, RANKER_ARRAYS, RANKER_ONNX, SOURCES
+from server.ranking import candidate_features
 from server.strategies import (
     RANKED,
+    REASON_ARTIST,
     REASON_PLAYLIST,
     REASON_SEED,
     STRATEGIES,
@@ -67,9 +62,9 @@ def test_ranked_answers_are_valid_and_every_reason_is_true(engine: Engine) -> No
     kinds = set()
     for row, (kind, source) in zip(songs, answer.reasons, strict=True):
         kinds.add(kind)
-        if kind == REASON_PLAYLIST:
-            pl = int(np.flatnonzero(catalog.playlist_ids == source)[0])
-            assert row in catalog.playlist_songs.row(pl).tolist()
+        if kind == REASON_PLAYLIST:  # a catalog position (LiveModel names the playlist)
+            assert 0 <= source < len(catalog.playlist_ids)
+            assert row in catalog.playlist_songs.row(source).tolist()
         elif kind in (REASON_SEED, REASON_ARTIST):
             assert source in seeds.tolist()
         if kind == REASON_ARTIST:
@@ -181,7 +176,7 @@ def test_ranker_onnx_of_another_width_is_refused(copy_bundle) -> None:  # type: 
     bundle = copy_bundle()
     with np.load(bundle / RANKER_ARRAYS) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    from server.strategies import pack_strings
+    from server.bundle import pack_strings
 
     arrays["feature_blob"], arrays["feature_offsets"] = pack_strings(list(FEATURES[:-1]))
     np.savez(bundle / RANKER_ARRAYS, **arrays)

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.catalog import tokenize
 from trainer.dataset import Dataset, load_dataset
 from trainer.recommenders.base import Popularity, Question, Recommendation, complete
-from trainer.recommenders.knn import PlaylistKNN, gather, title_words
+from trainer.recommenders.knn import PlaylistKNN, gather
 from trainer.recommenders.popular import MostPopular, future_mask, top_k
 from trainer.recommenders.registry import (
     MODELS,
@@ -72,8 +73,24 @@ def write_blocks(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
-    return load_dataset(write_blocks(tmp_path_factory.mktemp("blocks")))
+def blocks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_blocks(tmp_path_factory.mktemp("blocks") / "data")
+
+
+@pytest.fixture(scope="module")
+def data(blocks: Path) -> Dataset:
+    return load_dataset(blocks)
+
+
+@pytest.fixture(scope="module")
+def block_bundle(blocks: Path) -> Path:
+    """An autoencoder trained on the block dataset (``tiny`` preset, seconds)."""
+    from trainer.train import main
+
+    out = blocks.parent / "bundle"
+    assert main(["--data", str(blocks), "--out", str(out), "--preset", "tiny",
+                 "--epochs", "2"]) == 0
+    return out
 
 
 def question(songs: list[int] = (), tags: list[str] = (), title: str = "",
@@ -87,19 +104,19 @@ def block_question(block: int, held_out: int = CORE - 1) -> Question:
     return question([song_id(block, i) for i in range(CORE) if i != held_out])
 
 
-def available_models() -> list[str]:
-    names = []
-    for name in sorted(MODELS):
-        if needs_bundle(name):
-            continue
-        if name == "als":
-            pytest.importorskip("implicit")
-        names.append(name)
-    return names
+# Every registered model; whether its optional package is installed is checked by each
+# test (a collection-time skip would silently drop every model's tests).
+MODEL_NAMES = sorted(MODELS)
+FIT_MODELS = [name for name in MODEL_NAMES if not needs_bundle(name)]
 
 
-def fitted(name: str, data: Dataset):
-    options = {"factors": 8, "iterations": 10} if name == "als" else {}
+def fitted(name: str, data: Dataset, bundle: Path | None = None):
+    if name == "als":
+        pytest.importorskip("implicit")
+    options: dict[str, object] = {"factors": 8, "iterations": 10} if name == "als" else {}
+    if needs_bundle(name):
+        assert bundle is not None
+        options["bundle"] = str(bundle)
     return make_recommender(name, **options).fit(data)
 
 
@@ -116,10 +133,13 @@ QUESTIONS = {
 }
 
 
-@pytest.mark.parametrize("name", available_models())
+@pytest.mark.parametrize("name", MODEL_NAMES)
 @pytest.mark.parametrize("kind", sorted(QUESTIONS))
-def test_contract(data: Dataset, name: str, kind: str) -> None:
-    model = fitted(name, data)
+def test_contract(request: pytest.FixtureRequest, data: Dataset, name: str,
+                  kind: str) -> None:
+    # The bundle models (the autoencoder strategies) keep it too, on a model trained here.
+    bundle = request.getfixturevalue("block_bundle") if needs_bundle(name) else None
+    model = fitted(name, data, bundle)
     q = QUESTIONS[kind]
     rec = model.recommend(q, 100, 10)
     assert isinstance(rec, Recommendation)
@@ -127,8 +147,10 @@ def test_contract(data: Dataset, name: str, kind: str) -> None:
     assert len(rec.songs) == len(rec.song_scores) and len(rec.tags) == len(rec.tag_scores)
     assert np.isin(rec.songs, data.songs.ids).all()
     assert all(isinstance(t, str) and t in data.tags.index for t in rec.tags)
-    # Ranked: best first.
-    assert (np.diff(rec.song_scores) <= 1e-6).all()
+    # Ranked: best first. ae-quota (the write-up's order) lists each seed's share in turn,
+    # each share best first: the scores may rise only where one seed's share ends.
+    rises = int((np.diff(rec.song_scores) > 1e-6).sum())
+    assert rises <= (max(len(q.songs) - 1, 0) if name == "ae-quota" else 0)
     assert (np.diff(rec.tag_scores) <= 1e-6).all()
     assert len(rec.songs) <= 100 and len(rec.tags) <= 10
 
@@ -139,7 +161,7 @@ def test_contract(data: Dataset, name: str, kind: str) -> None:
     assert not set(done.tags) & set(q.tags)
 
 
-@pytest.mark.parametrize("name", available_models())
+@pytest.mark.parametrize("name", FIT_MODELS)
 def test_models_fill_a_full_answer_themselves(data: Dataset, name: str) -> None:
     # complete() only repairs; a model should not lean on it for a plain songs question.
     rec = fitted(name, data).recommend(block_question(0), 100, 10)
@@ -239,8 +261,9 @@ def test_als_ranks_block_songs_first(data: Dataset) -> None:
 
 
 def test_title_words_unicode() -> None:
-    assert title_words("Chill-Out 잔잔한 밤, vol.2") == ["chill", "out", "잔잔한", "밤", "vol", "2"]
-    assert title_words("  !!  ") == []
+    assert tokenize("Chill-Out 잔잔한 밤, vol.2") == ["chill", "out", "잔잔한", "밤", "vol", "2"]
+    assert tokenize("  !!  ") == []
+    assert tokenize("Rock rock ROCK roll") == ["rock", "roll"]
 
 
 def test_gather_reads_many_rows() -> None:

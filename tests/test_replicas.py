@@ -8,19 +8,18 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from conftest import free_port, wait_until
 
-from clients.sidecars import free_port
-from clients.soak import ServerProcess
+from clients.benchtools import ServerProcess
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
+from server.columns import SongMeta
 from server.config import ServerConfig
-from server.engine import SongMeta
 from server.store import open_store
 from server.testing import ServerThread
 from server.validation import NewSong
@@ -46,16 +45,6 @@ def serves(target: str, song_id: int) -> bool:
                 return False
             raise
     return True
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until ``condition()`` held; fails after ``timeout``."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def add(target: str, songs: list[pb2.NewSong]) -> pb2.AddSongsResponse:
@@ -89,12 +78,12 @@ def test_a_song_added_on_one_replica_is_served_by_the_other(tiny_bundle: Path, s
         reply = add(a.target, new_songs(80_000_001, 3))
         assert list(reply.added_song_ids) == [80_000_001, 80_000_002, 80_000_003]
         assert serves(a.target, 80_000_001)  # at once on the replica that acknowledged
-        lag = wait_for(lambda: all(serves(b.target, 80_000_001 + i) for i in range(3)), 1.0,
+        lag = wait_until(lambda: all(serves(b.target, 80_000_001 + i) for i in range(3)), 1.0,
                        "B serving the songs added on A")
         assert lag <= 1.0
         # And the other way round; B's answer names its own names for them.
         add(b.target, new_songs(80_000_010, 1))
-        wait_for(lambda: serves(a.target, 80_000_010), 1.0, "A serving B's song")
+        wait_until(lambda: serves(a.target, 80_000_010), 1.0, "A serving B's song")
         with grpc.insecure_channel(b.target) as channel:
             info = pb2_grpc.RecommenderStub(channel).GetModelInfo(pb2.GetModelInfoRequest())
         assert info.added_songs == 4
@@ -147,7 +136,7 @@ def test_unplaceable_stored_songs_are_logged_and_counted(
         assert serves(a.target, 82_000_002) and not serves(a.target, 82_000_001)
         assert gauge(a, "songrec_store_unplaceable_songs") == 1
         store.add([NewSong(82_000_003, unknown)])  # another model's server adds one more
-        wait_for(lambda: gauge(a, "songrec_store_unplaceable_songs") == 2, 5, "the metric")
+        wait_until(lambda: gauge(a, "songrec_store_unplaceable_songs") == 2, 5, "the metric")
     store.close()
     warnings = [r.getMessage() for r in caplog.records if "knows none" in r.getMessage()]
     assert any("82000001" in m for m in warnings) and any("82000003" in m for m in warnings)
@@ -156,11 +145,11 @@ def test_unplaceable_stored_songs_are_logged_and_counted(
 def test_store_outage_fails_writes_only_and_followers_catch_up(
         tiny_bundle: Path, pg_url: str, postgres: Any, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("INFO", logger="server.app"), \
+    with caplog.at_level("INFO", logger="server"), \
             replica(tiny_bundle, pg_url, tmp_path, "a") as a, \
             replica(tiny_bundle, pg_url, tmp_path, "b") as b:
         add(a.target, new_songs(83_000_001, 1))
-        wait_for(lambda: serves(b.target, 83_000_001), 1.0, "B before the outage")
+        wait_until(lambda: serves(b.target, 83_000_001), 1.0, "B before the outage")
         postgres.stop()
         try:
             with pytest.raises(grpc.RpcError) as exc:
@@ -171,14 +160,14 @@ def test_store_outage_fails_writes_only_and_followers_catch_up(
             for live in (a, b):
                 assert serves(live.target, 83_000_001)
                 assert not serves(live.target, 83_000_002)
-            wait_for(lambda: gauge(b, "songrec_store_up") == 0, 10, "B noticing the outage")
+            wait_until(lambda: gauge(b, "songrec_store_up") == 0, 10, "B noticing the outage")
         finally:
             postgres.start()
         # Writes work again (the server reconnects on the call), and B catches up.
         reply = add(a.target, new_songs(83_000_002, 2))
         assert list(reply.added_song_ids) == [83_000_002, 83_000_003]
-        wait_for(lambda: serves(b.target, 83_000_003), 15, "B catching up after the outage")
-        wait_for(lambda: gauge(b, "songrec_store_up") == 1, 15, "B's store gauge")
+        wait_until(lambda: serves(b.target, 83_000_003), 15, "B catching up after the outage")
+        wait_until(lambda: gauge(b, "songrec_store_up") == 1, 15, "B's store gauge")
     messages = [r.getMessage() for r in caplog.records]
     assert any("song store unreachable, retrying" in m for m in messages)
     assert any("answers again" in m for m in messages)
@@ -195,7 +184,7 @@ def test_kill_9_right_after_the_ack(tiny_bundle: Path, store_url: str, tmp_path:
         a.process.send_signal(signal.SIGKILL)
         a.wait(30)
         assert len(reply.added_song_ids) == 5
-        wait_for(lambda: all(serves(b.target, 84_000_001 + i) for i in range(5)), 1.0,
+        wait_until(lambda: all(serves(b.target, 84_000_001 + i) for i in range(5)), 1.0,
                  "B serving the songs A acknowledged before dying")
         with ServerProcess(args + ["--data-dir", str(tmp_path / "a")], env=env) as again:
             assert all(serves(again.target, 84_000_001 + i) for i in range(5))
@@ -209,7 +198,7 @@ def test_processes_accept_add_songs_and_all_serve_them(tiny_bundle: Path,
                             "--port", str(free_port()), "--data-dir", str(tmp_path / "state"),
                             "--log-level", "DEBUG"], env={"SONGREC_ADMIN_TOKEN": ADMIN})
     try:
-        wait_for(lambda: sum(m.startswith("serving model") for m in server.messages()) == 2,
+        wait_until(lambda: sum(m.startswith("serving model") for m in server.messages()) == 2,
                  60, "both processes serving")
         pids = {json.loads(line)["pid"] for line in server.log_lines()
                 if "serving model" in line}

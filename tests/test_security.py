@@ -17,11 +17,12 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from clients.benchtools import ServerProcess
 from clients.client import ClientError, NewSong, RetryPolicy, SongMetadata, SongRecClient
-from clients.soak import ServerProcess
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
 from server.config import ServerConfig, load_config
@@ -261,7 +262,6 @@ def test_tokens_kept_out_of_config_repr_and_metrics(tiny_bundle: Path) -> None:
     config = ServerConfig(bundle=tiny_bundle, port=0, admin_token=ADMIN, token=INFERENCE,
                           metrics_port=0, verify=False)
     assert ADMIN not in repr(config) and INFERENCE not in repr(config)
-    from clients.bench_serving import free_port
 
     config = ServerConfig(bundle=tiny_bundle, port=0, admin_token=ADMIN, token=INFERENCE,
                           metrics_port=free_port(), verify=False)

@@ -4,7 +4,6 @@ answers checked for content, every validation error, health, reflection and metr
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 from collections import defaultdict
@@ -14,6 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from conftest import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -25,12 +25,6 @@ from server.strategies import RANKED, STRATEGIES, Query, run_strategy
 from server.testing import ServerThread
 
 Kind = pb2.Reason
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,10 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.soak import ServerProcess
+from clients.benchtools import ServerProcess
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
 from server.bundle import seal
@@ -70,14 +71,6 @@ def popular_song(tiny_split: Path) -> int:
 def in_flight(live: ServerThread) -> float:
     value = live.server.state.metrics.registry.get_sample_value("songrec_in_flight_requests")
     return float(value or 0.0)
-
-
-def wait_until(condition: Any, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 @pytest.fixture

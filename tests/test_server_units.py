@@ -13,12 +13,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import wait_until
 
 from protos.songrec.v1 import songrec_pb2 as pb2
 from server import validation
 from server.bundle import BundleError
+from server.columns import SongMeta
 from server.config import ConfigError, load_config
-from server.engine import SongMeta
 from server.errors import DeadlineExceeded, InvalidArgument, NotFound, status_for
 from server.locks import RWLock
 from server.logs import JsonFormatter
@@ -173,11 +174,21 @@ def test_rwlock_readers_share_writers_exclude() -> None:
         t.join()
     assert inside == ["r", "r"]
     order: list[str] = []
+    trying = threading.Event()
+
+    def write() -> None:
+        trying.set()
+        with lock.write():
+            order.append("w")
+
     with lock.read():
-        writer = threading.Thread(target=lambda: (lock.write().__enter__(), order.append("w")))
+        writer = threading.Thread(target=write)
         writer.start()
-        time.sleep(0.05)
-        assert order == []  # the writer waits for the reader
+        assert trying.wait(5)
+        # Deterministic, no sleep: once the lock counts the writer as waiting, it is
+        # blocked on this reader (it cannot get in while a reader holds the lock).
+        wait_until(lambda: lock._writers_waiting == 1, 5, "the writer waiting")
+        assert order == []
     writer.join(timeout=5)
     assert order == ["w"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from server.engine import SongMeta
+from server.columns import SongMeta
 from server.store import (
     SongStore,
     SqliteStore,

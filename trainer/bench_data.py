@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from trainer.bench_quality import REPO, machine, replace_marked
+from clients.benchtools import REPO, machine, replace_marked, shown_command
 
 START = "<!-- bench-data:start -->"
 END = "<!-- bench-data:end -->"
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {f.name: f.stat().st_size for f in out.iterdir()}
         rows.append(("files", ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in sorted(
             sizes.items()))))
-    command = " ".join(["python -m trainer.bench_data", *argv])
+    command = shown_command("python -m trainer.bench_data", argv)
     body = (f"## Data at {args.scale} scale\n\n`{command}` on a {machine()}, "
             f"{dt.date.today()}. Targets: generation < 5 min; loading < 30 s and < 4 GB.\n\n"
             "| step | result |\n|---|---|\n"

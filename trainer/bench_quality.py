@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -27,11 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clients.benchtools import REPO, machine, replace_marked, shown_command, shown_path
+from server.rankdata import RANKER_ONNX
 from trainer.dataset import DataError, load_dataset, read_json
+from trainer.evaluate import score
 from trainer.recommend import load_questions, run_model
 from trainer.recommenders.registry import MODELS, make_recommender, needs_bundle
+from trainer.split import write_split
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "demo"
 DEMO_SPLIT = REPO / "data" / "demo-split"
 SPOTIFY = REPO.parent / "shared" / "data" / "spotify-playlists"
@@ -104,7 +105,6 @@ def _run_module(module: str, *args: str) -> None:
 
 def prepare_demo() -> Path:
     """``data/demo-split``, generating the synthetic demo data and its split if missing."""
-    from trainer.split import write_split
 
     if not (DEMO_SPLIT / "val_answers.json").exists():
         if not (DEMO_DATA / "train.json").exists():
@@ -116,7 +116,6 @@ def prepare_demo() -> Path:
 
 def prepare_spotify(tmp: Path) -> Path | None:
     """Split the shared Spotify sample into ``tmp``; None when the sample is absent."""
-    from trainer.split import write_split
 
     if not (SPOTIFY / "train.json").exists():
         return None
@@ -129,7 +128,6 @@ def bench_dataset(name: str, split: Path, models: Sequence[str], bundle: str | N
                   report: Report, *, progress: bool = True) -> None:
     """Fit and score each model on one split (``train.json``, ``val_questions.json``,
     ``val_answers.json``), adding a row per model and notes to ``report``."""
-    from trainer.evaluate import score
 
     data = load_dataset(split, files=["train.json"])
     questions = load_questions(data, split / "val_questions.json")
@@ -161,8 +159,6 @@ def train_variant(dataset: str, split: Path, variant: str, preset: str,
                   retrain: bool) -> tuple[Path, float]:
     """The bundle of one autoencoder variant (with its ranker), trained unless it exists
     (seconds spent). A ranker ablation is the ``ae`` bundle with its ranker retrained."""
-    from server.ranking import RANKER_ONNX
-
     bundle = BENCH_BUNDLES / dataset / variant
     if (bundle / "manifest.json").exists() and (bundle / RANKER_ONNX).exists() and not retrain:
         return bundle, 0.0
@@ -186,7 +182,6 @@ def bench_autoencoders(name: str, split: Path, report: Report, *, preset: str,
                        retrain: bool, progress: bool,
                        variants: Sequence[str] | None = None) -> None:
     """Train every variant on one split and add the strategy/ablation rows."""
-    from trainer.evaluate import score
 
     data = load_dataset(split, files=["train.json"])
     questions = load_questions(data, split / "val_questions.json")
@@ -210,7 +205,8 @@ def bench_autoencoders(name: str, split: Path, report: Report, *, preset: str,
         print(f"{name} {label}: {scores}", file=sys.stderr)
     report.notes.append(
         f"`{name}` autoencoders: `trainer.train --preset {preset}` on the split (fit s of a "
-        f"variant's first row includes its training; bundles in `{BENCH_BUNDLES}/{name}`).")
+        f"variant's first row includes its training; bundles in "
+        f"`{shown_path(BENCH_BUNDLES / name)}`).")
 
 
 def results_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -221,20 +217,6 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
                      f"{r['tag_ndcg']:.4f} | {r['score']:.4f} | {r['fit_s']:.2f} | "
                      f"{r['predict_s']:.2f} |")
     return "\n".join(lines)
-
-
-def machine() -> str:
-    """A one-line description of this machine: core count, CPU model, OS, Python."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{os.cpu_count()}-core CPU ({cpu}), {platform.system()}, "
-            f"Python {platform.python_version()}")
 
 
 def render(report: Report, command: str) -> str:
@@ -256,20 +238,6 @@ def render(report: Report, command: str) -> str:
 def replace_section(path: Path, body: str) -> None:
     """Put ``body`` between the bench-quality markers of ``path``."""
     replace_marked(path, body, START, END)
-
-
-def replace_marked(path: Path, body: str, start_marker: str, end_marker: str) -> None:
-    """Put ``body`` between two marker lines of ``path``; appends the marked section when
-    the file has none, creates the file when missing. Every benchmark owns one section."""
-    section = f"{start_marker}\n{body.rstrip()}\n{end_marker}"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    start, end = text.find(start_marker), text.find(end_marker)
-    if start >= 0 and end > start:
-        text = text[:start] + section + text[end + len(end_marker):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    command = " ".join(["python -m trainer.bench_quality", *argv])
+    command = shown_command("python -m trainer.bench_quality", argv)
     try:
         datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
         unknown = sorted(set(datasets) - set(DATASETS))
@@ -327,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in datasets:
                 split = prepare_demo() if name == "demo" else prepare_spotify(Path(tmp))
                 if split is None:
-                    report.notes.append(f"`{name}` skipped: {SPOTIFY} not found.")
+                    report.notes.append(f"`{name}` skipped: ../shared/data/{SPOTIFY.name} not "
+                                        f"found.")
                     continue
                 bench_dataset(name, split, models, args.bundle, report,
                               progress=not args.no_progress)

@@ -20,17 +20,21 @@ from typing import Any
 
 import numpy as np
 
+from clients.benchtools import machine, replace_marked
+from server.bundle import BundleError
+from server.engine import Engine
+from server.rankdata import SOURCES
+from server.ranking import candidate_features
+from server.strategies import RANKED
+from trainer.dataset import DataError, load_dataset, read_json
+from trainer.recommenders.ae import EmbeddingStrategy
+from trainer.recommenders.base import questions_from
+
 START = "<!-- bench-rank:start -->"
 END = "<!-- bench-rank:end -->"
 
 
 def measure(bundle: Path, split: Path, n_questions: int) -> dict[str, Any]:
-    from server.engine import Engine
-    from server.ranking import SOURCES, candidate_features
-    from trainer.dataset import load_dataset, read_json
-    from trainer.recommenders.ae import EmbeddingStrategy
-    from trainer.recommenders.base import questions_from
-
     engine = Engine.load(bundle, verify=False)
     if engine.ranker is None:
         raise ValueError(f"{bundle} has no ranker: python -m trainer.rank --bundle {bundle}")
@@ -67,9 +71,6 @@ def measure(bundle: Path, split: Path, n_questions: int) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any], command: str) -> str:
-    from server.ranking import SOURCES
-    from trainer.bench_quality import machine
-
     rec = result["recall"]
     cpu = result["cpu"]
     lines = ["## Learned second stage: candidate recall and CPU per question", "",
@@ -90,7 +91,6 @@ def render(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-RANKED = "ranked"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,10 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--questions", type=int, default=1000)
     p.add_argument("--out", default="docs/BENCHMARKS.md", help="markdown file, or - to print")
     args = p.parse_args(argv)
-    from server.bundle import BundleError
-    from trainer.bench_quality import replace_marked
-    from trainer.dataset import DataError
-
     try:
         result = measure(args.bundle, args.data, args.questions)
     except (BundleError, DataError, ValueError) as exc:

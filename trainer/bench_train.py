@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -33,8 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from trainer.bench_quality import REPO, machine
+from clients.benchtools import REPO, machine, replace_marked, shown_command
+from server.search import ExactSearch, HnswSearch, representatives
+from trainer.distributed import broadcast_object, init_from_env, shutdown
+from trainer.export import build_index, export_bundle
+from trainer.neighbours import sharded_neighbours
+from trainer.split import write_split
+from trainer.synth import generate, write_dataset
+from trainer.train import PRESETS, TrainConfig, Trainer, resolve_precision, set_threads
 
 log = logging.getLogger(__name__)
 MELON_DATA = REPO / "data" / "melon"
@@ -53,8 +62,6 @@ def peak_rss_gb() -> float:
 
 def matmul_gflops(dtype_name: str, repeats: int = 20) -> float:
     """Speed of the 1024x2048 @ 2048x1024 (and back) matmuls the middle layers run."""
-    import torch
-
     dtype = getattr(torch, dtype_name)
     a = torch.randn(2048, 2048, dtype=dtype)
     b = torch.randn(2048, 1024, dtype=dtype)
@@ -68,13 +75,9 @@ def matmul_gflops(dtype_name: str, repeats: int = 20) -> float:
 
 
 def prepare_melon(data: Path) -> Path:
-    from trainer.split import write_split
-
     if (data / "val_answers.json").exists():
         return data
     if not (MELON_DATA / "train.json").exists():
-        from trainer.synth import generate, write_dataset
-
         write_dataset(generate("melon", seed=1, progress=True), MELON_DATA, progress=True)
     write_split(MELON_DATA, data, progress=True)
     return data
@@ -82,6 +85,7 @@ def prepare_melon(data: Path) -> Path:
 
 def time_als(matrix: Any, threads: int) -> float:
     """implicit ALS, 128 factors, 15 iterations, on the songs x columns matrix."""
+    # implicit is optional (the 'als' extra): --skip-als runs without it.
     from implicit.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
@@ -98,9 +102,6 @@ def index_quality(codes: np.ndarray, reps: np.ndarray, m: int, ef_construction: 
                   ) -> dict[str, Any]:
     """Build the HNSW index over the distinct songs (``reps``) and compare it with exact
     search on random ones."""
-    from server.strategies import ExactSearch, HnswSearch
-    from trainer.export import build_index
-
     start = time.perf_counter()
     index, params = build_index(codes[reps], m, ef_construction, ef, threads, labels=reps)
     build_s = time.perf_counter() - start
@@ -131,9 +132,7 @@ def render(rows: list[tuple[str, str]], command: str) -> str:
 
 
 def replace_section(path: Path, body: str) -> None:
-    from trainer import bench_quality
-
-    bench_quality.replace_marked(path, body, START, END)
+    replace_marked(path, body, START, END)
 
 
 def _load() -> float:
@@ -142,9 +141,6 @@ def _load() -> float:
 
 def ddp_train_worker(data: Path, max_steps: int, precision: str, out: Path) -> None:
     """One torchrun worker: Melon-scale training steps, timed after a warm-up."""
-    from trainer.distributed import init_from_env, shutdown
-    from trainer.train import PRESETS, TrainConfig, Trainer, set_threads
-
     dist = init_from_env()
     threads = max(1, (os.cpu_count() or 1) // dist.local_world)
     set_threads(threads)
@@ -159,7 +155,6 @@ def ddp_train_worker(data: Path, max_steps: int, precision: str, out: Path) -> N
     trainer.config = replace(config, max_steps_per_epoch=max_steps)
     load_before, cpu_before = _load(), time.process_time()
     stats = trainer.run_epoch()
-    from server.strategies import representatives
 
     rep_of = representatives(trainer.matrix.indptr, trainer.matrix.indices)
     # Rows of the D-row tables one step touches (its songs' columns + the sampled ones):
@@ -196,9 +191,6 @@ def random_unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
 def ddp_neighbour_worker(n: int, blocks: int, out: Path) -> None:
     """One torchrun worker: the first ``blocks`` query blocks of the neighbour step over
     ``n`` vectors, split by rank, merged on rank 0."""
-    from trainer.distributed import broadcast_object, init_from_env, shutdown
-    from trainer.neighbours import sharded_neighbours
-
     dist = init_from_env()
     threads = max(1, (os.cpu_count() or 1) // dist.local_world)
     unit = random_unit(n, CODE_DIM)
@@ -239,8 +231,6 @@ def run_ddp(data: Path, worlds: list[int], max_steps: int, blocks: int, precisio
             command: str) -> None:
     """Run the workers under torchrun for each world size; their JSON results (with the
     command and date) land in :data:`DDP_RESULTS`, replacing the previous run's."""
-    import shutil
-
     shutil.rmtree(DDP_RESULTS, ignore_errors=True)
     DDP_RESULTS.mkdir(parents=True)
     (DDP_RESULTS / "run.json").write_text(json.dumps({
@@ -374,15 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.ddp_reuse:
             run_ddp(prepare_melon(args.data), [int(x) for x in args.ddp.split(",")],
                     args.max_steps or 30, args.neighbour_blocks, args.precision,
-                    " ".join(["python -m trainer.bench_train", *argv]))
+                    shown_command("python -m trainer.bench_train", argv))
         body = ddp_section(DDP_RESULTS)
         print(body)
         if args.out != "-":
-            from trainer import bench_quality
-
-            bench_quality.replace_marked(Path(args.out), body, DDP_START, DDP_END)
+            replace_marked(Path(args.out), body, DDP_START, DDP_END)
         return 0
-    from trainer.train import PRESETS, TrainConfig, Trainer, resolve_precision, set_threads
 
     set_threads(args.threads)
     data = prepare_melon(args.data)
@@ -428,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += [("implicit ALS, 128 factors, 15 iterations, same matrix", f"{als_s:.1f} s"),
                  ("AE epoch / ALS fit", f"{full_epoch_s / als_s:.2f} x")]
     if args.skip_index:
-        body = render(rows, " ".join(["python -m trainer.bench_train", *argv]))
+        body = render(rows, shown_command("python -m trainer.bench_train", argv))
         print(body)
         if args.out != "-":
             replace_section(Path(args.out), body)
@@ -436,7 +423,6 @@ def main(argv: list[str] | None = None) -> int:
     codes_start = time.perf_counter()
     codes = trainer.song_codes()
     rows.append(("encode all songs (codes)", f"{time.perf_counter() - codes_start:.1f} s"))
-    from server.strategies import representatives
 
     rep_of = representatives(trainer.matrix.indptr, trainer.matrix.indices)
     reps = np.nonzero(rep_of == np.arange(len(rep_of)))[0]
@@ -453,14 +439,12 @@ def main(argv: list[str] | None = None) -> int:
         ("peak RSS overall", f"{peak_rss_gb():.2f} GB"),
     ]
     if args.bundle_out:
-        from trainer.export import export_bundle
-
         start = time.perf_counter()
-        export_bundle(trainer, args.bundle_out, codes=codes,
+        export_bundle(trainer.bundle_inputs(codes), args.bundle_out,
                       song_index=(quality["index"], quality["params"]))
         rows.append(("bundle export (ONNX, both indexes, arrays)",
                      f"{time.perf_counter() - start:.1f} s"))
-    command = " ".join(["python -m trainer.bench_train", *argv])
+    command = shown_command("python -m trainer.bench_train", argv)
     body = render(rows, command)
     print(body)
     if args.out != "-":

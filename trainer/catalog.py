@@ -1,4 +1,4 @@
-"""Builds the strategies' :class:`server.strategies.Catalog` from a training dataset.
+"""Builds the strategies' :class:`server.catalog.Catalog` from a training dataset.
 
 Popularity, song -> tags (for voting), tag -> most frequent songs (tags-only questions),
 playlist -> songs/tags (``ae-neighbours``), and title word -> songs/tags (title-only
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from server.strategies import Catalog, RowLists, tokenize
+from server.catalog import Catalog, RowLists, tokenize
 from trainer.dataset import CSR, Dataset, Vocabulary
 from trainer.recommenders.knn import PlaylistKNN
 

@@ -446,7 +446,7 @@ class RowSparseAdam:
         self.steps = 0
         self._kernel: Any = None
         if fast:
-            try:
+            try:  # numba compiles the kernel; without it the eager version serves
                 from trainer.kernels import adam_rows
 
                 self._kernel = adam_rows

@@ -26,14 +26,23 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from server import bundle as bundle_files
-from trainer.distributed import SINGLE, Dist, block_range, collect_rows
+from trainer.distributed import (
+    SINGLE,
+    Dist,
+    block_range,
+    collect_rows,
+    init_from_env,
+    shutdown,
+)
 
 
 def exact_neighbours(unit: np.ndarray, k: int, *, block: int = 1024, margin: int = 60,
@@ -45,8 +54,8 @@ def exact_neighbours(unit: np.ndarray, k: int, *, block: int = 1024, margin: int
 
     ``rows = (lo, hi)``, ``lo`` a multiple of ``block``: only those query rows (still
     against all of ``unit``), as ``(hi - lo, k)`` arrays."""
+    # torch (the 'train' extra) only here: reading and writing bundles needs none of it.
     import torch
-    from tqdm import tqdm
 
     from trainer.model import bf16_is_fast
 
@@ -167,10 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=1000,
                    help="random songs for the recall check against fp32 search")
     args = p.parse_args(argv)
-    import os
-
-    from trainer.distributed import init_from_env, shutdown
-
     dist = init_from_env()
     try:
         return _run(args, dist, os.cpu_count() or 1)
@@ -179,8 +184,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, dist: Dist, cores: int) -> int:
-    from trainer.reindex import read_codes
-
     threads = args.threads or max(1, cores // dist.local_world)
     try:
         manifest = bundle_files.read_manifest(args.bundle)
@@ -190,7 +193,7 @@ def _run(args: argparse.Namespace, dist: Dist, cores: int) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     labels = np.sort(np.asarray(index.get_ids_list(), dtype=np.int64))
-    unit = read_codes(index, labels)
+    unit = bundle_files.read_codes(index, labels)
     del index
     work = args.bundle.with_name(args.bundle.name + ".work") / "neighbours"
     t0 = time.perf_counter()

@@ -10,6 +10,7 @@ def plot_training(history: list[dict[str, Any]], path: Path) -> None:
     """Loss (left axis) and validation score (right axis) per epoch, written as PNG."""
     if not history:
         return
+    # Deferred: pyplot must come after the Agg backend is chosen, and costs ~0.5 s to import.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -29,8 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from server.ranking import (
+from server import bundle as bundle_files
+from server.bundle import BundleError
+from server.catalog import Catalog, RowLists
+from server.engine import Engine
+from server.melon import parse_updt_date
+from server.rankdata import (
     DEFAULT_SIZES,
     FEATURES,
     GROUPS,
@@ -39,10 +45,15 @@ from server.ranking import (
     SOURCES,
     AlsFactors,
     RankData,
-    candidate_features,
     year_of,
 )
-from server.strategies import Catalog, ExactSearch, Query, RowLists, VectorSearch
+from server.ranking import candidate_features
+from server.search import ExactSearch, VectorSearch
+from server.strategies import Query
+from trainer.catalog import build_catalog
+from trainer.dataset import DataError, Dataset, load_dataset, parse_playlists, read_json
+from trainer.recommenders.als import ALSRecommender
+from trainer.split import split_playlists
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +145,6 @@ def als_factors(als: Any, catalog: Catalog) -> AlsFactors:
 
 def fit_als(data: Any, threads: int) -> Any | None:
     try:
-        from trainer.recommenders.als import ALSRecommender
-    except ImportError:
-        return None
-    try:
         return ALSRecommender(num_threads=threads).fit(data)
     except ValueError as exc:  # implicit missing
         log.warning("no ALS source: %s", exc)
@@ -151,8 +158,6 @@ def held_out(data: Any, config: RankConfig, cut: int = 0
              ) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
     """(the dataset without the held-out playlists, questions, answers), cut the official
     way (seed ``config.seed + cut``) from the training playlists."""
-    from trainer.dataset import Dataset, parse_playlists, read_json
-    from trainer.split import split_playlists
 
     path = data.root / "train.json"
     records = read_json(path)
@@ -170,7 +175,6 @@ def unleaked_songs(engine: Any, data: Any, masked: Any, chunk: int = 1000) -> Ex
     Spotify sample, seed-neighbour recall was 0.235 on held-out training questions against
     0.045 on the validation questions, and a ranker learned to trust the leak."""
     import scipy.sparse as sp
-    from tqdm import tqdm
 
     songs, space = data.songs, engine.encoder.columns
     n = len(songs)
@@ -244,10 +248,6 @@ def question_rows(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch
                   rank_data: RankData, data: Any, questions: list[dict[str, Any]],
                   answers: list[dict[str, Any]], progress: bool = True) -> Rows:
     """Features and labels of every question's candidates, and the candidates' recall."""
-    from tqdm import tqdm
-
-    from server.melon import parse_updt_date
-
     xs, ys, groups, ids = [], [], [], []
     hits = np.zeros(len(SOURCES) + 1)
     counted = 0
@@ -294,7 +294,6 @@ def fit_ranker(rows: Rows, config: RankConfig, features: tuple[str, ...],
     playlists from other cuts are left out of training, and questions without a single
     hidden song among their candidates teach nothing."""
     import lightgbm as lgb
-    from tqdm import tqdm
 
     bounds = np.concatenate([[0], np.cumsum(rows.groups)])
     positive = np.asarray([rows.y[a:b].any() for a, b in zip(bounds, bounds[1:],
@@ -393,8 +392,6 @@ def onnx_gap(booster: Any, onnx_bytes: bytes, x: np.ndarray) -> float:
 def write_ranker(bundle: Path, onnx_bytes: bytes, rank_data: RankData,
                  info: dict[str, Any]) -> None:
     """Put the ranker files into ``bundle`` and rewrite its manifest (with checksums)."""
-    from server import bundle as bundle_files
-
     manifest = bundle_files.read_manifest(bundle, verify=False)
     tmp = bundle / (RANKER_ONNX + ".tmp")
     tmp.write_bytes(onnx_bytes)
@@ -413,10 +410,6 @@ def write_ranker(bundle: Path, onnx_bytes: bytes, rank_data: RankData,
 def train_ranker(data_dir: Path, bundle: Path, config: RankConfig,
                  progress: bool = True) -> dict[str, Any]:
     """The whole of ``python -m trainer.rank``; returns what goes into the manifest."""
-    from server.engine import Engine
-    from trainer.catalog import build_catalog
-    from trainer.dataset import load_dataset
-
     started = time.perf_counter()
     # Every playlist file, as trainer.train reads them: the bundle's tag vocabulary.
     data = load_dataset(data_dir)
@@ -489,9 +482,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.bundle import BundleError
-    from trainer.dataset import DataError
-
     without = tuple(w.strip() for w in args.without.split(",") if w.strip())
     unknown = [w for w in without if w not in GROUPS]
     if unknown:

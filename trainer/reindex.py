@@ -19,17 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from clients.benchtools import machine, replace_marked, shown_command
 from server import bundle as bundle_files
+from trainer.export import build_index
 
 START = "<!-- reindex:start -->"
 END = "<!-- reindex:end -->"
-
-
-def read_codes(index: object, labels: np.ndarray, chunk: int = 20_000) -> np.ndarray:
-    """The stored (unit) vectors, in chunks: one huge get_items call needs several copies."""
-    return np.concatenate([np.asarray(index.get_items(labels[i : i + chunk]),  # type: ignore[attr-defined]
-                                      dtype=np.float32)
-                           for i in range(0, len(labels), chunk)])
 
 
 def recall_at(index: object, codes: np.ndarray, labels: np.ndarray, efs: list[int],
@@ -70,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="measure only; keep the bundle")
     p.add_argument("--out", default="-", help="markdown file for a reindex section, or -")
     args = p.parse_args(argv)
-    from trainer.bench_quality import machine, replace_marked
-    from trainer.export import build_index
-
     try:
         manifest = bundle_files.read_manifest(args.bundle)
         old = bundle_files.load_hnsw(args.bundle, manifest.song_index, bundle_files.SONG_INDEX)
@@ -81,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     labels = np.asarray(old.get_ids_list(), dtype=np.int64)
     labels.sort()
-    codes = read_codes(old, labels)
+    codes = bundle_files.read_codes(old, labels)
     del old
     start = time.perf_counter()
     index, params = build_index(codes, args.m, args.ef_construction, args.ef or 200,
@@ -93,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     index.set_ef(ef)
     rows = [f"| {e} | {r:.4f} | {ms:.2f} ms |" for e, r, ms in measured]
     body = (f"## Song index rebuilt: M={args.m}, ef_construction={args.ef_construction}\n\n"
-            f"`python -m trainer.reindex {' '.join(argv)}` on a {machine()}, "
+            f"`{shown_command('python -m trainer.reindex', argv)}` on a {machine()}, "
             f"{dt.date.today()}: {len(labels):,} x {codes.shape[1]} codes, build "
             f"{build_s:.0f} s ({args.threads} threads); recall@100 against exact search on "
             f"{args.queries} random songs, one query thread.\n\n| ef | recall@100 | query |\n"

@@ -26,14 +26,24 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
+from server.bundle import BundleError
+from server.catalog import playlist_codes
+from server.search import ExactSearch
+from trainer.catalog import build_catalog
+from trainer.dataset import DataError, load_dataset, read_json
 from trainer.distributed import (
     SINGLE,
     Dist,
@@ -44,7 +54,25 @@ from trainer.distributed import (
     broadcast_object,
     broadcast_tensor,
     collect_rows,
+    init_from_env,
+    restart_count,
+    shutdown,
 )
+from trainer.evaluate import score
+from trainer.export import BundleInputs, IndexSettings, export_bundle
+from trainer.features import FeatureConfig, build_song_matrix
+from trainer.model import (
+    LossStep,
+    ModelConfig,
+    RowSparseAdam,
+    SongAutoEncoder,
+    bf16_is_fast,
+    make_batch,
+)
+from trainer.plots import plot_training
+from trainer.rank import RankConfig, train_ranker
+from trainer.recommenders.ae import EmbeddingStrategy
+from trainer.recommenders.base import Popularity, complete, questions_from
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +145,8 @@ class TrainConfig:
 
 def set_threads(n: int) -> None:
     """Pin torch's intra-op pool; warn when OMP_NUM_THREADS would oversubscribe."""
-    import torch
-
     torch.set_num_threads(n)
-    try:
-        import numba
-
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:
-        pass
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     omp = os.environ.get("OMP_NUM_THREADS")
     if omp is None or int(omp) > (os.cpu_count() or n):
         log.warning("OMP_NUM_THREADS=%s: set it to at most the core count (%s) so BLAS and "
@@ -137,7 +158,6 @@ def resolve_precision(precision: str) -> str:
     here), else fp32."""
     if precision != "auto":
         return precision
-    from trainer.model import bf16_is_fast
 
     return "bf16" if bf16_is_fast() else "fp32"
 
@@ -147,13 +167,6 @@ class Trainer:
 
     def __init__(self, data_dir: Path, work_dir: Path, config: TrainConfig,
                  dist: Dist = SINGLE, *, strict: bool = False) -> None:
-        import torch
-
-        from trainer.catalog import build_catalog
-        from trainer.dataset import load_dataset
-        from trainer.features import FeatureConfig, build_song_matrix
-        from trainer.model import LossStep, ModelConfig, RowSparseAdam, SongAutoEncoder
-
         self.config = config
         self.dist = dist
         self.work_dir = work_dir
@@ -183,8 +196,6 @@ class Trainer:
         # all-reduces; the row tables' gradients are averaged by average_row_grads.
         self.step_module: torch.nn.Module = LossStep(self.model)
         if dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
             self.step_module = DistributedDataParallel(self.step_module)
         self.epoch = 0
         self.best_score = -1.0
@@ -197,9 +208,6 @@ class Trainer:
     # -- validation -------------------------------------------------------------------
 
     def _validation_set(self) -> tuple[list[Any], list[dict[str, Any]]] | None:
-        from trainer.dataset import read_json
-        from trainer.recommenders.base import questions_from
-
         q_path = self.data_dir / "val_questions.json"
         a_path = self.data_dir / "val_answers.json"
         if not (q_path.exists() and a_path.exists()):
@@ -215,8 +223,6 @@ class Trainer:
     def song_codes(self, batch_size: int = 4096) -> np.ndarray:
         """Codes of every song row (eval mode, no dropout). Under torchrun every rank
         must call it: each encodes its block range and every rank gets all codes."""
-        import torch
-
         n = self.matrix.shape[0]
         lo, hi = block_range(n, batch_size, self.dist.rank, self.dist.world)
         self.model.eval()
@@ -233,13 +239,23 @@ class Trainer:
         assert codes is not None
         return codes
 
+    def bundle_inputs(self, codes: np.ndarray | None = None) -> BundleInputs:
+        """What :func:`trainer.export.export_bundle` writes for the current model (``codes``:
+        every song's code, when the caller already computed them). Under torchrun every
+        rank calls it (the songs are encoded split by rank)."""
+        cfg = self.config
+        return BundleInputs(
+            model=self.model, codes=self.song_codes() if codes is None else codes,
+            input_rows=self.matrix, catalog=self.catalog, columns=self.space,
+            songs=self.data.songs,
+            index=IndexSettings(cfg.index_m, cfg.ef_construction, cfg.ef, cfg.threads,
+                                cfg.neighbours_k),
+            hyper_parameters=cfg.to_json(), data_dir=self.data_dir, work_dir=self.work_dir,
+            epochs_trained=self.epoch, best_val_score=self.best_score, dist=self.dist)
+
     def validate(self, codes: np.ndarray | None = None) -> float | None:
         if self.validation is None:
             return None
-        from server.strategies import ExactSearch
-        from trainer.evaluate import score
-        from trainer.recommenders.ae import EmbeddingStrategy, playlist_codes
-        from trainer.recommenders.base import Popularity, complete
 
         codes = self.song_codes() if codes is None else codes
         strategy = EmbeddingStrategy(
@@ -277,11 +293,6 @@ class Trainer:
         - every rank applies the same averaged gradients with the same optimiser state, so
           the replicas stay identical without sending weights.
         """
-        import torch
-        from tqdm import tqdm
-
-        from trainer.model import make_batch
-
         cfg = self.config
         dist = self.dist
         rng = np.random.default_rng([cfg.seed, self.epoch])
@@ -407,8 +418,6 @@ class Trainer:
             self.bad_rounds, self.history = int(meta["bad_rounds"]), list(meta["history"])
 
     def save_checkpoint(self, name: str) -> None:
-        import torch
-
         if not self.dist.is_main:  # the replicas are identical: rank 0 writes
             return
         state = {"config": self.config.to_json(), "epoch": self.epoch,
@@ -421,8 +430,6 @@ class Trainer:
         os.replace(tmp, self.work_dir / name)
 
     def load_checkpoint(self, path: Path, weights_only: bool = False) -> None:
-        import torch
-
         state = torch.load(path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
         if weights_only:
@@ -452,8 +459,6 @@ class Trainer:
             fh.write(json.dumps(record) + "\n")
 
     def plot(self) -> None:
-        from trainer.plots import plot_training
-
         if not self.dist.is_main:
             return
         plot_training(self.history, self.work_dir / "training.png")
@@ -537,14 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.bundle import BundleError
-    from trainer.dataset import DataError
-    from trainer.distributed import init_from_env, restart_count, shutdown
-
     dist = init_from_env()
     if dist.enabled:
-        import signal
-
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
         if not dist.is_main:  # one voice in the log: rank 0's (warnings still from all)
             logging.getLogger().setLevel(logging.WARNING)
@@ -575,15 +574,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer.sync_from_main(optimizer=broadcast_object(resumed, dist))
         trainer.fit()
         if not args.no_export:
-            from trainer.export import export_bundle
-
-            manifest = export_bundle(trainer, args.out)
+            manifest = export_bundle(trainer.bundle_inputs(), args.out)
             if manifest is not None:  # rank 0 writes the bundle and trains the ranker
                 print(f"bundle written: {args.out} (model {manifest.model_version}, "
                       f"{manifest.extra['n_songs']} songs, code dim {manifest.code_dim})")
                 if not args.no_ranker:
-                    from trainer.rank import RankConfig, train_ranker
-
                     rank_config = RankConfig(threads=config.threads)
                     if args.ranker_questions:
                         rank_config = replace(rank_config, questions=args.ranker_questions)

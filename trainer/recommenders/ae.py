@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from server.bundle import load_arrays
+from server.catalog import Catalog
+from server.engine import Engine
 from server.ranking import Ranker
-from server.strategies import Catalog, Query, VectorSearch, run_strategy
+from server.search import DotSearch, VectorSearch
+from server.strategies import Query, run_strategy
 from trainer.dataset import Dataset
-from trainer.export import playlist_codes
 from trainer.recommenders.base import Question, Recommendation, Recommender
 
-__all__ = ["AEHybrid", "AENeighbours", "AEQuota", "EmbeddingStrategy", "Ranked",
-           "playlist_codes"]
+__all__ = ["AEHybrid", "AENeighbours", "AEQuota", "EmbeddingStrategy", "Ranked"]
 
 
 class EmbeddingStrategy:
@@ -54,8 +56,6 @@ class _BundleStrategy(Recommender):
 
     def fit(self, data: Dataset) -> Recommender:
         """Loads the bundle; the model was trained by ``trainer.train`` on ``data``."""
-        from server.engine import Engine
-
         engine = Engine.load(self.bundle, verify=self.verify,
                              playlist_ef=self.playlist_ef or None)
         if self.strategy == "ranked" and engine.ranker is None:
@@ -91,9 +91,6 @@ class AEQuota(_BundleStrategy):
     def fit(self, data: Dataset) -> Recommender:
         super().fit(data)
         if self.metric == "dot" and self._impl is not None:
-            from server.bundle import load_arrays
-            from server.strategies import DotSearch
-
             norms = load_arrays(self.bundle)["code_norms"]
             unit = self._impl.songs.vectors(np.arange(len(norms)))
             self._impl.songs = DotSearch(unit * norms[:, None])

@@ -14,15 +14,17 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from server.catalog import tokenize
 from trainer.dataset import Dataset, Songs
 from trainer.recommenders.base import Question, Recommendation, Recommender
-from trainer.recommenders.knn import binary_csr, title_words
+from trainer.recommenders.knn import binary_csr
 from trainer.recommenders.popular import future_mask, top_k
 
 log = logging.getLogger(__name__)
 
 
 def _import_implicit() -> Any:
+    """implicit is optional (the 'als' extra): imported when an ALS model is built."""
     try:
         import implicit.cpu.als
         import threadpoolctl
@@ -89,7 +91,7 @@ class ALSRecommender(Recommender):
         word_rows: list[int] = []
         word_cols: list[int] = []
         for i, title in enumerate(train.titles):
-            for w in title_words(title):
+            for w in tokenize(title):
                 word_rows.append(i)
                 word_cols.append(self._word_index.setdefault(w, len(self._word_index)))
         songs = binary_csr(train.songs.row_ids(), train.songs.values, (n, n_songs))
@@ -135,7 +137,7 @@ class ALSRecommender(Recommender):
         tags = sorted({self._tag_index[t] for t in question.tags if t in self._tag_index})
         cols.append(np.asarray(tags, dtype=np.int64) + self._tag_offset)
         vals.append(np.full(len(tags), self.tag_weight, dtype=np.float32))
-        words = sorted({self._word_index[w] for w in title_words(question.title)
+        words = sorted({self._word_index[w] for w in tokenize(question.title)
                         if w in self._word_index})
         cols.append(np.asarray(words, dtype=np.int64) + self._word_offset)
         vals.append(np.full(len(words), self.title_weight, dtype=np.float32))

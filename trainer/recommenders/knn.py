@@ -5,33 +5,21 @@ the artists of its songs, every block weighted and IDF-scaled, rows L2-normalise
 becomes the same kind of vector; its ``k`` most similar training playlists vote for their
 songs and tags with weight ``similarity ** alpha``. This is the classic strong approach of
 the Melon challenge (most top entries were refinements of it).
+
+Fitting builds the playlist vectors here (scipy); finding a question's neighbours is the
+server's :class:`~server.catalog.NeighbourCF` over them, the very code ``ae-hybrid``
+answers with, so the baseline and the served strategy cannot drift apart.
 """
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import scipy.sparse as sp
 
-from server.strategies import NeighbourCF, RowLists, row_positions
+from server.catalog import NeighbourCF, RowLists, row_positions, tokenize
 from trainer.dataset import CSR, Dataset, Songs
 from trainer.recommenders.base import Question, Recommendation, Recommender
 from trainer.recommenders.popular import future_mask, top_k
-
-# \w is Unicode-aware in Python 3: Hangul, kana and accented Latin count as word characters.
-_WORD = re.compile(r"\w+")
-
-
-def title_words(title: str) -> list[str]:
-    """Lower-cased word tokens of a playlist title, split on non-word characters.
-
-    Examples
-    --------
-    >>> title_words("Chill-Out 잔잔한 밤, vol.2")
-    ['chill', 'out', '잔잔한', '밤', 'vol', '2']
-    """
-    return _WORD.findall(title.lower())
 
 
 def gather(csr: CSR, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +107,7 @@ class PlaylistKNN(Recommender):
         word_rows: list[int] = []
         word_cols: list[int] = []
         for i, title in enumerate(train.titles):
-            for w in title_words(title):
+            for w in tokenize(title):
                 word_rows.append(i)
                 word_cols.append(self._word_index.setdefault(w, len(self._word_index)))
         self._artist_ids = np.unique(songs.artists.values)
@@ -159,6 +147,7 @@ class PlaylistKNN(Recommender):
         self._pop_tags = top_k(tag_counts, int((tag_counts > 0).sum()))
         self._pop_tag_counts = tag_counts[self._pop_tags].astype(np.float32)
         self._n_train = n
+        self._cf = self.neighbour_cf()
         return self
 
     def neighbour_cf(self) -> NeighbourCF:
@@ -179,36 +168,12 @@ class PlaylistKNN(Recommender):
 
     # -- answering -------------------------------------------------------------------------
 
-    def question_features(self, question: Question) -> np.ndarray:
-        """Feature columns of a question (songs, tags, title words, artists); unknown ones
-        are left out."""
-        rows = self._song_rows(question)
-        cols = [rows + self._offsets[0]]
-        tags = [self._tag_index[t] for t in question.tags if t in self._tag_index]
-        cols.append(np.asarray(tags, dtype=np.int64) + self._offsets[1])
-        words = [self._word_index[w] for w in title_words(question.title)
-                 if w in self._word_index]
-        cols.append(np.asarray(words, dtype=np.int64) + self._offsets[2])
-        if len(rows):
-            _, artists = gather(self._songs.artists, rows)
-            pos = np.searchsorted(self._artist_ids, artists)
-            cols.append(pos.astype(np.int64) + self._offsets[3])
-        cols_all = np.unique(np.concatenate(cols))
-        # Blocks with weight 0 contribute nothing: drop them to keep the product small.
-        return cols_all[self._feature_weights[cols_all] > 0]
-
     def neighbours(self, question: Question) -> tuple[np.ndarray, np.ndarray]:
         """The question's nearest training playlists (indices into ``train``) and their
         cosine similarities, most similar first; empty when nothing overlaps."""
-        cols = self.question_features(question)
-        if len(cols) == 0:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        q = self._feature_weights[cols]
-        sub = self._features_t[cols]
-        sims = np.asarray(sub.T @ q).ravel() / float(np.linalg.norm(q))
-        nbrs = top_k(sims, self.k)
-        nbrs = nbrs[sims[nbrs] > 0]
-        return nbrs, sims[nbrs].astype(np.float32)
+        tags = [self._tag_index[t] for t in question.tags if t in self._tag_index]
+        return self._cf.neighbours(self._song_rows(question), np.asarray(tags, dtype=np.int32),
+                                   question.title)
 
     def recommend(self, question: Question, n_songs: int = 100,
                   n_tags: int = 10) -> Recommendation:
