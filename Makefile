@@ -11,7 +11,7 @@ export HNSWLIB_NO_NATIVE := 1
 export OMP_NUM_THREADS ?= 2
 export MKL_NUM_THREADS ?= 2
 
-.PHONY: install sidecars serve test test-all lint protos bench-quality bench-train bench-serving bench-heavy bench-load bench-data bench-replicas demo-replicas soak clean
+.PHONY: install sidecars serve test test-all lint protos bench-quality bench-rank bench-train bench-serving bench-heavy bench-load bench-data bench-replicas demo-replicas soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -64,6 +64,11 @@ lint: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(BIN)/python -m trainer.bench_quality --out docs/BENCHMARKS.md
+
+# The learned second stage on the demo bundle: candidate recall per source, CPU per
+# question of ranked against ae-hybrid.
+bench-rank: $(STAMP) $(DEMO_BUNDLE)/manifest.json
+	$(BIN)/python -m trainer.bench_rank --bundle $(DEMO_BUNDLE) --data $(DEMO_SPLIT) --out docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) data

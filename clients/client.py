@@ -44,7 +44,8 @@ MAX_RECEIVE_BYTES = 64 << 20
 _REASON_NAMES = {pb2.Reason.SEED_NEIGHBOUR: "seed_neighbour",
                  pb2.Reason.PLAYLIST_NEIGHBOUR: "playlist_neighbour",
                  pb2.Reason.TAG: "tag", pb2.Reason.TITLE: "title",
-                 pb2.Reason.POPULAR: "popular"}
+                 pb2.Reason.POPULAR: "popular", pb2.Reason.ALS: "als",
+                 pb2.Reason.ARTIST: "artist"}
 
 
 class ClientError(Exception):
@@ -101,7 +102,8 @@ class SimilarBatch:
 @dataclass(frozen=True)
 class Reason:
     """Why a song was recommended: ``kind`` is one of seed_neighbour, playlist_neighbour,
-    tag, title, popular (or unspecified); ``source`` the seed song id, playlist id or tag."""
+    tag, title, popular, als, artist (or unspecified); ``source`` the seed song id (also of
+    an artist reason), playlist id or tag."""
 
     kind: str
     source: int | str | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,17 @@ from server import integrity, voting
 from server.bundle import BundleError, Manifest
 from server.catalog import Catalog
 from server.columns import ColumnSpace, SongMeta, pad_batch
+from server.rankdata import RANKER_ARRAYS, RANKER_ONNX
+from server.ranking import Ranker, load_ranker
 from server.search import HnswSearch, VectorSearch
-from server.strategies import STRATEGIES, Answer, Query, run_strategy
+from server.strategies import (
+    DEFAULT_STRATEGY,
+    RANKED,
+    STRATEGIES,
+    Answer,
+    Query,
+    run_strategy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +102,15 @@ class Engine:
     ``catalog.n_songs`` are songs added at run time."""
 
     def __init__(self, root: Path, manifest: Manifest, catalog: Catalog, songs: HnswSearch,
-                 playlists: HnswSearch, encoder: Encoder, arrays: dict[str, np.ndarray]
-                 ) -> None:
+                 playlists: HnswSearch, encoder: Encoder, arrays: dict[str, np.ndarray],
+                 ranker: Ranker | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.catalog = catalog
         self.songs = songs
         self.playlists = playlists
         self.encoder = encoder
+        self.ranker = ranker
         self._names = (arrays.get("song_name_blob"), arrays.get("song_name_offsets"))
         self._artists = (arrays.get("song_artist_blob"), arrays.get("song_artist_offsets"))
 
@@ -177,6 +188,7 @@ class Engine:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{root / bundle_files.ENCODER}: cannot load ({exc})") from None
         encoder.check(manifest.input_dim, manifest.code_dim, root / bundle_files.ENCODER)
+        ranker = _ranker(root, manifest, catalog, threads)
         # Kernels compiled (or loaded from numba's cache) before the first call.
         voting.warm_up(catalog.playlist_songs.indices.dtype)
         log.info("loaded bundle %s (model %s, %d songs, %d playlists)", root,
@@ -184,7 +196,7 @@ class Engine:
         return Engine(root, manifest, catalog,
                       song_search(root, songs, np.asarray(arrays["rep_of"]), table, codes,
                                   capacity),
-                      HnswSearch(playlists), encoder, arrays)
+                      HnswSearch(playlists), encoder, arrays, ranker)
 
     @property
     def model_version(self) -> str:
@@ -192,12 +204,25 @@ class Engine:
 
     @property
     def strategies(self) -> tuple[str, ...]:
-        """Strategies this bundle can run (ae-hybrid needs the neighbour-CF arrays)."""
-        return tuple(s for s in STRATEGIES if s != "ae-hybrid" or self.catalog.cf is not None)
+        """Strategies this bundle can run (ae-hybrid needs the neighbour-CF arrays, ranked
+        a ranker)."""
+        return tuple(s for s in STRATEGIES if (s != "ae-hybrid" or self.catalog.cf is not None)
+                     and (s != RANKED or self.ranker is not None))
+
+    @property
+    def default_strategy(self) -> str:
+        """``ranked`` when the bundle has a ranker, else :data:`DEFAULT_STRATEGY`."""
+        return RANKED if self.ranker is not None else self.resolve_strategy(DEFAULT_STRATEGY)
 
     def resolve_strategy(self, name: str) -> str:
-        """The strategy that will answer ``name``: bundles written before the neighbour-CF
-        arrays existed answer ae-hybrid with ae-neighbours (the response says so)."""
+        """The strategy that will answer ``name`` (empty: the bundle's default): bundles
+        without a ranker answer ranked with ae-hybrid, and those written before the
+        neighbour-CF arrays existed answer ae-hybrid with ae-neighbours (the response says
+        which)."""
+        if not name:
+            return self.default_strategy
+        if name == RANKED and self.ranker is None:
+            name = DEFAULT_STRATEGY
         if name == "ae-hybrid" and self.catalog.cf is None:
             return "ae-neighbours"
         return name
@@ -208,7 +233,8 @@ class Engine:
         names the strategy that ran. ``songs``: the song search to use (default: the
         index), e.g. one holding neighbour lists computed beforehand (``PrefetchedLists``)."""
         return run_strategy(self.resolve_strategy(strategy), self.catalog,
-                            self.songs if songs is None else songs, self.playlists, query)
+                            self.songs if songs is None else songs, self.playlists, query,
+                            self.ranker)
 
     def nearest_to(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.songs.search(codes, k)
@@ -218,6 +244,24 @@ class Engine:
         if 0 <= row < self.catalog.n_songs and self._names[0] is not None:
             return (_one_string(*self._names, row), _one_string(*self._artists, row))
         return "", ""
+
+
+def _ranker(root: Path, manifest: Manifest, catalog: Catalog, threads: int) -> Ranker | None:
+    """The bundle's ranker when its manifest lists both ranker files; both or neither."""
+    listed = [name for name in (RANKER_ONNX, RANKER_ARRAYS) if name in manifest.files]
+    if not listed:
+        return None
+    if len(listed) == 1:
+        missing = RANKER_ARRAYS if listed[0] == RANKER_ONNX else RANKER_ONNX
+        raise bundle_files.BundleError(f"{root}: the manifest lists {listed[0]} but not "
+                                       f"{missing} (the ranker needs both)")
+    try:
+        return load_ranker(root, catalog, threads)
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise bundle_files.BundleError(f"{root}: ranker does not fit the bundle ({exc})"
+                                       ) from None
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise bundle_files.BundleError(f"{root / RANKER_ONNX}: cannot load ({exc})") from None
 
 
 def song_search(root: Path, index: Any, rep_of: np.ndarray, table: dict[str, np.ndarray] | None,

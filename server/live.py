@@ -21,6 +21,7 @@ from server.errors import InvalidArgument, NotFound
 from server.locks import RWLock
 from server.search import NEAR_CANDIDATES, PrefetchedLists
 from server.strategies import (
+    REASON_ARTIST,
     REASON_PLAYLIST,
     REASON_SEED,
     REASON_TAG,
@@ -202,7 +203,7 @@ class LiveModel:
         song_ids = self.ids_of(rows)
         reasons: list[tuple[str, int | str | None]] = []
         for kind, source in answer.reasons:
-            if kind == REASON_SEED:
+            if kind in (REASON_SEED, REASON_ARTIST):
                 reasons.append((kind, self.ids_of([source])[0]))
             elif kind == REASON_PLAYLIST:
                 reasons.append((kind, int(catalog.playlist_ids[source])))
@@ -382,6 +383,7 @@ class LiveModel:
                 "indexed_songs": self.n_bundle + self.n_added,
                 "playlists": len(self.engine.catalog.playlist_ids),
                 "tags": len(self.engine.catalog.tags), "strategies": list(self.engine.strategies),
+                "default_strategy": self.engine.default_strategy,
                 "song_index": dataclasses.replace(m.song_index, ef=self.engine.songs.index.ef),  # type: ignore[attr-defined]
                 "playlist_index": dataclasses.replace(
                     m.playlist_index, ef=self.engine.playlists.index.ef)}  # type: ignore[attr-defined]

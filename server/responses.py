@@ -15,6 +15,8 @@ from server.bundle import IndexParams
 from server.live import Continuation, Encoded, LiveModel, Neighbours
 from server.strategies import (
     DEFAULT_STRATEGY,
+    REASON_ALS,
+    REASON_ARTIST,
     REASON_PLAYLIST,
     REASON_POPULAR,
     REASON_SEED,
@@ -28,7 +30,8 @@ from server.wire import WireMessage, similar_responses
 REASON_KINDS = {REASON_SEED: pb2.Reason.SEED_NEIGHBOUR,
                 REASON_PLAYLIST: pb2.Reason.PLAYLIST_NEIGHBOUR,
                 REASON_TAG: pb2.Reason.TAG, REASON_TITLE: pb2.Reason.TITLE,
-                REASON_POPULAR: pb2.Reason.POPULAR}
+                REASON_POPULAR: pb2.Reason.POPULAR, REASON_ALS: pb2.Reason.ALS,
+                REASON_ARTIST: pb2.Reason.ARTIST}
 
 
 def continuation_pb(answer: Continuation, version: str) -> pb2.ContinuePlaylistResponse:
@@ -44,7 +47,7 @@ def continuation_pb(answer: Continuation, version: str) -> pb2.ContinuePlaylistR
         song = songs.add(song_id=song_id, score=score)
         reason = song.reason
         reason.kind = REASON_KINDS.get(kind, pb2.Reason.KIND_UNSPECIFIED)
-        if kind == REASON_SEED and isinstance(source, int):
+        if kind in (REASON_SEED, REASON_ARTIST) and isinstance(source, int):
             reason.seed_song_id = source
         elif kind == REASON_PLAYLIST and isinstance(source, int):
             reason.playlist_id = source
@@ -134,7 +137,7 @@ def model_info_pb(model: LiveModel | None) -> pb2.ModelInfo:
         input_dim=info["input_dim"], column_groups=info["column_groups"],
         bundle_songs=info["bundle_songs"], added_songs=info["added_songs"],
         indexed_songs=info["indexed_songs"], playlists=info["playlists"], tags=info["tags"],
-        strategies=info["strategies"], default_strategy=DEFAULT_STRATEGY,
+        strategies=info["strategies"], default_strategy=info["default_strategy"],
         song_index=index_params_pb(info["song_index"]),
         playlist_index=index_params_pb(info["playlist_index"]))
 

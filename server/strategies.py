@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -33,14 +34,16 @@ from server.catalog import Catalog, RowLists, gather_rows, tokenize
 from server.search import VectorSearch
 from server.voting import best_first
 
-STRATEGIES = ("ae-quota", "ae-neighbours", "ae-hybrid")
+STRATEGIES = ("ae-quota", "ae-neighbours", "ae-hybrid", "ranked")
 # Songs no playlist holds, found among the seeds' nearest songs: how deep each seed's list
 # is searched, and the exponent on their similarity (see _with_seed_neighbours).
 NEW_DEPTH = 50
 NEW_SHARE = 0.35  # strategy option new_share (0: no new songs)
 NEW_POWER = 12.0  # strategy option new_power
-# The best strategy in docs/BENCHMARKS.md (bench-quality, synthetic demo split).
+# The default of a bundle without a ranker: the best hand-set strategy in docs/BENCHMARKS.md
+# (bench-quality). A bundle with one answers ``ranked`` by default (server.ranking).
 DEFAULT_STRATEGY = "ae-hybrid"
+RANKED = "ranked"
 
 # Reason codes attached to each recommended song.
 REASON_SEED = "seed"  # the nearest song of seed `source`
@@ -48,6 +51,8 @@ REASON_PLAYLIST = "playlist"  # a song of neighbour playlist `source`
 REASON_TAG = "tag"  # a frequent song of question tag `source` (tag index)
 REASON_TITLE = "title"  # a song learned from title words
 REASON_POPULAR = "popular"  # top-up from popularity
+REASON_ALS = "als"  # a song the question's folded-in ALS factor scores high (ranked)
+REASON_ARTIST = "artist"  # a popular song of an artist of seed `source` (ranked)
 
 
 @dataclass(frozen=True)
@@ -424,12 +429,24 @@ def ae_hybrid(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, qu
                               new_share, new_power)
 
 
+class RankerLike(Protocol):
+    """The learned second stage (``server.ranking.Ranker``), as ``run_strategy`` sees it:
+    a protocol, so that this module does not import the one that builds on it."""
+
+    def answer(self, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
+               query: Query) -> Answer: ...
+
+
 def run_strategy(name: str, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
-                 query: Query, **options: float) -> Answer:
+                 query: Query, ranker: RankerLike | None = None, **options: float) -> Answer:
     """Dispatch by strategy name (one of :data:`STRATEGIES`); ``options`` are the
-    strategy's keyword parameters (e.g. ``ae_weight`` for ae-hybrid). The answer names
-    the strategy."""
-    if name == "ae-quota":
+    strategy's keyword parameters (e.g. ``ae_weight`` for ae-hybrid); ``ranked`` needs the
+    bundle's ``ranker``. The answer names the strategy."""
+    if name == RANKED:
+        if ranker is None:
+            raise ValueError("strategy 'ranked' needs a bundle with a ranker (trainer.rank)")
+        answer = ranker.answer(catalog, songs, playlists, query)
+    elif name == "ae-quota":
         answer = ae_quota(catalog, songs, query)
     elif name == "ae-neighbours":
         answer = ae_neighbours(catalog, songs, playlists, query, **options)  # type: ignore[arg-type]

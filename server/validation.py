@@ -215,10 +215,12 @@ def continue_params(request: pb2.ContinuePlaylistRequest) -> ContinueParams:
     check_length("tags", request.tags, MAX_TAGS)
     for pos, tag in enumerate(request.tags):
         check_text(f"tags[{pos}]", tag, MAX_TAG_CHARS)
-    strategy = request.strategy or DEFAULT_STRATEGY
-    if strategy not in STRATEGIES:
+    # Empty stays empty: the loaded bundle decides (ranked when it has a ranker).
+    strategy = request.strategy
+    if strategy and strategy not in STRATEGIES:
         raise InvalidArgument(f"strategy: {request.strategy[:40]!r} is unknown; known: "
-                              f"{', '.join(STRATEGIES)} (empty = {DEFAULT_STRATEGY})")
+                              f"{', '.join(STRATEGIES)} (empty = the bundle's default: "
+                              f"ranked with a ranker, else {DEFAULT_STRATEGY})")
     return ContinueParams(
         seed_ids=unique(check_ids("seed_song_ids", request.seed_song_ids)),
         tags=unique(request.tags),

@@ -61,7 +61,7 @@ def tiny_bundle(tiny_split: Path) -> Path:
 
     out = tiny_split.parent / "bundle"
     assert main(["--data", str(tiny_split), "--out", str(out), "--preset", "tiny",
-                 "--epochs", "3", "--val-every", "3"]) == 0
+                 "--epochs", "3", "--val-every", "3", "--ranker-questions", "150"]) == 0
     return out
 
 

@@ -34,7 +34,7 @@ from server.testing import ServerThread
 ADMIN = "client-test-admin"
 INFERENCE = "client-test-inference"
 UNKNOWN = 987_654_321
-REASONS = {"seed_neighbour", "playlist_neighbour", "tag", "title", "popular"}
+REASONS = {"seed_neighbour", "playlist_neighbour", "tag", "title", "popular", "als", "artist"}
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_continue_playlist(client: SongRecClient, question: dict[str, Any],
     assert {s.reason.kind for s in result.songs} <= REASONS
     for s in result.songs:
         assert s.name == meta[s.song_id]["song_name"]
-        if s.reason.kind == "seed_neighbour":
+        if s.reason.kind in ("seed_neighbour", "artist"):
             assert s.reason.source in seeds
     assert len(result.tags) == 10 == len({t.tag for t in result.tags})
     short = client.continue_playlist(seeds, n_songs=7, n_tags=0, strategy="ae-quota")

@@ -109,7 +109,9 @@ def test_engine_encodes_unseen_song_near_its_twin(tiny_bundle: Path, tiny_split:
     tags = sorted({data.tags.items[t] for p in range(len(data.train))
                    if row in set(data.train.songs.row(p).tolist())
                    for t in data.train.tags.row(p)})
-    codes, known = engine.encoder.encode([SongMeta(tuple(genres), tuple(details), (), 0,
+    # Its artists too: the default column groups include them.
+    artists = tuple(int(a) for a in song.artists.row(row))
+    codes, known = engine.encoder.encode([SongMeta(tuple(genres), tuple(details), artists, 0,
                                                    tuple(in_playlists), tuple(tags))])
     assert known[0] > 0
     labels, sims = engine.nearest_to(codes, 5)

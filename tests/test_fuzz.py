@@ -35,7 +35,7 @@ from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
 from server.bundle import DIGEST, seal
 from server.config import ServerConfig
 from server.hnswfile import HEADER
-from server.strategies import DEFAULT_STRATEGY, STRATEGIES
+from server.strategies import RANKED, STRATEGIES
 from server.testing import ServerThread
 
 ADMIN = "fuzz-admin-token"
@@ -359,7 +359,7 @@ def check_answer(name: str, request: Any, answer: Any) -> None:
         assert len(set(tags)) == len(tags) and not set(tags) & set(request.tags)
         assert set(answer.unknown_seed_ids) <= set(request.seed_song_ids)
         assert set(answer.unknown_tags) <= set(request.tags)
-        assert answer.strategy == (request.strategy or DEFAULT_STRATEGY)
+        assert answer.strategy == (request.strategy or RANKED)  # the bundle has a ranker
         assert finite(s.score for s in answer.songs) and finite(t.score for t in answer.tags)
     elif name == "SimilarSongs":
         k = request.k if request.HasField("k") else 10

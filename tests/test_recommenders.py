@@ -147,8 +147,10 @@ def test_contract(request: pytest.FixtureRequest, data: Dataset, name: str,
     assert len(rec.songs) == len(rec.song_scores) and len(rec.tags) == len(rec.tag_scores)
     assert np.isin(rec.songs, data.songs.ids).all()
     assert all(isinstance(t, str) and t in data.tags.index for t in rec.tags)
-    # Ranked: best first.
-    assert (np.diff(rec.song_scores) <= 1e-6).all()
+    # Ranked: best first. ae-quota (the write-up's order) lists each seed's share in turn,
+    # each share best first: the scores may rise only where one seed's share ends.
+    rises = int((np.diff(rec.song_scores) > 1e-6).sum())
+    assert rises <= (max(len(q.songs) - 1, 0) if name == "ae-quota" else 0)
     assert (np.diff(rec.tag_scores) <= 1e-6).all()
     assert len(rec.songs) <= 100 and len(rec.tags) <= 10
 

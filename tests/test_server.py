@@ -21,7 +21,7 @@ from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
 from server.config import ServerConfig
 from server.engine import Engine
-from server.strategies import DEFAULT_STRATEGY, STRATEGIES, Query, run_strategy
+from server.strategies import RANKED, STRATEGIES, Query, run_strategy
 from server.testing import ServerThread
 
 Kind = pb2.Reason
@@ -78,7 +78,7 @@ def test_continue_playlist_default_strategy_content(stub: Any, data: dict[str, A
     assert len(ids) == 100 and len(set(ids)) == 100
     assert not set(ids) & set(seeds)
     assert list(answer.unknown_seed_ids) == [987654321]
-    assert answer.strategy == DEFAULT_STRATEGY
+    assert answer.strategy == RANKED  # the default of a bundle with a ranker
     assert answer.model_version == json.loads((tiny_bundle / "manifest.json").read_text())[
         "model_version"]
     scores = [s.score for s in answer.songs]
@@ -127,7 +127,8 @@ def test_continue_playlist_matches_offline_strategy(stub: Any, data: dict[str, A
     rows = np.asarray([engine.catalog.row_of_id[s] for s in question["songs"]])
     for strategy in STRATEGIES:
         expected = run_strategy(strategy, engine.catalog, engine.songs, engine.playlists,
-                                Query(rows, np.zeros(0, dtype=np.int32), n_songs=50))
+                                Query(rows, np.zeros(0, dtype=np.int32), n_songs=50),
+                                engine.ranker)
         answer = stub.ContinuePlaylist(pb2.ContinuePlaylistRequest(
             seed_song_ids=question["songs"], strategy=strategy, n_songs=50))
         assert [s.song_id for s in answer.songs] == \
@@ -372,7 +373,7 @@ def test_model_info(stub: Any, tiny_bundle: Path) -> None:
     assert info.indexed_songs == info.bundle_songs + info.added_songs
     assert dict(info.column_groups) == manifest["column_groups"]
     assert list(info.strategies) == list(STRATEGIES)
-    assert info.default_strategy == DEFAULT_STRATEGY
+    assert info.default_strategy == RANKED  # trainer.train adds the ranker by default
     assert info.song_index.ef == manifest["song_index"]["ef"]
     assert info.song_index.m == manifest["song_index"]["m"]
 

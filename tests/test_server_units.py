@@ -24,7 +24,6 @@ from server.errors import DeadlineExceeded, InvalidArgument, NotFound, status_fo
 from server.locks import RWLock
 from server.logs import JsonFormatter
 from server.storage import StorageFailed, StorageFull
-from server.strategies import DEFAULT_STRATEGY
 from server.validation import NewSong
 from server.wal import FILE_NAME, HEADER, MAGIC, SongLog, WalError, frame, scan
 from server.workers import Workers
@@ -63,7 +62,8 @@ def test_continue_params_defaults_and_folding() -> None:
     params = validation.continue_params(pb2.ContinuePlaylistRequest(
         seed_song_ids=[5, 3, 5], tags=["a", "b", "a"]))
     assert params.seed_ids == (5, 3) and params.tags == ("a", "b")
-    assert (params.n_songs, params.n_tags, params.strategy) == (100, 10, DEFAULT_STRATEGY)
+    # No strategy named: the loaded bundle decides (server.engine.Engine.default_strategy).
+    assert (params.n_songs, params.n_tags, params.strategy) == (100, 10, "")
     explicit = validation.continue_params(pb2.ContinuePlaylistRequest(n_tags=0, n_songs=1))
     assert (explicit.n_songs, explicit.n_tags) == (1, 0)
 

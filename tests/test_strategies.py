@@ -29,7 +29,8 @@ def engine(tiny_bundle: Path) -> Engine:
 def _ask(engine: Engine, strategy: str, seeds=(), tags=(), title="", **kw) -> object:  # type: ignore[no-untyped-def]
     query = Query(np.asarray(seeds, dtype=np.int64), np.asarray(tags, dtype=np.int32), title,
                   **kw)
-    return run_strategy(strategy, engine.catalog, engine.songs, engine.playlists, query)
+    return run_strategy(strategy, engine.catalog, engine.songs, engine.playlists, query,
+                        engine.ranker)
 
 
 def test_quotas_split_evenly_larger_first() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.benchtools import REPO, machine, replace_marked, shown_command, shown_path
+from server.rankdata import RANKER_ONNX
 from trainer.dataset import DataError, load_dataset, read_json
 from trainer.evaluate import score
 from trainer.recommend import load_questions, run_model
@@ -49,7 +51,13 @@ AE_VARIANTS: dict[str, list[str]] = {
     "ae-no-plain-mse": ["--loss-weights", "15,0"],
     "ae-cf-only": ["--groups", "playlists"],  # listeners only
     "ae-cb-only": ["--groups", "genres,detail_genres,artists,years"],  # catalogue only
+    # The column groups without artists (the default before the learned second stage).
+    "ae-no-artists": ["--groups", "playlists,tags,genres,detail_genres"],
 }
+# Ranker ablations: the "ae" bundle copied, its ranker retrained without one model family's
+# sources and features (``trainer.rank --without``).
+RANK_ABLATIONS: dict[str, str] = {"ae-rank-no-ae": "ae", "ae-rank-no-als": "als",
+                                  "ae-rank-no-cf": "cf"}
 # Rows: (variant, model, model options, label in the table).
 AE_ROWS: list[tuple[str, str, dict[str, Any], str]] = [
     ("ae", "ae-quota", {}, "ae-quota"),
@@ -67,6 +75,13 @@ AE_ROWS: list[tuple[str, str, dict[str, Any], str]] = [
     ("ae-cf-only", "ae-neighbours", {}, "ae-neighbours, playlist columns only (CF)"),
     ("ae-cb-only", "ae-quota", {}, "ae-quota, metadata columns only (CB)"),
     ("ae-cb-only", "ae-neighbours", {}, "ae-neighbours, metadata columns only (CB)"),
+    ("ae", "ranked", {}, "ranked (learned second stage)"),
+    ("ae-rank-no-ae", "ranked", {}, "ranked without the autoencoder's sources and features"),
+    ("ae-rank-no-als", "ranked", {}, "ranked without ALS"),
+    ("ae-rank-no-cf", "ranked", {}, "ranked without neighbour CF"),
+    ("ae-no-artists", "ae-quota", {}, "ae-quota, column groups without artists"),
+    ("ae-no-artists", "ae-hybrid", {}, "ae-hybrid, column groups without artists"),
+    ("ae-no-artists", "ranked", {}, "ranked, column groups without artists"),
 ]
 
 
@@ -142,18 +157,30 @@ def bench_dataset(name: str, split: Path, models: Sequence[str], bundle: str | N
 
 def train_variant(dataset: str, split: Path, variant: str, preset: str,
                   retrain: bool) -> tuple[Path, float]:
-    """The bundle of one autoencoder variant, trained unless it exists (seconds spent)."""
+    """The bundle of one autoencoder variant (with its ranker), trained unless it exists
+    (seconds spent). A ranker ablation is the ``ae`` bundle with its ranker retrained."""
     bundle = BENCH_BUNDLES / dataset / variant
-    if (bundle / "manifest.json").exists() and not retrain:
+    if (bundle / "manifest.json").exists() and (bundle / RANKER_ONNX).exists() and not retrain:
         return bundle, 0.0
     start = time.perf_counter()
-    _run_module("trainer.train", "--data", str(split), "--out", str(bundle), "--preset",
-                preset, *AE_VARIANTS[variant])
+    if variant in RANK_ABLATIONS:
+        base, _ = train_variant(dataset, split, "ae", preset, False)
+        if bundle.exists():
+            shutil.rmtree(bundle)
+        shutil.copytree(base, bundle)
+        _run_module("trainer.rank", "--data", str(split), "--bundle", str(bundle),
+                    "--without", RANK_ABLATIONS[variant])
+    elif (bundle / "manifest.json").exists() and not retrain:
+        _run_module("trainer.rank", "--data", str(split), "--bundle", str(bundle))
+    else:
+        _run_module("trainer.train", "--data", str(split), "--out", str(bundle), "--preset",
+                    preset, *AE_VARIANTS[variant])
     return bundle, time.perf_counter() - start
 
 
 def bench_autoencoders(name: str, split: Path, report: Report, *, preset: str,
-                       retrain: bool, progress: bool) -> None:
+                       retrain: bool, progress: bool,
+                       variants: Sequence[str] | None = None) -> None:
     """Train every variant on one split and add the strategy/ablation rows."""
 
     data = load_dataset(split, files=["train.json"])
@@ -161,6 +188,8 @@ def bench_autoencoders(name: str, split: Path, report: Report, *, preset: str,
     answers = read_json(split / "val_answers.json")
     trained: dict[str, tuple[Path, float]] = {}
     for variant, model_name, options, label in AE_ROWS:
+        if variants is not None and variant not in variants:
+            continue
         if variant not in trained:
             trained[variant] = train_variant(name, split, variant, preset, retrain)
             print(f"{name}: {variant} bundle ready ({trained[variant][1]:.0f} s training)",
@@ -228,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-ae", action="store_true",
                         help="baselines only: train no autoencoder variants")
     parser.add_argument("--ae-preset", default="small", help="trainer preset for the AE rows")
+    parser.add_argument("--ae-variants", default=None,
+                        help="comma-separated AE bundle variants to run (default: all of "
+                             f"{', '.join([*AE_VARIANTS, *RANK_ABLATIONS])})")
     parser.add_argument("--retrain", action="store_true",
                         help="retrain AE bundles even when bundles/bench already has them")
     return parser
@@ -251,6 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      f"{', '.join(sorted(MODELS))}")
         else:
             models = [m for m in MODELS if not needs_bundle(m)]
+        variants = None
+        if args.ae_variants:
+            variants = [v.strip() for v in args.ae_variants.split(",") if v.strip()]
+            known = {*AE_VARIANTS, *RANK_ABLATIONS}
+            if set(variants) - known:
+                raise ValueError(f"unknown AE variant {', '.join(sorted(set(variants) - known))}"
+                                 f"; known: {', '.join(sorted(known))}")
         report = Report()
         with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
             for name in datasets:
@@ -263,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               progress=not args.no_progress)
                 if not args.no_ae:
                     bench_autoencoders(name, split, report, preset=args.ae_preset,
-                                       retrain=args.retrain, progress=not args.no_progress)
+                                       retrain=args.retrain, progress=not args.no_progress,
+                                       variants=variants)
         body = render(report, command)
         if args.out != "-":
             replace_section(Path(args.out), body)

@@ -8,20 +8,23 @@ import numpy as np
 from server.bundle import load_arrays
 from server.catalog import Catalog
 from server.engine import Engine
+from server.ranking import Ranker
 from server.search import DotSearch, VectorSearch
 from server.strategies import Query, run_strategy
 from trainer.dataset import Dataset
 from trainer.recommenders.base import Question, Recommendation, Recommender
 
-__all__ = ["AEHybrid", "AENeighbours", "AEQuota", "EmbeddingStrategy"]
+__all__ = ["AEHybrid", "AENeighbours", "AEQuota", "EmbeddingStrategy", "Ranked"]
 
 
 class EmbeddingStrategy:
     """Maps questions (external ids, tag strings) to a strategy's row/index space."""
 
     def __init__(self, name: str, catalog: Catalog, songs: VectorSearch,
-                 playlists: VectorSearch, drop_future: bool = False, **options: float) -> None:
+                 playlists: VectorSearch, drop_future: bool = False,
+                 ranker: Ranker | None = None, **options: float) -> None:
         self.name, self.catalog = name, catalog
+        self.ranker = ranker
         self.songs, self.playlists = songs, playlists
         self.drop_future = drop_future
         self.options = options
@@ -35,7 +38,7 @@ class EmbeddingStrategy:
 
     def recommend(self, q: Question, n_songs: int = 100, n_tags: int = 10) -> Recommendation:
         answer = run_strategy(self.name, self.catalog, self.songs, self.playlists,
-                              self.query(q, n_songs, n_tags), **self.options)
+                              self.query(q, n_songs, n_tags), self.ranker, **self.options)
         return Recommendation(self.catalog.song_ids[answer.songs], answer.song_scores,
                               [self.catalog.tags[t] for t in answer.tags.tolist()],
                               answer.tag_scores)
@@ -55,8 +58,12 @@ class _BundleStrategy(Recommender):
         """Loads the bundle; the model was trained by ``trainer.train`` on ``data``."""
         engine = Engine.load(self.bundle, verify=self.verify,
                              playlist_ef=self.playlist_ef or None)
+        if self.strategy == "ranked" and engine.ranker is None:
+            raise ValueError(f"{self.bundle} has no ranker: add one with python -m "
+                             f"trainer.rank --data SPLIT --bundle {self.bundle}")
         self._impl = EmbeddingStrategy(self.strategy, engine.catalog, engine.songs,
-                                       engine.playlists, self.drop_future, **self.options)
+                                       engine.playlists, self.drop_future, engine.ranker,
+                                       **self.options)
         return self
 
     def recommend(self, question: Question, n_songs: int = 100,
@@ -107,3 +114,11 @@ class AEHybrid(_BundleStrategy):
                  verify: bool = True, playlist_ef: int = 0) -> None:
         super().__init__(bundle, drop_future, verify, playlist_ef)
         self.options = {"ae_weight": ae_weight}
+
+
+class Ranked(_BundleStrategy):
+    """The learned second stage: every source's candidates re-ranked by the bundle's
+    LightGBM ranker in ONNX Runtime (server.ranking), exactly as the server runs it."""
+
+    name = "ranked"
+    strategy = "ranked"

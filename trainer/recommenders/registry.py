@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from trainer.recommenders.ae import AEHybrid, AENeighbours, AEQuota
+from trainer.recommenders.ae import AEHybrid, AENeighbours, AEQuota, Ranked
 from trainer.recommenders.als import ALSRecommender
 from trainer.recommenders.base import Recommender
 from trainer.recommenders.knn import PlaylistKNN
@@ -44,6 +44,7 @@ register("als")(ALSRecommender)
 register("ae-quota")(AEQuota)
 register("ae-neighbours")(AENeighbours)
 register("ae-hybrid")(AEHybrid)
+register("ranked")(Ranked)
 
 
 def _parameters(cls: type[Recommender]) -> dict[str, inspect.Parameter]:

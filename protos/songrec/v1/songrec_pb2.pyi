@@ -39,12 +39,16 @@ class Reason(_message.Message):
         TAG: _ClassVar[Reason.Kind]
         TITLE: _ClassVar[Reason.Kind]
         POPULAR: _ClassVar[Reason.Kind]
+        ALS: _ClassVar[Reason.Kind]
+        ARTIST: _ClassVar[Reason.Kind]
     KIND_UNSPECIFIED: Reason.Kind
     SEED_NEIGHBOUR: Reason.Kind
     PLAYLIST_NEIGHBOUR: Reason.Kind
     TAG: Reason.Kind
     TITLE: Reason.Kind
     POPULAR: Reason.Kind
+    ALS: Reason.Kind
+    ARTIST: Reason.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     SEED_SONG_ID_FIELD_NUMBER: _ClassVar[int]
     PLAYLIST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -1,0 +1,504 @@
+"""Trains the learned second stage (strategy ``ranked``) and adds it to a bundle.
+
+    python -m trainer.rank --data SPLIT --bundle BUNDLE [--questions 3000] [--without ae,als,cf]
+
+Questions are cut the official way (:func:`trainer.split.split_playlists`) from a held-out
+part of the *training* playlists of ``SPLIT/train.json``; the validation answers are never
+read. Every candidate source is rebuilt from the other training playlists only (catalog,
+neighbour CF, ALS, the playlists' codes), so a question cannot find its own playlist; the
+song codes are the bundle's (the autoencoder saw every training playlist: the held-out
+playlists' columns tie their songs together, see docs/BENCHMARKS.md). Candidates and
+features come from :mod:`server.ranking`, the code the server runs. Small data is cut
+again with other seeds (up to ``max_cuts``) until ``--questions`` are held out. A LightGBM
+lambdarank model is fitted with early stopping on a fifth of the first cut's questions
+(their playlists' questions from other cuts are kept out of training), converted
+to ONNX (onnxmltools) and checked against LightGBM; ``ranker.onnx`` and ``ranker.npz`` (the
+ALS item factors fitted on every training playlist, the per-song arrays) go into the
+bundle and its manifest is rewritten with their checksums.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from server import bundle as bundle_files
+from server.bundle import BundleError
+from server.catalog import Catalog, RowLists
+from server.engine import Engine
+from server.melon import parse_updt_date
+from server.rankdata import (
+    DEFAULT_SIZES,
+    FEATURES,
+    GROUPS,
+    RANKER_ARRAYS,
+    RANKER_ONNX,
+    SOURCES,
+    AlsFactors,
+    RankData,
+    year_of,
+)
+from server.ranking import candidate_features
+from server.search import ExactSearch, VectorSearch
+from server.strategies import Query
+from trainer.catalog import build_catalog
+from trainer.dataset import DataError, Dataset, load_dataset, parse_playlists, read_json
+from trainer.recommenders.als import ALSRecommender
+from trainer.split import split_playlists
+
+log = logging.getLogger(__name__)
+
+LGB_PARAMS: dict[str, Any] = {
+    "objective": "lambdarank", "metric": "ndcg", "eval_at": [100],
+    "lambdarank_truncation_level": 100, "learning_rate": 0.05, "num_leaves": 31,
+    "min_data_in_leaf": 50, "feature_fraction": 0.8, "bagging_fraction": 0.8,
+    "bagging_freq": 1, "verbose": -1, "seed": 0, "deterministic": True,
+}
+
+
+@dataclass
+class RankConfig:
+    questions: int = 3000  # held-out questions to learn from (and to stop early on)
+    max_cuts: int = 5  # most official cuts (seeds) made to reach ``questions`` on small data
+    rounds: int = 300  # most boosting rounds; early stopping usually ends sooner
+    early_stop: int = 30
+    valid_share: float = 0.2
+    seed: int = 7
+    threads: int = 2
+    without: tuple[str, ...] = ()  # ablation groups (GROUPS): their sources and features
+
+    def sizes(self) -> dict[str, int]:
+        dropped = {s for g in self.without for s in GROUPS[g][0]}
+        return {s: (0 if s in dropped else DEFAULT_SIZES[s]) for s in SOURCES}
+
+    def features(self) -> tuple[str, ...]:
+        dropped = {f for g in self.without for f in GROUPS[g][1]}
+        dropped |= {f"{s}_{kind}" for g in self.without for s in GROUPS[g][0]
+                    for kind in ("score", "rank")}
+        return tuple(f for f in FEATURES if f not in dropped)
+
+
+# ------------------------------------------------------------------ per-song arrays
+
+
+def build_rank_data(data: Any, catalog: Catalog, als: Any | None, config: RankConfig
+                    ) -> RankData:
+    """The arrays of ``ranker.npz`` for a dataset (and its fitted ALS, if any)."""
+    songs = data.songs
+    n = len(songs)
+    artist_ids, artist_idx = np.unique(songs.artists.values, return_inverse=True)
+    song_artists = RowLists(songs.artists.indptr.astype(np.int64),
+                            artist_idx.astype(np.int32).reshape(-1),
+                            np.ones(len(artist_idx), np.float32))
+    owner = np.repeat(np.arange(n), np.diff(songs.artists.indptr))
+    pop = catalog.popularity[owner]
+    order = np.lexsort((owner, -pop, artist_idx.reshape(-1)))
+    by_artist = artist_idx.reshape(-1)[order]
+    rank_in = np.arange(len(order)) - np.searchsorted(by_artist, by_artist)
+    # Each artist's 50 most popular songs, songs in no training playlist included: where
+    # few songs recur (the Spotify sample), most hidden songs are such songs.
+    keep = order[rank_in < 50]
+    kept_artists = artist_idx.reshape(-1)[keep]
+    indptr = np.zeros(len(artist_ids) + 1, np.int64)
+    np.cumsum(np.bincount(kept_artists, minlength=len(artist_ids)), out=indptr[1:])
+    artist_songs = RowLists(indptr, owner[keep].astype(np.int32),
+                            catalog.popularity[owner[keep]].astype(np.float32))
+    genre_lists = [np.concatenate([songs.genres.row(r), songs.detail_genres.row(r)])
+                   for r in range(n)]
+    g_indptr = np.zeros(n + 1, np.int64)
+    np.cumsum([len(g) for g in genre_lists], out=g_indptr[1:])
+    g_values = (np.concatenate(genre_lists) if genre_lists else np.zeros(0)).astype(np.int32)
+    song_genres = RowLists(g_indptr, g_values, np.ones(len(g_values), np.float32))
+    train = data.train
+    years = year_of(train.updt_dates)
+    pl_owner = np.repeat(np.arange(len(train)), np.diff(train.songs.indptr))
+    dated = years[pl_owner] > 0
+    total = np.bincount(train.songs.values[dated], weights=years[pl_owner][dated], minlength=n)
+    count = np.bincount(train.songs.values[dated], minlength=n)
+    playlist_years = np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(np.float32)
+    return RankData(song_artists, artist_songs, song_genres, playlist_years,
+                    als_factors(als, catalog) if als is not None else None,
+                    config.features(), config.sizes())
+
+
+def als_factors(als: Any, catalog: Catalog) -> AlsFactors:
+    """A fitted :class:`trainer.recommenders.als.ALSRecommender` as bundle arrays."""
+    items = np.asarray(als._model.item_factors, dtype=np.float32)
+    yty = items.astype(np.float64).T @ items.astype(np.float64)
+    n_songs, n_tags = als._tag_offset, als._word_offset - als._tag_offset
+    song_f = items[:n_songs].copy()
+    song_f[catalog.popularity[:n_songs] == 0] = 0.0  # untrained: never let them score
+    words = sorted(als._word_index, key=als._word_index.__getitem__)
+    return AlsFactors(song_f, items[n_songs:n_songs + n_tags].copy(),
+                      items[als._word_offset:].copy(), words, yty, float(als.regularization),
+                      float(als.confidence), float(als.tag_weight), float(als.title_weight))
+
+
+def fit_als(data: Any, threads: int) -> Any | None:
+    try:
+        return ALSRecommender(num_threads=threads).fit(data)
+    except ValueError as exc:  # implicit missing
+        log.warning("no ALS source: %s", exc)
+        return None
+
+
+# ------------------------------------------------------------------ training questions
+
+
+def held_out(data: Any, config: RankConfig, cut: int = 0
+             ) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the dataset without the held-out playlists, questions, answers), cut the official
+    way (seed ``config.seed + cut``) from the training playlists."""
+
+    path = data.root / "train.json"
+    records = read_json(path)
+    rest, questions, answers = split_playlists(records, seed=config.seed + cut)
+    train = parse_playlists(rest, path, data.songs, data.tags, extend_tags=False)
+    masked = Dataset(data.root, data.songs, data.genres, data.tags, {"train": train})
+    return masked, questions[: config.questions], answers[: config.questions]
+
+
+def unleaked_songs(engine: Any, data: Any, masked: Any, chunk: int = 1000) -> ExactSearch:
+    """Every song's code as if the held-out playlists had never been seen: the songs of
+    held-out playlists re-encoded (the bundle's ONNX encoder) from input rows without those
+    playlists' columns and tags. The autoencoder was trained on every training playlist, so
+    the stored codes tie a held-out playlist's songs together through its column: on the
+    Spotify sample, seed-neighbour recall was 0.235 on held-out training questions against
+    0.045 on the validation questions, and a ranker learned to trust the leak."""
+    import scipy.sparse as sp
+
+    songs, space = data.songs, engine.encoder.columns
+    n = len(songs)
+    unit = engine.songs.vectors(np.arange(n, dtype=np.int64)).astype(np.float32)
+    held = ~np.isin(data.train.ids, masked.train.ids)
+    touched = np.unique(np.concatenate([data.train.songs.row(int(i))
+                                        for i in np.flatnonzero(held)] or [np.zeros(0)]))
+    train = masked.train
+    pl_of = np.repeat(np.arange(len(train)), np.diff(train.songs.indptr))
+    song_pl = sp.csr_matrix((np.ones(len(pl_of), np.float32), (train.songs.values, pl_of)),
+                            shape=(n, len(train))).tocsr()
+    tag_lists = [train.tags.row(p) for p in range(len(train))]
+    codes = data.genres.codes.items
+    rows: list[np.ndarray] = []
+    for r in touched.astype(np.int64).tolist():
+        pls = song_pl.indices[song_pl.indptr[r]:song_pl.indptr[r + 1]]
+        tags = {data.tags.items[t] for p in pls.tolist() for t in tag_lists[p].tolist()}
+        rows.append(space.song_columns(
+            genres=[codes[g] for g in songs.genres.row(r).tolist()],
+            detail_genres=[codes[g] for g in songs.detail_genres.row(r).tolist()],
+            artists=songs.artists.row(r).tolist(), issue_date=int(songs.issue_dates[r]),
+            playlists=train.ids[pls].tolist(), tags=sorted(tags)))
+    for start in tqdm(range(0, len(rows), chunk), desc="re-encoding held-out songs",
+                      unit="chunk", disable=None):
+        got = engine.encoder.encode_columns(rows[start:start + chunk])
+        unit[touched[start:start + chunk].astype(np.int64)] = got / np.maximum(
+            np.linalg.norm(got, axis=1, keepdims=True), 1e-12)
+    log.info("re-encoded %d songs of held-out playlists", len(touched))
+    return ExactSearch(unit)
+
+
+def playlist_search(songs: VectorSearch, catalog: Catalog, chunk: int = 4096) -> ExactSearch:
+    """Exact search over the mean unit codes of ``catalog``'s playlists (chunked: the codes
+    of every song at once would not fit at Melon scale)."""
+    ps = catalog.playlist_songs
+    dim = songs.vectors(np.zeros(1, np.int64)).shape[1]
+    out = np.zeros((ps.n_rows, dim), np.float32)
+    for start in range(0, ps.n_rows, chunk):
+        stop = min(start + chunk, ps.n_rows)
+        lo, hi = ps.indptr[start], ps.indptr[stop]
+        if hi == lo:
+            continue
+        vecs = songs.vectors(ps.indices[lo:hi].astype(np.int64))
+        lengths = np.diff(ps.indptr[start:stop + 1])
+        nonempty = np.flatnonzero(lengths)
+        bounds = (ps.indptr[start:stop][nonempty] - lo).astype(np.int64)
+        out[start + nonempty] = np.add.reduceat(vecs, bounds, axis=0) / lengths[nonempty, None]
+    return ExactSearch(out)
+
+
+@dataclass
+class Rows:
+    x: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray  # candidates per question
+    recall: dict[str, float]
+    n_questions: int
+    ids: np.ndarray  # int64 playlist id of each group (question)
+
+    @staticmethod
+    def join(parts: list[Rows]) -> Rows:
+        total = sum(p.n_questions for p in parts)
+        recall = {k: sum(p.recall[k] * p.n_questions for p in parts) / max(total, 1)
+                  for k in parts[0].recall}
+        return Rows(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
+                    np.concatenate([p.groups for p in parts]), recall, total,
+                    np.concatenate([p.ids for p in parts]))
+
+
+def question_rows(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
+                  rank_data: RankData, data: Any, questions: list[dict[str, Any]],
+                  answers: list[dict[str, Any]], progress: bool = True) -> Rows:
+    """Features and labels of every question's candidates, and the candidates' recall."""
+    xs, ys, groups, ids = [], [], [], []
+    hits = np.zeros(len(SOURCES) + 1)
+    counted = 0
+    for q, a in tqdm(list(zip(questions, answers, strict=True)), desc="ranker questions",
+                     unit="q", disable=not progress):
+        seeds = data.songs.rows(q["songs"])
+        tags = [catalog.tag_index.get(t, -1) for t in q["tags"]]
+        try:
+            updt = parse_updt_date(str(q.get("updt_date") or ""))
+        except ValueError:  # read leniently, as the dataset loader does
+            updt = 0
+        query = Query(np.unique(seeds[seeds >= 0]).astype(np.int64),
+                      np.asarray([t for t in tags if t >= 0], np.int32),
+                      q.get("plylst_title", ""), updt)
+        cand, x = candidate_features(catalog, songs, playlists, rank_data, query)
+        truth = data.songs.rows(a["songs"])
+        label = np.isin(cand.rows, truth).astype(np.float32)
+        if len(truth):
+            counted += 1
+            found = cand.ranks < 1000
+            hits[:-1] += (found & label[:, None].astype(bool)).sum(axis=0) / len(truth)
+            hits[-1] += label.sum() / len(truth)
+        if len(x):
+            xs.append(x)
+            ys.append(label)
+            groups.append(len(x))
+            ids.append(int(q["id"]))
+    recall = {s: float(hits[j] / max(counted, 1)) for j, s in enumerate(SOURCES)}
+    recall["union"] = float(hits[-1] / max(counted, 1))
+    width = len(rank_data.features)
+    return Rows(np.concatenate(xs) if xs else np.zeros((0, width), np.float32),
+                np.concatenate(ys) if ys else np.zeros(0, np.float32),
+                np.asarray(groups, np.int64), recall, len(questions),
+                np.asarray(ids, np.int64))
+
+
+# ------------------------------------------------------------------ fit and export
+
+
+def fit_ranker(rows: Rows, config: RankConfig, features: tuple[str, ...],
+               first_cut: int | None = None) -> tuple[Any, dict]:
+    """LightGBM lambdarank with early stopping on the last ``valid_share`` of the first
+    cut's questions (``first_cut`` of them; all when None); questions of the same
+    playlists from other cuts are left out of training, and questions without a single
+    hidden song among their candidates teach nothing."""
+    import lightgbm as lgb
+
+    bounds = np.concatenate([[0], np.cumsum(rows.groups)])
+    positive = np.asarray([rows.y[a:b].any() for a, b in zip(bounds, bounds[1:],
+                                                              strict=False)])
+    first = len(rows.groups) if first_cut is None else first_cut
+    useful = np.flatnonzero(positive)
+    in_first = useful[useful < first]
+    n_valid = max(1, int(len(in_first) * config.valid_share))
+    valid = in_first[-n_valid:]
+    train = useful[~np.isin(rows.ids[useful], rows.ids[valid])]
+    parts = (train, valid)
+
+    def subset(which: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        idx = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in which])
+        return rows.x[idx], rows.y[idx], rows.groups[which]
+
+    (xt, yt, gt), (xv, yv, gv) = subset(parts[0]), subset(parts[1])
+    params = dict(LGB_PARAMS, num_threads=config.threads)
+    train_set = lgb.Dataset(xt, yt, group=gt, feature_name=list(features),
+                            free_raw_data=False)
+    valid_set = lgb.Dataset(xv, yv, group=gv, reference=train_set, free_raw_data=False)
+    bar = tqdm(total=config.rounds, desc="lambdarank", unit="round", disable=None)
+
+    def tick(env: Any) -> None:
+        bar.update(1)
+        if env.evaluation_result_list:
+            bar.set_postfix(valid_ndcg=f"{env.evaluation_result_list[0][2]:.4f}")
+
+    record: dict[str, Any] = {}
+    booster = lgb.train(params, train_set, num_boost_round=config.rounds,
+                        valid_sets=[valid_set], valid_names=["valid"],
+                        callbacks=[lgb.early_stopping(config.early_stop, verbose=False),
+                                   lgb.record_evaluation(record), tick])
+    bar.close()
+    best = int(booster.best_iteration or booster.current_iteration())
+    # Only the trees up to the best round: the ONNX export converts every tree it is given.
+    booster = float32_thresholds(lgb.Booster(model_str=booster.model_to_string(
+        num_iteration=best)))
+    gain = booster.feature_importance(importance_type="gain")
+    importance = {f: round(float(g), 2) for f, g in sorted(zip(features, gain, strict=True),
+                                                          key=lambda p: -p[1])}
+    curve = record.get("valid", {}).get("ndcg@100", [])
+    info = {"best_iteration": best,
+            "valid_ndcg@100": round(float(curve[best - 1]), 5) if curve else None,
+            "train_questions": int(len(parts[0])), "valid_questions": int(len(parts[1])),
+            "train_rows": int(len(xt)), "importance_gain": importance}
+    return booster, info
+
+
+def float32_thresholds(booster: Any) -> Any:
+    """The booster with every split threshold ``t`` replaced by the largest float32 at or
+    below it: for float32 features ``x <= t`` is then unchanged, and the ONNX export, which
+    stores thresholds as float32, compares exactly as LightGBM does. (Rounded to nearest, a
+    threshold a hair below a training value became that value, and rows holding it took
+    the other branch: 0.04 apart on 1 row in 10,000 of the demo.)"""
+    import lightgbm as lgb
+
+    # Without ``tree_sizes`` (byte counts the new text no longer matches) LightGBM parses
+    # the trees one after another.
+    lines = [line for line in booster.model_to_string().splitlines()
+             if not line.startswith("tree_sizes=")]
+    for i, line in enumerate(lines):
+        if not line.startswith("threshold="):
+            continue
+        t = np.asarray([float(v) for v in line[len("threshold="):].split()], np.float64)
+        f = t.astype(np.float32)
+        f = np.where(f.astype(np.float64) > t, np.nextafter(f, np.float32(-np.inf)), f)
+        lines[i] = "threshold=" + " ".join(repr(float(v)) for v in f.astype(np.float64))
+    return lgb.Booster(model_str="\n".join(lines) + "\n")
+
+
+def to_onnx(booster: Any, n_features: int) -> bytes:
+    """The booster as an ONNX model with input ``features`` (float32, batch x n)."""
+    import onnxmltools
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    for noisy in ("onnxmltools", "skl2onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    model = onnxmltools.convert_lightgbm(
+        booster, initial_types=[("features", FloatTensorType([None, n_features]))],
+        target_opset=15)
+    data: bytes = model.SerializeToString()
+    return data
+
+
+def onnx_gap(booster: Any, onnx_bytes: bytes, x: np.ndarray) -> float:
+    """Largest |LightGBM - ONNX Runtime| score over the rows ``x``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    want = booster.predict(x)
+    (got,) = session.run(None, {"features": x.astype(np.float32)})[:1]
+    return float(np.max(np.abs(want - np.asarray(got).reshape(-1)))) if len(x) else 0.0
+
+
+def write_ranker(bundle: Path, onnx_bytes: bytes, rank_data: RankData,
+                 info: dict[str, Any]) -> None:
+    """Put the ranker files into ``bundle`` and rewrite its manifest (with checksums)."""
+    manifest = bundle_files.read_manifest(bundle, verify=False)
+    tmp = bundle / (RANKER_ONNX + ".tmp")
+    tmp.write_bytes(onnx_bytes)
+    os.replace(tmp, bundle / RANKER_ONNX)
+    tmp_npz = bundle / (".ranker.tmp.npz")
+    np.savez(tmp_npz, **rank_data.to_arrays())  # type: ignore[arg-type]
+    os.replace(tmp_npz, bundle / RANKER_ARRAYS)
+    fields = manifest.to_json()
+    fields.pop("files", None)
+    fields.pop("schema_version", None)
+    fields["extra"] = dict(fields.get("extra", {}), ranker=info)
+    fields["files"] = {}
+    bundle_files.write_manifest(bundle, fields)
+
+
+def train_ranker(data_dir: Path, bundle: Path, config: RankConfig,
+                 progress: bool = True) -> dict[str, Any]:
+    """The whole of ``python -m trainer.rank``; returns what goes into the manifest."""
+    started = time.perf_counter()
+    # Every playlist file, as trainer.train reads them: the bundle's tag vocabulary.
+    data = load_dataset(data_dir)
+    engine = Engine.load(bundle, verify=False)
+    if engine.catalog.n_songs != len(data.songs) or not np.array_equal(
+            engine.catalog.song_ids, data.songs.ids):
+        raise ValueError(f"{bundle} was not trained on {data_dir}: its songs differ")
+    if list(engine.catalog.tags) != list(data.tags.items):
+        raise ValueError(f"{bundle} was not trained on {data_dir}: its tags differ")
+    use_als = "als" not in config.without
+    parts: list[Rows] = []
+    cut = 0
+    # Small data gives few questions per cut: cut again (another seed) until there are
+    # enough, as many times as max_cuts allows.
+    while cut < config.max_cuts and sum(p.n_questions for p in parts) < config.questions:
+        wanted = config.questions - sum(p.n_questions for p in parts)
+        masked, questions, answers = held_out(data, replace(config, questions=wanted), cut)
+        log.info("ranker cut %d: %d held-out questions, %d other training playlists", cut,
+                 len(questions), len(masked.train))
+        catalog = build_catalog(masked)
+        songs = unleaked_songs(engine, data, masked)
+        playlists = playlist_search(songs, catalog)
+        rank_data = build_rank_data(masked, catalog, fit_als(masked, config.threads)
+                                    if use_als else None, config)
+        parts.append(question_rows(catalog, songs, playlists, rank_data, masked,
+                                   questions, answers, progress))
+        cut += 1
+    rows = Rows.join(parts)
+    log.info("candidate recall on held-out questions: %s",
+             ", ".join(f"{k} {v:.3f}" for k, v in rows.recall.items()))
+    booster, info = fit_ranker(rows, config, rank_data.features, len(parts[0].groups))
+    onnx_bytes = to_onnx(booster, len(rank_data.features))
+    check = rows.x[np.random.default_rng(0).permutation(len(rows.x))[:10_000]]
+    gap = onnx_gap(booster, onnx_bytes, check)
+    if gap > 1e-4:
+        raise ValueError(f"the ONNX ranker differs from LightGBM by {gap:.2e}")
+    # Served arrays: every training playlist (the bundle's catalog, ALS refitted on all).
+    serving = build_rank_data(data, engine.catalog, fit_als(data, config.threads)
+                              if use_als else None, config)
+    info.update(features=list(rank_data.features), sizes=config.sizes(),
+                without=list(config.without), questions=rows.n_questions, cuts=cut,
+                candidates_per_question=round(float(rows.groups.mean()), 1)
+                if len(rows.groups) else 0.0,
+                recall={k: round(v, 4) for k, v in rows.recall.items()},
+                onnx_max_abs_diff=gap, seconds=round(time.perf_counter() - started, 1))
+    write_ranker(bundle, onnx_bytes, serving, info)
+    log.info("ranker written into %s (%d rounds, valid nDCG@100 %s, %.0f s)", bundle,
+             info["best_iteration"], info["valid_ndcg@100"], info["seconds"])
+    return info
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer.rank", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, type=Path, help="the split the bundle was "
+                   "trained on (its train.json)")
+    p.add_argument("--bundle", required=True, type=Path, help="bundle to add the ranker to")
+    p.add_argument("--questions", type=int, default=RankConfig.questions,
+                   help="held-out training questions to learn from")
+    p.add_argument("--rounds", type=int, default=RankConfig.rounds)
+    p.add_argument("--threads", type=int, default=RankConfig.threads)
+    p.add_argument("--seed", type=int, default=RankConfig.seed)
+    p.add_argument("--without", default="", help=f"ablation: leave out the sources and "
+                   f"features of {', '.join(GROUPS)} (comma-separated)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    without = tuple(w.strip() for w in args.without.split(",") if w.strip())
+    unknown = [w for w in without if w not in GROUPS]
+    if unknown:
+        print(f"error: --without {','.join(unknown)}: choose from {', '.join(GROUPS)}",
+              file=sys.stderr)
+        return 2
+    config = RankConfig(questions=args.questions, rounds=args.rounds, threads=args.threads,
+                        seed=args.seed, without=without)
+    try:
+        info = train_ranker(args.data, args.bundle, config)
+    except (DataError, BundleError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"ranker added to {args.bundle}: {info['best_iteration']} rounds, held-out "
+          f"nDCG@100 {info['valid_ndcg@100']}, candidate recall {info['recall']['union']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
