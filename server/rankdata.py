@@ -5,7 +5,7 @@ What :mod:`server.ranking` serves with and ``trainer.rank`` writes; numpy only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -142,6 +142,25 @@ class RankData:
                         arrays["playlist_years"].astype(np.float32),
                         AlsFactors.from_arrays(arrays) if "als_songs" in arrays else None,
                         features, dict(zip(SOURCES, (int(s) for s in sizes), strict=True)))
+
+    def with_added_songs(self, n: int) -> RankData:
+        """The same data for a catalog with ``n`` songs appended (a compacted bundle): the
+        new songs are in no training playlist, so they get what such songs get here, no
+        artist or genre rows known to the ranker, no playlist year, zero ALS factors."""
+        def grown(lists: RowLists) -> RowLists:
+            end = lists.indptr[-1:].repeat(n)
+            return RowLists(np.concatenate([lists.indptr, end]).astype(lists.indptr.dtype),
+                            lists.indices, lists.weights)
+
+        als = self.als
+        if als is not None:
+            als = replace(als, songs=np.concatenate(
+                [als.songs, np.zeros((n, als.songs.shape[1]), als.songs.dtype)]))
+        return replace(self, song_artists=grown(self.song_artists),
+                       song_genres=grown(self.song_genres),
+                       playlist_years=np.concatenate(
+                           [self.playlist_years, np.zeros(n, self.playlist_years.dtype)]),
+                       als=als)
 
     def check(self, catalog: Catalog) -> None:
         """Dimensions against the catalog; raises ValueError naming the array."""

@@ -36,6 +36,7 @@ import numpy as np
 from server import bundle as bundle_files
 from server.bundle import BundleError
 from server.live import LiveModel
+from server.rankdata import RANKER_ARRAYS, RankData
 from server.store import SQLITE_FILE, StoreConfigError, StoreError, default_url, open_store
 from server.validation import NewSong
 from server.wal import WalError, read_songs
@@ -118,6 +119,10 @@ def compact(bundle: Path, data_dir: Path | None, out: Path, *, store: str | None
             arrays["song_artist_blob"], arrays["song_artist_offsets"],
             [s.artists for s in served])
     bundle_files.save_arrays(staging, arrays)
+    if (bundle / RANKER_ARRAYS).exists():  # the ranker's per-song arrays grow too
+        with np.load(bundle / RANKER_ARRAYS, allow_pickle=False) as npz:
+            rank_data = RankData.from_arrays(dict(npz)).with_added_songs(n_new)
+        np.savez(staging / RANKER_ARRAYS, **rank_data.to_arrays())  # type: ignore[arg-type]
     # The song graph: the bundle's, plus the new songs.
     index = bundle_files.load_hnsw(bundle, manifest.song_index, bundle_files.SONG_INDEX,
                                    max_elements=manifest.song_index.count + max(n_new, 1))
