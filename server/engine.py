@@ -155,7 +155,7 @@ class Engine:
                 raise BundleError(f"{root / bundle_files.MANIFEST}: {name}.dim {params.dim} "
                                   f"!= code_dim {manifest.code_dim}")
         threads = threads or int(os.environ.get("SONGREC_THREADS", "1"))
-        # Added songs go into a graph of their own (server.search.AddedSongs) with room
+        # Added songs go into a graph of their own (server.added.AddedSongs) with room
         # for ``capacity``: the bundle's graph is loaded full-size and never grows.
         songs = bundle_files.load_hnsw(root, manifest.song_index, bundle_files.SONG_INDEX,
                                        labels=reps)

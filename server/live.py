@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from server.added import NEAR_CANDIDATES
 from server.config import ServerConfig
 from server.engine import Engine
 from server.errors import InvalidArgument, NotFound
 from server.locks import RWLock
-from server.search import NEAR_CANDIDATES, PrefetchedLists
+from server.prefetch import PrefetchedLists
 from server.strategies import (
     REASON_ARTIST,
     REASON_PLAYLIST,

@@ -3,13 +3,13 @@ reference, and training-time validation) and the hnswlib index the server answer
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from server import voting
+from server.added import NEAR_CANDIDATES, NEAR_DEPTH, AddedSongs
 from server.lists import drop_marked, first_per_list, merge_lists
 
 
@@ -90,12 +90,6 @@ class DotSearch(ExactSearch):
         order = np.argsort(-top_scores, axis=1, kind="stable")
         return (np.take_along_axis(top, order, axis=1).astype(np.int64),
                 np.take_along_axis(top_scores, order, axis=1))
-
-
-# A bundle song's SimilarSongs up to this depth stays a table lookup as songs are added.
-NEAR_DEPTH = 20
-# Bundle songs searched per added song to find those it is among the nearest of.
-NEAR_CANDIDATES = 200
 
 
 class HnswSearch:
@@ -504,168 +498,6 @@ class HnswSearch:
         return (positions[final], labels[keep], sims[keep], finished), again, more
 
 
-class AddedSongs:
-    """Songs added at run time: their unit vectors (rows ``first``, ``first + 1``, ... in
-    the order they came) and an hnswlib graph over them, separate from the bundle's.
-
-    Searches ask the graph for ``k`` candidates (searching ``max(k, ef)`` deep) and
-    re-score them exactly against the stored vectors. The graph starts with room for
-    ``capacity`` songs and doubles when full (a resize copies only this graph, never the
-    bundle's)."""
-
-    def __init__(self, dim: int, first: int, capacity: int, *, m: int = 16,
-                 ef_construction: int = 100, ef: int = 100) -> None:
-        self.dim, self.first = dim, first
-        self.capacity = max(int(capacity), 1)
-        self.m, self.ef_construction, self.ef = m, ef_construction, max(ef, 50)
-        self.count = 0
-        self._unit = np.empty((0, dim), dtype=np.float32)
-        self._index: Any = None
-        self.resizes = 0  # how often the graph grew past its capacity
-        # Songs with identical metadata have identical codes, and exact duplicates break
-        # HNSW's graph (as in the bundle's): the graph holds the first of each, and hits
-        # expand to the others.
-        self._first_of: dict[bytes, int] = {}
-        self._twins: dict[int, list[int]] = {}
-        self.in_graph = 0
-        # Bundle song (representative) -> positions in the arrays below of the added songs
-        # among its nearest (see HnswSearch.link): its SimilarSongs stays a lookup.
-        self.near: dict[int, list[int]] = {}
-        self._near_song = np.empty(0, dtype=np.int64)
-        self._near_sim = np.empty(0, dtype=np.float32)
-        self._n_near = 0
-
-    def link(self, bundle_reps: np.ndarray, songs: np.ndarray, sims: np.ndarray) -> None:
-        """Record added ``songs[i]`` among the nearest of bundle song ``bundle_reps[i]``."""
-        end = self._n_near + len(songs)
-        if end > len(self._near_song):
-            size = max(end, 2 * len(self._near_song), 1024)
-            self._near_song = np.resize(self._near_song, size)
-            self._near_sim = np.resize(self._near_sim, size)
-        self._near_song[self._n_near : end] = songs
-        self._near_sim[self._n_near : end] = sims
-        crowded = []
-        for offset, rep in enumerate(bundle_reps.tolist()):
-            positions = self.near.setdefault(rep, [])
-            positions.append(self._n_near + offset)
-            if len(positions) == 2 * NEAR_DEPTH:
-                crowded.append(rep)
-        self._n_near = end
-        # A hub (a bundle song near very many added ones) keeps only its NEAR_DEPTH
-        # nearest: no lookup reads deeper, and a list of thousands made its lookups slow.
-        for rep in crowded:
-            positions = self.near[rep]
-            order = np.argsort(-self._near_sim[positions], kind="stable")[:NEAR_DEPTH]
-            self.near[rep] = [positions[i] for i in sorted(order.tolist())]
-
-    def near_of(self, rep: int) -> tuple[np.ndarray, np.ndarray]:
-        """The added songs linked to bundle song ``rep`` and their similarities."""
-        positions = self.near.get(rep)
-        if not positions:
-            return self._near_song[:0], self._near_sim[:0]
-        return self._near_song[positions], self._near_sim[positions]
-
-    def add(self, codes: np.ndarray, labels: np.ndarray) -> None:
-        labels = np.asarray(labels, dtype=np.int64)
-        expected = np.arange(self.first + self.count, self.first + self.count + len(labels))
-        if not np.array_equal(labels, expected):
-            raise ValueError(f"added songs must take rows {expected[:1].tolist()}.. in order")
-        if not len(labels):
-            return
-        unit = np.asarray(codes, dtype=np.float32)
-        unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
-        end = self.count + len(labels)
-        if end > len(self._unit):
-            grown = np.empty((max(end, 2 * len(self._unit), 64), self.dim), dtype=np.float32)
-            grown[: self.count] = self._unit[: self.count]
-            self._unit = grown
-        self._unit[self.count : end] = unit
-        fresh = []
-        for i, label in enumerate(labels.tolist()):
-            # A 16-byte digest, not the code itself: 100k codes of 1024 floats as keys
-            # would hold 400 MB.
-            key = hashlib.blake2b(unit[i].tobytes(), digest_size=16).digest()
-            first = self._first_of.setdefault(key, label)
-            if first == label:
-                fresh.append(i)
-            else:
-                self._twins.setdefault(first, []).append(label)
-        self.count = end
-        if not fresh:
-            return
-        if self._index is None:
-            # hnswlib only here: the load test reads bundles through this package.
-            import hnswlib
-
-            self._index = hnswlib.Index(space="cosine", dim=self.dim)
-            self._index.init_index(max_elements=max(self.capacity, len(fresh)),
-                                   ef_construction=self.ef_construction, M=self.m)
-            self._index.set_ef(self.ef)
-            self._index.set_num_threads(1)
-        needed = self.in_graph + len(fresh)
-        if needed > self._index.get_max_elements():
-            self._index.resize_index(max(needed, 2 * self._index.get_max_elements()))
-            self.resizes += 1
-        self._index.add_items(unit[fresh], labels[fresh])
-        self.in_graph = needed
-
-    def vectors(self, labels: np.ndarray) -> np.ndarray:
-        return self._unit[np.asarray(labels, dtype=np.int64) - self.first]
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` nearest added songs of each query, exactly re-scored, best first."""
-        queries = np.atleast_2d(queries).astype(np.float32)
-        depth = min(self.in_graph, k)  # the graph searches max(ef, k) deep anyway
-        while True:
-            try:
-                cand, _ = self._index.knn_query(queries, k=depth)
-                break
-            except RuntimeError:
-                # The graph could not reach ``depth`` songs from a query: fewer, not none.
-                if depth <= 1:
-                    raise
-                depth //= 2
-        cand = cand.astype(np.int64)
-        if self._twins:
-            cand = self._with_twins(cand, k)
-            depth = cand.shape[1]
-        unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-        scores = np.einsum("qkd,qd->qk", self._unit[cand - self.first], unit)
-        take = min(k, depth)
-        top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
-        top_scores = np.take_along_axis(scores, top, axis=1)
-        order = np.argsort(-top_scores, axis=1, kind="stable")
-        return (np.take_along_axis(np.take_along_axis(cand, top, axis=1), order, axis=1),
-                np.take_along_axis(top_scores, order, axis=1).astype(np.float32))
-
-    def _with_twins(self, cand: np.ndarray, k: int) -> np.ndarray:
-        """Each row of graph hits followed by their twins, cut to ``k`` (or the shortest
-        row's length, so the rows stay a matrix)."""
-        rows = []
-        for hits in cand.tolist():
-            row: list[int] = []
-            for label in hits:
-                row.append(label)
-                row.extend(self._twins.get(label, ()))
-                if len(row) >= k:
-                    break
-            rows.append(row[:k])
-        width = min(len(r) for r in rows)
-        return np.asarray([r[:width] for r in rows], dtype=np.int64)
-
-    def merge(self, queries: np.ndarray, labels: np.ndarray, sims: np.ndarray, k: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-        """The bundle's hits (``labels``, ``sims``: a row per query, best first) merged
-        with the added songs' ``k`` nearest: the first ``max(k, bundle width)`` by
-        similarity (ties: bundle songs first)."""
-        add_labels, add_sims = self.search(queries, k)
-        cand = np.concatenate([labels.astype(np.int64), add_labels], axis=1)
-        cand_sims = np.concatenate([sims.astype(np.float32), add_sims], axis=1)
-        order = np.argsort(-cand_sims, axis=1, kind="stable")[:, : max(k, labels.shape[1])]
-        return (np.take_along_axis(cand, order, axis=1),
-                np.take_along_axis(cand_sims, order, axis=1))
-
-
 def _drop(labels: np.ndarray, sims: np.ndarray, skip: np.ndarray, k: int
           ) -> tuple[np.ndarray, np.ndarray]:
     """Each row without its ``skip`` label, cut to ``k`` columns."""
@@ -685,43 +517,3 @@ def representatives(rows_indptr: np.ndarray, rows_indices: np.ndarray) -> np.nda
         key = rows_indices[bounds[i] : bounds[i + 1]].tobytes()
         rep_of[i] = first.setdefault(key, i)
     return rep_of
-
-
-class PrefetchedLists:
-    """A :class:`VectorSearch` that answers some rows' neighbour lists (asked ``k`` deep
-    with ``allow_short``) from lists computed beforehand, e.g. by the server in pieces of
-    bounded time, and passes everything else to ``songs``. A row's list depends on that
-    row alone (:meth:`HnswSearch.neighbour_lists`; hnswlib answers each query of a batch
-    on its own), so the answers are those of one lookup for all."""
-
-    def __init__(self, songs: HnswSearch, k: int) -> None:
-        self.songs = songs
-        self.k = k
-        self._lists: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def fetch(self, rows: np.ndarray) -> None:
-        """Compute and keep the lists of ``rows``."""
-        labels, sims, offsets = self.songs.neighbour_lists(rows, self.k, allow_short=True)
-        bounds = offsets.tolist()
-        for row, a, b in zip(rows.tolist(), bounds, bounds[1:], strict=False):
-            self._lists[row] = (labels[a:b], sims[a:b])
-
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.songs.search(vectors, k)
-
-    def vectors(self, labels: np.ndarray) -> np.ndarray:
-        return self.songs.vectors(labels)
-
-    def count(self) -> int:
-        return self.songs.count()
-
-    def neighbours(self, rows: np.ndarray, k: int, *, allow_short: bool = False
-                   ) -> list[tuple[np.ndarray, np.ndarray]]:
-        rows = np.asarray(rows, dtype=np.int64)
-        if k != self.k or not allow_short or not self._lists:
-            return self.songs.neighbours(rows, k, allow_short=allow_short)
-        wanted = rows.tolist()
-        rest = np.asarray([r for r in wanted if r not in self._lists], dtype=np.int64)
-        found = dict(zip(rest.tolist(), self.songs.neighbours(rest, k, allow_short=True),
-                         strict=True)) if len(rest) else {}
-        return [self._lists[r] if r in self._lists else found[r] for r in wanted]

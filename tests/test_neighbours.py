@@ -263,7 +263,7 @@ def test_added_songs_have_their_own_graph_with_recall_against_exact_search(
 def test_added_twins_stay_searchable() -> None:
     """Many added songs with identical codes (identical metadata) go into the added
     songs' graph once and come back as a group, where exact duplicates would break it."""
-    from server.search import AddedSongs
+    from server.added import AddedSongs
 
     added = AddedSongs(8, first=100, capacity=4)
     base = _unit(5, 8, seed=4)
@@ -282,7 +282,7 @@ def test_added_twins_stay_searchable() -> None:
 def test_a_hub_keeps_its_nearest_links_only() -> None:
     """A bundle song near very many added songs keeps (at least) its NEAR_DEPTH nearest
     links and never much more, so its lookups stay short."""
-    from server.search import NEAR_DEPTH, AddedSongs
+    from server.added import NEAR_DEPTH, AddedSongs
 
     added = AddedSongs(4, first=100, capacity=10)
     sims = np.random.default_rng(5).random(5 * NEAR_DEPTH).astype(np.float32)
