@@ -96,8 +96,6 @@ bench-data: $(STAMP)
 
 SOAK_SECONDS ?= 120
 
-# Mixed load at concurrency 64 against a fresh loopback server on the demo bundle, with
-# AddSongs throughout and one ReloadModel half-way; results into docs/BENCHMARKS.md.
 # Two replicas on one SQLite song store behind nginx, all on loopback (Ctrl-C stops all);
 # REPLICA_STORE=postgres uses a throwaway PostgreSQL server instead.
 demo-replicas: $(STAMP) $(DEMO_BUNDLE)/manifest.json
@@ -108,5 +106,7 @@ demo-replicas: $(STAMP) $(DEMO_BUNDLE)/manifest.json
 bench-replicas: $(STAMP) $(DEMO_BUNDLE)/manifest.json
 	$(BIN)/python -m clients.replicas bench --bundle $(DEMO_BUNDLE) --out docs/BENCHMARKS.md
 
+# Mixed load at concurrency 64 against a fresh loopback server on the demo bundle, with
+# AddSongs throughout and one ReloadModel half-way; results into docs/BENCHMARKS.md.
 soak: $(STAMP) $(DEMO_BUNDLE)/manifest.json
 	$(BIN)/python -m clients.soak --bundle $(DEMO_BUNDLE) --duration $(SOAK_SECONDS) --concurrency 64 --out docs/BENCHMARKS.md
