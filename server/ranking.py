@@ -17,7 +17,10 @@ Per question, each *source* proposes its best songs with a score:
 
 The union is scored by a LightGBM lambdarank model exported to ONNX (``ranker.onnx``), fed
 one row of :data:`FEATURES` per candidate; the best ``n_songs`` win. Each song keeps, as its
-reason, the source that ranked it highest. Tags are voted as in ``ae-hybrid``.
+reason, the source that ranked it highest. Tags are voted as in ``ae-hybrid``. No source
+proposes songs no training playlist holds (added at run time): as in ``ae-hybrid``, the
+seeds' nearest such songs join the ranked candidates afterwards (``new_share``,
+``new_power``; see ``strategies._with_seed_neighbours``), with their seed as the reason.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from server.rankdata import (
 )
 from server.search import VectorSearch
 from server.strategies import (
+    NEW_POWER,
+    NEW_SHARE,
     REASON_ALS,
     REASON_ARTIST,
     REASON_PLAYLIST,
@@ -56,6 +61,7 @@ from server.strategies import (
     _finish,
     _Picker,
     _title_scores,
+    _with_seed_neighbours,
 )
 from server.voting import best_first
 
@@ -366,8 +372,11 @@ class Ranker:
         return np.asarray(out, dtype=np.float32).reshape(-1)
 
     def answer(self, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
-               query: Query) -> Answer:
-        """Strategy ``ranked``: candidates by learned score, popularity for the rest."""
+               query: Query, new_share: float = NEW_SHARE, new_power: float = NEW_POWER
+               ) -> Answer:
+        """Strategy ``ranked``: candidates by learned score, then the seeds' nearest songs
+        no playlist holds (``new_share``/``new_power``, as ae-hybrid's; 0: none), then
+        popularity for the rest."""
         picker = _Picker(catalog, query, songs.count())
         if not len(query.seeds) and not len(query.tags) and not any(
                 w in catalog.word_index for w in tokenize(query.title)):
@@ -377,17 +386,26 @@ class Ranker:
         # A logistic squash keeps the order and puts every ranked song above the
         # popularity top-up (score 0), so an answer's scores always descend.
         scores = 1.0 / (1.0 + np.exp(-self.score(x).astype(np.float64)))
-        order = np.lexsort((cand.rows, -scores))
+        # The ranker's features cannot describe a song no playlist holds, so such songs are
+        # blended in after scoring, the way ae-hybrid blends them into its votes. A ranked
+        # candidate's source is its index in ``cand``; a new song's is -1 - its seed.
+        votes = _with_seed_neighbours(
+            catalog, songs, query,
+            Votes(cand.rows, scores, np.arange(len(cand.rows), dtype=np.int64)),
+            new_share, new_power)
+        order = np.lexsort((votes.items, -votes.scores))
         # The reason: the source that ranked the song highest (first in SOURCES on a tie).
         best_src = np.argmin(cand.ranks, axis=1)
-        for i in order.tolist():
+        for row, score, i in zip(votes.items[order].tolist(), votes.scores[order].tolist(),
+                                 votes.source[order].tolist(), strict=True):
             if picker.full:
                 break
+            if i < 0:
+                picker.take(row, score, (REASON_SEED, -1 - i))
+                continue
             j = int(best_src[i])
-            source = SOURCES[j]
             # Playlist reasons stay catalog positions: LiveModel turns them into ids.
-            picker.take(int(cand.rows[i]), float(scores[i]),
-                        (_REASON_KIND[source], int(cand.reason_sources[i, j])))
+            picker.take(row, score, (_REASON_KIND[SOURCES[j]], int(cand.reason_sources[i, j])))
         return _finish(catalog, picker, query, cand.tag_scores)
 
 

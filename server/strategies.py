@@ -327,7 +327,8 @@ def _with_seed_neighbours(catalog: Catalog, songs: VectorSearch, query: Query, v
                           share: float, power: float) -> Votes:
     """The votes plus the seeds' nearest songs by code that no training playlist holds
     (added at run time, compacted, or only in validation playlists), each scored ``share x
-    best vote x similarity ** power`` by its nearest seed, with that seed as the source."""
+    best vote x similarity ** power`` by its nearest seed, with that seed as the source; a
+    song already among the votes keeps the larger score."""
     if share <= 0 or not len(query.seeds) or not len(votes.items):
         return votes
     lists = songs.neighbours(query.seeds, NEW_DEPTH, allow_short=True)
@@ -345,12 +346,23 @@ def _with_seed_neighbours(catalog: Catalog, songs: VectorSearch, query: Query, v
     first = np.ones(len(order), dtype=bool)
     first[1:] = rows[order][1:] != rows[order][:-1]
     best = order[first]
-    best = best[~np.isin(rows[best], votes.items)]
     # A seed-neighbour's source is its seed, stored as -1 - row (a REASON_SEED reason).
+    known = np.isin(rows[best], votes.items)
+    scores, source = votes.scores, votes.source
+    if known.any():
+        # Already a candidate (never for playlist votes; ``ranked``'s seed source can
+        # propose one): it keeps the larger of its score and this value.
+        sort = np.argsort(votes.items, kind="stable")
+        at = sort[np.searchsorted(votes.items, rows[best[known]], sorter=sort)]
+        higher = value[best[known]] > scores[at]
+        scores, source = scores.copy(), source.copy()
+        scores[at[higher]] = value[best[known]][higher]
+        source[at[higher]] = -1 - query.seeds[owner[best[known]][higher]]
+    best = best[~known]
     items = np.concatenate([votes.items, rows[best]])
     order = np.argsort(items, kind="stable")
-    return Votes(items[order], np.concatenate([votes.scores, value[best]])[order],
-                 np.concatenate([votes.source, -1 - query.seeds[owner[best]]])[order])
+    return Votes(items[order], np.concatenate([scores, value[best]])[order],
+                 np.concatenate([source, -1 - query.seeds[owner[best]]])[order])
 
 
 def _answer_from_votes(catalog: Catalog, songs: VectorSearch, query: Query, song_votes: Votes,
@@ -434,7 +446,7 @@ class RankerLike(Protocol):
     a protocol, so that this module does not import the one that builds on it."""
 
     def answer(self, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
-               query: Query) -> Answer: ...
+               query: Query, new_share: float = ..., new_power: float = ...) -> Answer: ...
 
 
 def run_strategy(name: str, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
@@ -445,7 +457,7 @@ def run_strategy(name: str, catalog: Catalog, songs: VectorSearch, playlists: Ve
     if name == RANKED:
         if ranker is None:
             raise ValueError("strategy 'ranked' needs a bundle with a ranker (trainer.rank)")
-        answer = ranker.answer(catalog, songs, playlists, query)
+        answer = ranker.answer(catalog, songs, playlists, query, **options)
     elif name == "ae-quota":
         answer = ae_quota(catalog, songs, query)
     elif name == "ae-neighbours":
