@@ -3,12 +3,15 @@ failures while a replica restarts; the client balances over several addresses it
 
 from __future__ import annotations
 
+import threading
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from clients.client import SongRecClient, balanced
+from clients.client import ClientError, SongRecClient, balanced
 from clients.loadtest import build_workload, is_loopback
 from clients.replicas import Fleet, rolling_restart_under_load, serves
 from protos.songrec.v1 import songrec_pb2 as pb2
@@ -66,3 +69,42 @@ def test_balanced_targets() -> None:
         balanced("127.0.0.1:1,[::1]:2")
     assert is_loopback("127.0.0.1:1,localhost:2")
     assert not is_loopback("127.0.0.1:1,10.1.2.3:2")
+
+
+def test_client_retries_a_draining_replicas_cancelled() -> None:
+    """A real server that answers the first call CANCELLED, as a draining grpc.aio server
+    answers a call it accepted but never started: the client's channel tries again."""
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def similar(request: Any, context: grpc.ServicerContext) -> pb2.SimilarSongsResponse:
+        with lock:
+            seen.append(request.song_id)
+            first = len(seen) == 1
+        if first:
+            context.abort(grpc.StatusCode.CANCELLED, "Server Shutdown")
+        return pb2.SimilarSongsResponse()
+
+    def model_info(request: Any, context: grpc.ServicerContext) -> pb2.ModelInfo:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not retried")
+
+    handler = grpc.method_handlers_generic_handler("songrec.v1.Recommender", {
+        "SimilarSongs": grpc.unary_unary_rpc_method_handler(
+            similar, request_deserializer=pb2.SimilarSongsRequest.FromString,
+            response_serializer=pb2.SimilarSongsResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            model_info, request_deserializer=pb2.GetModelInfoRequest.FromString,
+            response_serializer=pb2.ModelInfo.SerializeToString)})
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with SongRecClient(f"127.0.0.1:{port}") as client:
+            client.similar(7, k=3)
+            assert seen == [7, 7]  # CANCELLED once, then answered
+            with pytest.raises(ClientError) as info:
+                client.model_info()
+            assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop(None)
