@@ -22,9 +22,9 @@ from server.config import ServerConfig
 from server.testing import ServerThread
 
 
-@pytest.mark.slow  # ~45 s; and see the note in docs/OPERATIONS.md (Replicas): a call that
-# reaches a replica in the instant its drain begins can be answered CANCELLED (seen 1 to 2
-# times per ~8000 calls in some runs), which nginx cannot retry.
+@pytest.mark.slow  # ~45 s. A call that reaches a replica in the instant its drain begins
+# is answered CANCELLED, which nginx passes on: the load test's channel retries it
+# (DRAIN_RETRY; docs/OPERATIONS.md, Replicas).
 def test_load_through_nginx_survives_a_rolling_restart(tiny_bundle: Path,
                                                        nginx_available: None) -> None:
     calls = build_workload("similar", bundle=tiny_bundle, pool=300, seed=3)
