@@ -12,12 +12,14 @@ gRPC's ``round_robin`` policy, see :func:`balanced`), ``token`` (``SONGREC_TOKEN
 as ``authorization: Bearer``), TLS, a default deadline in seconds (across retries) and a
 :class:`RetryPolicy`. Only ``UNAVAILABLE`` is retried, with exponential backoff and jitter:
 every other status is an answer (a bad request stays bad), and ``DEADLINE_EXCEEDED`` means
-the time is spent.
+the time is spent. One exception, in the channel itself (:data:`DRAIN_RETRY`): a
+``CANCELLED`` that a draining replica answers to a call it never started is tried again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import socket
@@ -40,6 +42,17 @@ RECOMMENDER_SERVICE = "songrec.v1.Recommender"
 ADMIN_SERVICE = "songrec.v1.Admin"
 # Batch answers with names can pass gRPC's 4 MiB default; the server has its own limit.
 MAX_RECEIVE_BYTES = 64 << 20
+
+# A server whose drain (grpc.aio stop()) begins kills the calls it had accepted on an open
+# connection but not yet started, answering them CANCELLED as a normal gRPC status; a
+# balancer in front (nginx) passes that on instead of retrying (docs/OPERATIONS.md,
+# Replicas). Every songrec RPC is idempotent (AddSongs keys songs by id), so the channel
+# tries such a call again, on the next replica; gRPC's retries only ever resend a call
+# whose answer carried nothing but the status, and a cancel by this client is final.
+DRAIN_RETRY: tuple[str, str] = ("grpc.service_config", json.dumps({"methodConfig": [{
+    "name": [{"service": "songrec.v1.Recommender"}, {"service": "songrec.v1.Admin"}],
+    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["CANCELLED"]}}]}))
 
 _REASON_NAMES = {pb2.Reason.SEED_NEIGHBOUR: "seed_neighbour",
                  pb2.Reason.PLAYLIST_NEIGHBOUR: "playlist_neighbour",
@@ -532,7 +545,7 @@ def _settings(target: str | None, token: str | None, tls: bool,
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     channel_target, balancing = balanced(target)
     merged = {"grpc.max_receive_message_length": MAX_RECEIVE_BYTES, **dict(balancing),
-              **dict(options)}
+              **dict([DRAIN_RETRY]), **dict(options)}
     return _Settings(target, channel_target, metadata, credentials, tuple(merged.items()),
                      deadline, retry)
 

@@ -49,6 +49,7 @@ import orjson
 from clients.benchtools import latency_histogram
 from clients.client import (
     DEFAULT_TARGET,
+    DRAIN_RETRY,
     TARGET_ENV,
     TOKEN_ENV,
     SongMetadata,
@@ -375,8 +376,10 @@ class Samples:
 
 def _channel(config: LoadConfig, index: int) -> grpc.aio.Channel:
     # A distinct subchannel pool per channel: otherwise gRPC shares one connection.
-    options = [("grpc.use_local_subchannel_pool", 1)] if config.channels > 1 else []
+    options: list[tuple[str, Any]] = (
+        [("grpc.use_local_subchannel_pool", 1)] if config.channels > 1 else [])
     options.append(("grpc.max_receive_message_length", 64 << 20))
+    options.append(DRAIN_RETRY)  # as SongRecClient: a draining replica's CANCELLED, again
     target, balancing = balanced(config.target)  # several replicas: round_robin
     options.extend(balancing)
     if config.tls or config.root_certificates is not None:

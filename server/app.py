@@ -354,6 +354,14 @@ async def serve(config: ServerConfig, ready: Callable[[Server], None] | None = N
     if ready is not None:
         ready(server)
     await stopping.wait()
+    if config.drain_delay_s > 0:
+        # Health turns NOT_SERVING (Watch streams end) while calls are still answered:
+        # grpc.aio's stop() answers the calls it accepted but has not started CANCELLED,
+        # so first let balancers that probe health stop sending any.
+        await server.state.health.enter_graceful_shutdown()
+        log.info("shutting down: health NOT_SERVING, still answering for %.1fs "
+                 "(--drain-delay)", config.drain_delay_s)
+        await asyncio.sleep(config.drain_delay_s)
     log.info("shutting down: draining in-flight calls (grace %.1fs)", config.grace_s)
     await server.stop()
     log.info("stopped")

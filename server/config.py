@@ -68,6 +68,9 @@ class ServerConfig:
     # checks (nginx), no call then reaches a replica that cannot answer yet.
     listen_after_load: bool = False
     grace_s: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
+    # SIGTERM: how long to go on answering with health NOT_SERVING before refusing calls,
+    # so health-checking balancers (Kubernetes readiness) send new calls elsewhere first.
+    drain_delay_s: float = 0.0
     log_format: str = "text"
     log_level: str = "INFO"
 
@@ -206,6 +209,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--grace", dest="grace_s", type=float,
                    default=_env(environ, "GRACE", float, d.grace_s),
                    help="seconds in-flight calls get to finish after SIGTERM")
+    p.add_argument("--drain-delay", dest="drain_delay_s", type=float,
+                   default=_env(environ, "DRAIN_DELAY", float, d.drain_delay_s),
+                   help="seconds to go on answering after SIGTERM with health NOT_SERVING, "
+                        "before refusing new calls (for balancers that probe health, e.g. "
+                        "a Kubernetes readiness probe; default 0)")
     p.add_argument("--log-format", choices=["text", "json"],
                    default=_env(environ, "LOG_FORMAT", str, d.log_format),
                    help="json: one JSON object per line")
@@ -251,6 +259,8 @@ def check_config(values: dict[str, Any], environ: Mapping[str, str]) -> ServerCo
             raise ConfigError(f"{flag}: {value} is out of range {low}..{high}")
     if config.grace_s < 0:
         raise ConfigError(f"--grace: {config.grace_s} is negative")
+    if config.drain_delay_s < 0:
+        raise ConfigError(f"--drain-delay: {config.drain_delay_s} is negative")
     if config.processes > 1:
         for problem, wrong in (("needs --bundle", config.bundle is None),
                                ("needs a fixed --port, not 0", config.port == 0)):

@@ -3,23 +3,28 @@ failures while a replica restarts; the client balances over several addresses it
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from clients.client import SongRecClient, balanced
+from clients.client import ClientError, SongRecClient, balanced
 from clients.loadtest import build_workload, is_loopback
 from clients.replicas import Fleet, rolling_restart_under_load, serves
+from clients.sidecars import LocalNginx
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
 from server.config import ServerConfig
 from server.testing import ServerThread
 
 
-@pytest.mark.slow  # ~45 s; and see the note in docs/OPERATIONS.md (Replicas): a call that
-# reaches a replica in the instant its drain begins can be answered CANCELLED (seen 1 to 2
-# times per ~8000 calls in some runs), which nginx cannot retry.
+@pytest.mark.slow  # ~45 s. A call that reaches a replica in the instant its drain begins
+# is answered CANCELLED, which nginx passes on: the load test's channel retries it
+# (DRAIN_RETRY; docs/OPERATIONS.md, Replicas).
 def test_load_through_nginx_survives_a_rolling_restart(tiny_bundle: Path,
                                                        nginx_available: None) -> None:
     calls = build_workload("similar", bundle=tiny_bundle, pool=300, seed=3)
@@ -66,3 +71,63 @@ def test_balanced_targets() -> None:
         balanced("127.0.0.1:1,[::1]:2")
     assert is_loopback("127.0.0.1:1,localhost:2")
     assert not is_loopback("127.0.0.1:1,10.1.2.3:2")
+
+
+@pytest.fixture
+def cancels_once() -> Iterator[tuple[int, list[int]]]:
+    """A real server that answers the first SimilarSongs CANCELLED, as a draining grpc.aio
+    server answers a call it accepted but never started, and GetModelInfo always
+    INVALID_ARGUMENT: its port and the song ids it was asked for."""
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def similar(request: Any, context: grpc.ServicerContext) -> pb2.SimilarSongsResponse:
+        with lock:
+            seen.append(request.song_id)
+            first = len(seen) == 1
+        if first:
+            context.abort(grpc.StatusCode.CANCELLED, "Server Shutdown")
+        return pb2.SimilarSongsResponse(song_id=request.song_id)
+
+    def model_info(request: Any, context: grpc.ServicerContext) -> pb2.ModelInfo:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not retried")
+
+    handler = grpc.method_handlers_generic_handler("songrec.v1.Recommender", {
+        "SimilarSongs": grpc.unary_unary_rpc_method_handler(
+            similar, request_deserializer=pb2.SimilarSongsRequest.FromString,
+            response_serializer=pb2.SimilarSongsResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            model_info, request_deserializer=pb2.GetModelInfoRequest.FromString,
+            response_serializer=pb2.ModelInfo.SerializeToString)})
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port, seen
+    finally:
+        server.stop(None)
+
+
+def _retries_cancelled_only(target: str, seen: list[int]) -> None:
+    with SongRecClient(target) as client:
+        assert client.similar(7, k=3).song_id == 7
+        assert seen == [7, 7]  # CANCELLED once, then answered
+        with pytest.raises(ClientError) as info:
+            client.model_info()
+        assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_client_retries_a_draining_replicas_cancelled(
+        cancels_once: tuple[int, list[int]]) -> None:
+    port, seen = cancels_once
+    _retries_cancelled_only(f"127.0.0.1:{port}", seen)
+
+
+def test_client_retries_a_cancelled_that_nginx_passes_on(
+        cancels_once: tuple[int, list[int]], nginx_available: None) -> None:
+    # nginx answers the client with the replica's status, as a normal answer it does not
+    # retry itself; the client's channel can still retry it (nothing but the status came).
+    port, seen = cancels_once
+    with LocalNginx([f"127.0.0.1:{port}"]) as nginx:
+        _retries_cancelled_only(nginx.target, seen)

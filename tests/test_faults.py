@@ -380,6 +380,33 @@ def test_sigterm_exits_within_grace_when_work_outlasts_it(tiny_bundle: Path) -> 
     assert messages[-1] == "stopped"
 
 
+def test_sigterm_with_drain_delay_answers_while_not_serving(tiny_bundle: Path) -> None:
+    """--drain-delay: after SIGTERM, health says NOT_SERVING at once while calls are still
+    answered for the delay; then the usual drain, and the process exits."""
+    delay = 3.0
+    args = ["--bundle", str(tiny_bundle), "--no-verify", "--workers", "1",
+            "--grace", "1", "--drain-delay", str(delay)]
+    with ServerProcess(args, env=ENV) as server, grpc.insecure_channel(
+            server.target) as channel:
+        recommender = stubs(channel)[0]
+        health = health_pb2_grpc.HealthStub(channel)
+        recommender.SimilarSongs(pb2.SimilarSongsRequest(song_id=1, k=3), timeout=30)
+        term = time.monotonic()
+        server.signal(signal.SIGTERM)
+        wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                   == health_pb2.HealthCheckResponse.NOT_SERVING, delay, "NOT_SERVING")
+        answered = 0
+        while time.monotonic() - term < delay - 1.0:
+            recommender.SimilarSongs(pb2.SimilarSongsRequest(song_id=1, k=3), timeout=30)
+            answered += 1
+        assert answered > 0
+        assert server.wait(timeout=delay + 30) == 0
+        assert time.monotonic() - term >= delay
+        messages = server.messages()
+        assert any("(--drain-delay)" in m for m in messages), messages
+        assert messages[-1] == "stopped"
+
+
 # ---------------------------------------------------------------- overload
 
 
