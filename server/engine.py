@@ -22,6 +22,7 @@ from server.catalog import Catalog
 from server.columns import ColumnSpace, SongMeta, pad_batch
 from server.rankdata import RANKER_ARRAYS, RANKER_ONNX
 from server.ranking import Ranker, load_ranker
+from server.runtime import cpu_session
 from server.search import HnswSearch, VectorSearch
 from server.strategies import (
     DEFAULT_STRATEGY,
@@ -39,15 +40,7 @@ class Encoder:
     """ONNX Runtime session of the bundle's encoder, with deliberate thread counts."""
 
     def __init__(self, path: Path, columns: ColumnSpace, threads: int = 1) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # No memory arena: an arena keeps its peak for the session's life, so one big batch
-        # (replaying the log after a reload) pinned ~10 MB more RSS for good; freeing each
-        # call's buffers costs nothing measurable at the server's batch sizes.
-        options.enable_cpu_mem_arena = False
-        self.session = ort.InferenceSession(str(path), sess_options=options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, threads)
         self.columns = columns
 
     def check(self, input_dim: int, code_dim: int, where: Path) -> None:
@@ -55,7 +48,6 @@ class Encoder:
         answers ``code``, ``code_dim`` wide, for a batch naming the first and last of
         ``input_dim`` columns and the padding column, and refuses the column after that (so
         its vocabulary is the bundle's width). Raises :class:`BundleError`."""
-        import onnxruntime as ort
 
         inputs = {i.name: i.type for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]

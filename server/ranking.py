@@ -43,6 +43,7 @@ from server.rankdata import (
     RankData,
     year_of,
 )
+from server.runtime import cpu_session
 from server.search import VectorSearch
 from server.strategies import (
     NEW_POWER,
@@ -346,17 +347,11 @@ def candidate_features(catalog: Catalog, songs: VectorSearch, playlists: VectorS
 
 
 class Ranker:
-    """``ranker.onnx`` in ONNX Runtime (threads set, no memory arena, as the encoder)."""
+    """``ranker.onnx`` in ONNX Runtime, opened as the encoder is
+    (:func:`server.runtime.cpu_session`)."""
 
     def __init__(self, path: Path, data: RankData, threads: int = 1) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.enable_cpu_mem_arena = False
-        self.session = ort.InferenceSession(str(path), sess_options=options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, threads)
         inputs = self.session.get_inputs()
         width = inputs[0].shape[1] if len(inputs) == 1 and len(inputs[0].shape) == 2 else None
         if width != len(data.features):
