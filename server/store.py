@@ -132,13 +132,17 @@ class SongStore(ABC):
     def since(self, seq: int, limit: int = READ_BATCH) -> list[Stored]:
         """Up to ``limit`` songs stored after ``seq``, in seq order."""
 
-    @abstractmethod
     def last_seq(self) -> int:
         """The seq of the last stored song (0: none)."""
+        return self._scalar(f"SELECT COALESCE(MAX(seq), 0) FROM {TABLE}")
 
-    @abstractmethod
     def count(self) -> int:
         """How many songs are stored."""
+        return self._scalar(f"SELECT COUNT(*) FROM {TABLE}")
+
+    @abstractmethod
+    def _scalar(self, query: str) -> int:
+        """The one integer ``query`` answers; raises :class:`StoreError`."""
 
     def wait(self, timeout: float) -> None:
         """Block until another writer may have stored songs, or ``timeout`` seconds."""
@@ -307,12 +311,6 @@ class SqliteStore(SongStore):
                 raise _sqlite_error(exc, self.path, "reading") from None
         return [s for s in (_decode(r[0], r[1], r[2], self.url) for r in rows) if s]
 
-    def last_seq(self) -> int:
-        return self._scalar(f"SELECT COALESCE(MAX(seq), 0) FROM {TABLE}")
-
-    def count(self) -> int:
-        return self._scalar(f"SELECT COUNT(*) FROM {TABLE}")
-
     def _scalar(self, query: str) -> int:
         with self._lock:
             try:
@@ -431,12 +429,6 @@ class PostgresStore(SongStore):
             except Exception as exc:  # noqa: BLE001 - classified below
                 raise self._failed(exc, "reading") from None
         return [s for s in (_decode(r[0], r[1], r[2], self.url) for r in rows) if s]
-
-    def last_seq(self) -> int:
-        return self._scalar(f"SELECT COALESCE(MAX(seq), 0) FROM {TABLE}")
-
-    def count(self) -> int:
-        return self._scalar(f"SELECT COUNT(*) FROM {TABLE}")
 
     def _scalar(self, query: str) -> int:
         with self._lock:
