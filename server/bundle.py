@@ -50,6 +50,10 @@ ARRAYS = "arrays.npz"
 COLUMNS = "columns.json"
 NEIGHBOURS = "neighbours.npz"
 CODES = "codes.npy"
+# The learned second stage (optional, both or neither): the ONNX ranker and its arrays
+# (server.rankdata.RankData).
+RANKER_ONNX = "ranker.onnx"
+RANKER_ARRAYS = "ranker.npz"
 REQUIRED_FILES = (ENCODER, SONG_INDEX, PLAYLIST_INDEX, ARRAYS, COLUMNS)
 # The manifest's digest of its own content (every other key, canonical JSON): an edit made
 # after the trainer wrote it is refused even when the files' checksums are not verified.
@@ -352,6 +356,25 @@ def load_neighbours(root: str | Path, manifest: Manifest) -> dict[str, np.ndarra
                           f"{sims.shape} do not fit the {manifest.song_index.count} indexed "
                           f"songs")
     return table
+
+
+def save_ranker(root: Path, onnx_bytes: bytes, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write ``ranker.onnx`` and ``ranker.npz`` (each atomically); the manifest that lists
+    them is written afterwards (:func:`write_manifest`)."""
+    for key, value in arrays.items():
+        if value.dtype == object:
+            raise BundleError(f"ranker array {key!r} has dtype object: it would need pickle")
+    tmp = Path(root) / (RANKER_ONNX + ".tmp")
+    tmp.write_bytes(onnx_bytes)
+    os.replace(tmp, Path(root) / RANKER_ONNX)
+    tmp = Path(root) / (RANKER_ARRAYS + ".tmp.npz")
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
+    os.replace(tmp, Path(root) / RANKER_ARRAYS)
+
+
+def load_ranker_arrays(root: str | Path) -> dict[str, np.ndarray]:
+    """``ranker.npz`` as a dict, loaded as every bundle array is (:func:`read_npz`)."""
+    return read_npz(Path(root) / RANKER_ARRAYS)
 
 
 def save_codes(root: Path, unit_codes: np.ndarray) -> None:

@@ -17,10 +17,9 @@ import onnxruntime as ort
 
 from server import bundle as bundle_files
 from server import integrity, voting
-from server.bundle import BundleError, Manifest
+from server.bundle import RANKER_ARRAYS, RANKER_ONNX, BundleError, Manifest
 from server.catalog import Catalog
 from server.columns import ColumnSpace, SongMeta, pad_batch
-from server.rankdata import RANKER_ARRAYS, RANKER_ONNX
 from server.ranking import Ranker, load_ranker
 from server.runtime import cpu_session
 from server.search import HnswSearch, VectorSearch

@@ -30,8 +30,6 @@ FEATURES: tuple[str, ...] = (
     "log_popularity", "years_from_playlists", "years_since_issue", "artist_overlap",
     "genre_overlap", "tag_cooccurrence", "title_match", "q_seeds", "q_tags", "q_title_words",
 )
-RANKER_ONNX = "ranker.onnx"
-RANKER_ARRAYS = "ranker.npz"
 ALS_TAG = 1  # the ALS item blocks: songs | tags | title words
 ALS_WORD = 2
 

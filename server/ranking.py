@@ -29,16 +29,14 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from server.bundle import RANKER_ARRAYS, RANKER_ONNX, load_ranker_arrays
 from server.catalog import Catalog, RowLists, gather_rows, tokenize
 from server.rankdata import (
     MISSING,
     MISSING_RANK,
-    RANKER_ARRAYS,
-    RANKER_ONNX,
     SOURCES,
     RankData,
     year_of,
@@ -406,8 +404,6 @@ class Ranker:
 
 def load_ranker(root: Path, catalog: Catalog, threads: int = 1) -> Ranker:
     """The bundle's ranker; ValueError/OSError when its files do not fit the bundle."""
-    with np.load(root / RANKER_ARRAYS, allow_pickle=False) as npz:
-        arrays: dict[str, Any] = {k: npz[k] for k in npz.files}
-    data = RankData.from_arrays(arrays)
+    data = RankData.from_arrays(load_ranker_arrays(root))
     data.check(catalog)
     return Ranker(root / RANKER_ONNX, data, threads)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.bundle import BundleError, read_manifest, write_manifest
+from server.bundle import RANKER_ARRAYS, RANKER_ONNX, BundleError, read_manifest, write_manifest
 from server.engine import Engine
-from server.rankdata import FEATURES, RANKER_ARRAYS, RANKER_ONNX, SOURCES
+from server.rankdata import FEATURES, SOURCES
 from server.ranking import candidate_features
 from server.strategies import (
     RANKED,
@@ -222,3 +222,26 @@ def test_rank_cli_refuses_unknown_ablation(tiny_split: Path, tmp_path: Path) -> 
     shutil.copytree(tiny_split, tmp_path / "s")
     assert main(["--data", str(tmp_path / "s"), "--bundle", str(tmp_path / "b"),
                  "--without", "nope"]) == 2
+
+
+def test_a_compressed_ranker_npz_is_refused_naming_the_file(copy_bundle) -> None:  # type: ignore[no-untyped-def]
+    bundle = copy_bundle()
+    with np.load(bundle / RANKER_ARRAYS) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    np.savez_compressed(bundle / RANKER_ARRAYS, **arrays)  # a possible decompression bomb
+    _rewrite(bundle)
+    with pytest.raises(BundleError, match=r"ranker\.npz: member .* is compressed"):
+        Engine.load(bundle)
+
+
+def test_train_no_ranker_writes_a_bundle_without_one(tiny_split: Path, tmp_path: Path) -> None:
+    from trainer.train import main
+
+    out = tmp_path / "plain"
+    assert main(["--data", str(tiny_split), "--out", str(out), "--preset", "tiny",
+                 "--epochs", "1", "--val-every", "1", "--no-ranker"]) == 0
+    manifest = read_manifest(out)
+    assert RANKER_ONNX not in manifest.files and RANKER_ARRAYS not in manifest.files
+    assert not (out / RANKER_ONNX).exists() and "ranker" not in manifest.extra
+    engine = Engine.load(out)
+    assert RANKED not in engine.strategies and engine.default_strategy == "ae-hybrid"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.benchtools import REPO, machine, replace_marked, shown_command, shown_path
-from server.rankdata import RANKER_ONNX
+from server.bundle import RANKER_ONNX
 from trainer.dataset import DataError, load_dataset, read_json
 from trainer.evaluate import score
 from trainer.recommend import load_questions, run_model

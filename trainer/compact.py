@@ -36,7 +36,7 @@ import numpy as np
 from server import bundle as bundle_files
 from server.bundle import BundleError
 from server.live import LiveModel
-from server.rankdata import RANKER_ARRAYS, RankData
+from server.rankdata import RankData
 from server.store import SQLITE_FILE, StoreConfigError, StoreError, default_url, open_store
 from server.validation import NewSong
 from server.wal import WalError, read_songs
@@ -119,10 +119,10 @@ def compact(bundle: Path, data_dir: Path | None, out: Path, *, store: str | None
             arrays["song_artist_blob"], arrays["song_artist_offsets"],
             [s.artists for s in served])
     bundle_files.save_arrays(staging, arrays)
-    if (bundle / RANKER_ARRAYS).exists():  # the ranker's per-song arrays grow too
-        with np.load(bundle / RANKER_ARRAYS, allow_pickle=False) as npz:
-            rank_data = RankData.from_arrays(dict(npz)).with_added_songs(n_new)
-        np.savez(staging / RANKER_ARRAYS, **rank_data.to_arrays())  # type: ignore[arg-type]
+    if bundle_files.RANKER_ARRAYS in manifest.files:  # the ranker's per-song arrays grow too
+        rank_data = RankData.from_arrays(bundle_files.load_ranker_arrays(bundle))
+        bundle_files.save_ranker(staging, (bundle / bundle_files.RANKER_ONNX).read_bytes(),
+                                 rank_data.with_added_songs(n_new).to_arrays())
     # The song graph: the bundle's, plus the new songs.
     index = bundle_files.load_hnsw(bundle, manifest.song_index, bundle_files.SONG_INDEX,
                                    max_elements=manifest.song_index.count + max(n_new, 1))

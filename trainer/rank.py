@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -40,8 +39,6 @@ from server.rankdata import (
     DEFAULT_SIZES,
     FEATURES,
     GROUPS,
-    RANKER_ARRAYS,
-    RANKER_ONNX,
     SOURCES,
     AlsFactors,
     RankData,
@@ -393,12 +390,7 @@ def write_ranker(bundle: Path, onnx_bytes: bytes, rank_data: RankData,
                  info: dict[str, Any]) -> None:
     """Put the ranker files into ``bundle`` and rewrite its manifest (with checksums)."""
     manifest = bundle_files.read_manifest(bundle, verify=False)
-    tmp = bundle / (RANKER_ONNX + ".tmp")
-    tmp.write_bytes(onnx_bytes)
-    os.replace(tmp, bundle / RANKER_ONNX)
-    tmp_npz = bundle / (".ranker.tmp.npz")
-    np.savez(tmp_npz, **rank_data.to_arrays())  # type: ignore[arg-type]
-    os.replace(tmp_npz, bundle / RANKER_ARRAYS)
+    bundle_files.save_ranker(bundle, onnx_bytes, rank_data.to_arrays())
     fields = manifest.to_json()
     fields.pop("files", None)
     fields.pop("schema_version", None)
