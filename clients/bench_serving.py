@@ -7,13 +7,14 @@ server memory and start-up time, and the HNSW lookup against exact numpy search.
 The server (``python -m server`` on ``--bundle``, default flags) and the load generator
 (:mod:`clients.loadtest`, one process, closed loop) share this machine's cores. Each RPC
 (``SimilarSongs`` k=100, ``ContinuePlaylist`` with 1-20 seeds for 100 songs + 10 tags and
-the default strategy, ``EncodeSong``) runs at every ``--concurrency`` for ``--duration``
-seconds after ``--warmup``, and right after each such cell :mod:`clients.echo_server`,
-answering with the real server's own response bytes, takes the same load: Python gRPC's
-ceiling here, and the ratio says what the model work costs. Cell by cell, so that a shared
-machine's changing speed moves both sides of a ratio alike. Requests are drawn from the
-split's questions when found (``--questions``) and from the bundle. The markdown section between
-``<!-- bench-serving:start -->`` and ``<!-- bench-serving:end -->`` of ``--out`` is
+the bundle's default strategy or ``--strategy``, ``EncodeSong``) runs at every
+``--concurrency`` for ``--duration`` seconds after ``--warmup``, and right after each such
+cell :mod:`clients.echo_server`, answering with the real server's own response bytes, takes
+the same load: Python gRPC's ceiling here, and the ratio says what the model work costs.
+Cell by cell, so that a shared machine's changing speed moves both sides of a ratio alike.
+Requests are drawn from the split's questions when found (``--questions``) and from the
+bundle. The markdown section between ``<!-- bench-serving:start -->`` and
+``<!-- bench-serving:end -->`` of ``--out`` is
 replaced, and a latency histogram is drawn to ``--plot``.
 """
 
@@ -59,6 +60,7 @@ from clients.loadtest import (
     build_workload,
     run,
 )
+from protos.songrec.v1 import songrec_pb2 as pb2
 from server.bundle import (
     SONG_INDEX,
     BundleError,
@@ -319,6 +321,7 @@ class Bench:
     memory_idle: dict[str, float] = field(default_factory=dict)
     memory_after: dict[str, float] = field(default_factory=dict)
     response_bytes: dict[str, int] = field(default_factory=dict)
+    strategy: str = ""  # the strategy that answered ContinuePlaylist
     server: dict[tuple[str, int], LoadResult] = field(default_factory=dict)
     echo: dict[tuple[str, int], LoadResult] = field(default_factory=dict)
     index: dict[str, Any] | None = None
@@ -368,7 +371,9 @@ def render(bench: Bench, command: str) -> str:
         f"cores. Echo: `clients.echo_server` answering the real responses' bytes, each "
         f"cell right after the server's "
         f"({', '.join(f'{k} {v} B' for k, v in bench.response_bytes.items())}). "
-        f"Throughput counts successful calls.",
+        f"Throughput counts successful calls."
+        + (f" ContinuePlaylist answered by strategy `{bench.strategy}`." if bench.strategy
+           else ""),
         "",
         "| RPC | concurrency | req/s | p50 ms | p99 ms | errors | echo req/s | echo p50 ms "
         "| echo p99 ms | ratio to echo |",
@@ -463,7 +468,8 @@ def to_json(bench: Bench) -> dict[str, Any]:
     return {"bundle": str(bench.bundle), "model_version": bench.model_version,
             "indexed_songs": bench.indexed_songs, "startup_s": bench.startup_s,
             "memory_idle_mb": bench.memory_idle, "memory_after_mb": bench.memory_after,
-            "response_bytes": bench.response_bytes, "server": reports(bench.server),
+            "response_bytes": bench.response_bytes, "strategy": bench.strategy,
+            "server": reports(bench.server),
             "echo": reports(bench.echo), "index": bench.index,
             "targets": [{"goal": g, "measured": m, "met": ok}
                         for g, m, ok in check_targets(bench)],
@@ -488,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated levels (default 1,8,32,64)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per cell")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per cell")
+    p.add_argument("--strategy", default="", help="ContinuePlaylist strategy (default: the "
+                   "bundle's, ranked when it has a ranker)")
     p.add_argument("--pool", type=int, default=2000, help="distinct requests per RPC")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra flag for python -m server (repeat), e.g. --server-arg=--workers=2")
@@ -542,7 +550,8 @@ def bench(args: argparse.Namespace, rpcs: Sequence[str], argv: Sequence[str]) ->
     print(f"preparing {args.pool} requests per RPC from "
           f"{questions or 'the bundle'} ...", flush=True)
     workloads = {rpc: build_workload(rpc, questions=questions, bundle=bundle,
-                                     pool=args.pool, seed=0, shape=RequestShape(k=100))
+                                     pool=args.pool, seed=0,
+                                     shape=RequestShape(k=100, strategy=args.strategy))
                  for rpc in rpcs}
     command = ("make bench-serving" if not argv
                else shown_command(PROG, [shlex.quote(a) for a in argv]))
@@ -579,6 +588,9 @@ def bench(args: argparse.Namespace, rpcs: Sequence[str], argv: Sequence[str]) ->
             responses = tmp / "responses"
             responses.mkdir()
             result.response_bytes = capture_responses(target, workloads, responses)
+            if (responses / "ContinuePlaylist.bin").exists():
+                result.strategy = pb2.ContinuePlaylistResponse.FromString(
+                    (responses / "ContinuePlaylist.bin").read_bytes()).strategy
             targets = {"server": target}
             if not args.skip_echo:
                 # Up beside the server (idle while the other is measured): the echo

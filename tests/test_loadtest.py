@@ -246,6 +246,7 @@ def test_bench_serving_end_to_end(tiny_bundle: Path, tiny_split: Path,
                                "--index-queries", "50", "--server-arg=--no-verify"]) == 0
     text = out.read_text()
     assert text.count("| SimilarSongs (k=100) |") == 2 and "recall@100" in text
+    assert "ContinuePlaylist answered by strategy `ranked`." in text  # the bundle's default
     assert (tmp_path / "lat.png").is_file()
 
 
