@@ -32,11 +32,14 @@ from clients.benchtools import machine, replace_marked, shown_command
 from server.columns import SongMeta
 from server.live import LiveModel
 from server.melon import parse_issue_date
-from server.strategies import DEFAULT_STRATEGY, STRATEGIES
 from server.validation import ContinueParams, EncodeParams, NewSong, SimilarParams
 
-START = "<!-- bench-growth:start -->"
-END = "<!-- bench-growth:end -->"
+
+def markers(name: str) -> tuple[str, str]:
+    """The section a run owns: ``bench-growth``, or ``bench-growth-NAME`` (``--name``)."""
+    tag = "bench-growth" + (f"-{name}" if name else "")
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+
 ID_BASE = 900_000_000
 
 
@@ -91,9 +94,9 @@ def workloads(model: LiveModel, questions: Sequence[dict[str, Any]],
                               for s in song_ids],
         "EncodeSong k=10": [partial(model.encode, EncodeParams(m, 10, False)) for m in metas],
     }
-    for strategy in STRATEGIES:
+    for strategy in model.engine.strategies:
         shown = f"ContinuePlaylist {strategy}" + (" (default)" if strategy ==
-                                                  DEFAULT_STRATEGY else "")
+                                                  model.engine.default_strategy else "")
         out[shown] = [partial(model.continue_playlist, ContinueParams(
             tuple(q["songs"]), tuple(q["tags"]), q.get("plylst_title", ""), 0, 100, 10,
             strategy, False, False)) for q in questions[: max(n_calls // 3, 1)]]
@@ -161,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="added-song counts to measure at (comma-separated, ascending)")
     p.add_argument("--calls", type=int, default=300, help="calls per RPC and step")
     p.add_argument("--out", default="docs/BENCHMARKS.md", help="markdown file, or - to print")
+    p.add_argument("--name", default="", help="section suffix for another bundle (e.g. "
+                   "melon: the bench-growth-melon section)")
     args = p.parse_args(argv)
     steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})
     rows, notes = run(args.bundle, args.data, steps, args.calls)
@@ -171,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     body = render(rows, notes, shown_command("python -m clients.bench_growth", argv),
                   bundle_note)
     if args.out != "-":
-        replace_marked(Path(args.out), body, START, END)
+        replace_marked(Path(args.out), body, *markers(args.name))
     print(body)
     return 0
 

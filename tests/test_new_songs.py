@@ -165,3 +165,18 @@ def test_coldstart_report(tiny_split: Path, tmp_path: Path) -> None:
     assert without["new_song_recall"] == 0  # it cannot know them
     assert report["added"] > 0
     assert "coldstart-tiny:start" in md.read_text()
+
+
+def test_bench_growth_times_both_models_into_its_named_section(tiny_bundle: Path,
+                                                               tiny_split: Path,
+                                                               tmp_path: Path) -> None:
+    from clients.bench_growth import main
+
+    doc = tmp_path / "B.md"
+    assert main(["--bundle", str(tiny_bundle), "--data", str(tiny_split), "--steps", "0,60",
+                 "--calls", "9", "--out", str(doc), "--name", "tiny"]) == 0
+    text = doc.read_text()
+    assert "<!-- bench-growth-tiny:start -->" in text
+    # Every call, at both steps; the bundle's default strategy is marked.
+    assert text.count("| SimilarSongs k=10 |") == 2 and text.count("| EncodeSong k=10 |") == 2
+    assert text.count("| 60 | ContinuePlaylist ranked (default) |") == 1

@@ -245,3 +245,19 @@ def test_train_no_ranker_writes_a_bundle_without_one(tiny_split: Path, tmp_path:
     assert not (out / RANKER_ONNX).exists() and "ranker" not in manifest.extra
     engine = Engine.load(out)
     assert RANKED not in engine.strategies and engine.default_strategy == "ae-hybrid"
+
+
+def test_bench_rank_writes_its_named_section(tiny_bundle: Path, tiny_split: Path,
+                                             tmp_path: Path) -> None:
+    from trainer.bench_rank import main
+
+    doc = tmp_path / "B.md"
+    doc.write_text("# Benchmarks\n\n<!-- bench-rank:start -->\nkept\n<!-- bench-rank:end -->\n")
+    assert main(["--bundle", str(tiny_bundle), "--data", str(tiny_split), "--questions",
+                 "20", "--out", str(doc), "--name", "tiny"]) == 0
+    text = doc.read_text()
+    assert "kept" in text  # the demo's section is left alone
+    section = text[text.index("<!-- bench-rank-tiny:start -->"):]
+    assert "| recall of the hidden songs |" in section
+    assert "| ranked |" in section and "| ae-hybrid |" in section
+    assert "ranked / ae-hybrid CPU:" in section

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from clients.benchtools import machine, replace_marked
+from clients.benchtools import machine, replace_marked, shown_command
 from server.bundle import BundleError
 from server.engine import Engine
 from server.rankdata import SOURCES
@@ -30,8 +30,13 @@ from trainer.dataset import DataError, load_dataset, read_json
 from trainer.recommenders.ae import EmbeddingStrategy
 from trainer.recommenders.base import questions_from
 
-START = "<!-- bench-rank:start -->"
-END = "<!-- bench-rank:end -->"
+
+def markers(name: str) -> tuple[str, str]:
+    """The section of docs/BENCHMARKS.md a run owns: ``bench-rank``, or ``bench-rank-NAME``
+    for another bundle (e.g. ``--name melon``)."""
+    tag = "bench-rank" + (f"-{name}" if name else "")
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+
 
 
 def measure(bundle: Path, split: Path, n_questions: int) -> dict[str, Any]:
@@ -102,16 +107,18 @@ def main(argv: list[str] | None = None) -> int:
                    "answers) the bundle was trained on")
     p.add_argument("--questions", type=int, default=1000)
     p.add_argument("--out", default="docs/BENCHMARKS.md", help="markdown file, or - to print")
+    p.add_argument("--name", default="", help="section suffix for a bundle other than the "
+                   "demo's (e.g. melon: the bench-rank-melon section)")
     args = p.parse_args(argv)
     try:
         result = measure(args.bundle, args.data, args.questions)
     except (BundleError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    body = render(result, " ".join(["python -m trainer.bench_rank", *argv]))
+    body = render(result, shown_command("python -m trainer.bench_rank", argv))
     print(body)
     if args.out != "-":
-        replace_marked(Path(args.out), body, START, END)
+        replace_marked(Path(args.out), body, *markers(args.name))
     return 0
 
 
