@@ -48,7 +48,6 @@ from clients.benchtools import REPO, machine, replace_marked, shown_command
 from server.columns import SongMeta
 from server.live import LiveModel
 from server.melon import parse_issue_date
-from server.strategies import DEFAULT_STRATEGY
 from server.validation import ContinueParams, NewSong
 from trainer.dataset import DataError, read_json
 from trainer.evaluate import N_SONGS, N_TAGS, batch_ndcg, score
@@ -284,7 +283,8 @@ def evaluate(split: Path, work: Path, fraction: float, preset: str, groups: str,
                                    kept_meta, popular_tags).items():
         record(name, results)
     in_answers = sum(len({int(s) for s in a["songs"]} & held) for a in answers)
-    default = DEFAULT_STRATEGY if DEFAULT_STRATEGY in names else names[0]
+    # The strategy an empty ContinuePlaylist.strategy gets: ``ranked`` with a ranker.
+    default = model.engine.default_strategy
     return {"default_strategy": default, "results": report_rows,
             "held_out_songs": len(held), "added": added, "unplaceable": skipped,
             "add_seconds": round(add_s, 2), "train_seconds": round(train_s, 1),

@@ -11,7 +11,8 @@ which they are ordinary bundle songs (rows after the old ones): in the song grap
 ``codes.npy``, in the exact neighbour table (recomputed over every song, so old songs' lists
 include the new ones) and in the song arrays (ids, names, issue dates; no playlists,
 popularity 0, so the strategies treat them as they treated them added: see
-``server.strategies._with_seed_neighbours``).
+``server.strategies.with_new_songs``); the ranker's per-song arrays keep their artists, so
+the artist new-song source (``server.artists``) still finds them.
 Encoder, playlists and neighbour CF are unchanged.
 
 ``Admin.ReloadModel`` to the new bundle serves the same songs, SimilarSongs of the compacted
@@ -121,7 +122,8 @@ def compact(bundle: Path, data_dir: Path | None, out: Path, *, store: str | None
     bundle_files.save_arrays(staging, arrays)
     if (bundle / RANKER_ARRAYS).exists():  # the ranker's per-song arrays grow too
         with np.load(bundle / RANKER_ARRAYS, allow_pickle=False) as npz:
-            rank_data = RankData.from_arrays(dict(npz)).with_added_songs(n_new)
+            rank_data = RankData.from_arrays(dict(npz)).with_added_songs(
+                n_new, [s.meta.artists for s in served])
         np.savez(staging / RANKER_ARRAYS, **rank_data.to_arrays())  # type: ignore[arg-type]
     # The song graph: the bundle's, plus the new songs.
     index = bundle_files.load_hnsw(bundle, manifest.song_index, bundle_files.SONG_INDEX,
