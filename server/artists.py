@@ -80,6 +80,11 @@ class ArtistIndex:
         self._added_new: dict[int, list[int]] = {}  # position -> added rows, oldest first
 
     @property
+    def has_new(self) -> bool:
+        """Whether any artist has a new song."""
+        return bool(len(self._new.indices) or self._added_new)
+
+    @property
     def knows_bundle(self) -> bool:
         """Whether the bundle's songs' artists are known (ranker data with artist ids)."""
         return self._song_artists is not None

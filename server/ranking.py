@@ -388,13 +388,16 @@ class Ranker:
         # A logistic squash keeps the order and puts every ranked song above the
         # popularity top-up (score 0), so an answer's scores always descend.
         scores = 1.0 / (1.0 + np.exp(-self.score(x).astype(np.float64)))
-        # The ranker's features cannot describe a song no playlist holds, so such songs are
-        # blended in after scoring, the way ae-hybrid blends them into its votes. A ranked
-        # candidate's source is its index in ``cand``; a new song's is negative.
-        votes = with_new_songs(
-            catalog, songs, query,
-            Votes(cand.rows, scores, np.arange(len(cand.rows), dtype=np.int64)),
-            new_share, new_power, artist_share, artist_power)
+        # The ranker's features cannot describe a song added at run time (it learned on
+        # bundle songs only; the seed source proposes added ones), so such songs are left
+        # to the new-song blend, the way ae-hybrid blends them into its votes: the ranker
+        # scored them as it scores a bundle song in no playlist, which cost the cold-start
+        # demo score (docs/BENCHMARKS.md). A ranked candidate's source is its index in
+        # ``cand``; a new song's is negative.
+        bundle = np.flatnonzero(cand.rows < catalog.n_songs)
+        votes = with_new_songs(catalog, songs, query,
+                               Votes(cand.rows[bundle], scores[bundle], bundle),
+                               new_share, new_power, artist_share, artist_power)
         order = np.lexsort((votes.items, -votes.scores))
         # The reason: the source that ranked the song highest (first in SOURCES on a tie).
         best_src = np.argmin(cand.ranks, axis=1)

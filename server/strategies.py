@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 
 from server import voting
-from server.artists import ArtistIndex, ArtistSongs
+from server.artists import ArtistIndex
 from server.catalog import Catalog, RowLists, gather_rows, tokenize
 from server.search import VectorSearch
 from server.voting import best_first
@@ -42,11 +42,13 @@ NEW_DEPTH = 50
 NEW_SHARE = 0.35  # strategy option new_share (0: no new songs)
 NEW_POWER = 12.0  # strategy option new_power
 # New songs of the seeds' artists (server.artists, see _with_artist_songs): their weight
-# against the best vote, and the exponent on their code similarity to the seeds.
-ARTIST_SHARE = 0.5  # strategy option artist_share (0: none)
-ARTIST_POWER = 4.0  # strategy option artist_power
+# against the answer's cut-off score, and the exponent on their code similarity to a seed.
+ARTIST_SHARE = 1.4  # strategy option artist_share (0: none)
+ARTIST_POWER = 20.0  # strategy option artist_power
 # An artist-song's source in the votes: ARTIST_SOURCE - its seed's row (a REASON_ARTIST).
 ARTIST_SOURCE = -(1 << 40)
+# Best candidates that stand in for the seeds of a question without any (artist songs).
+PSEUDO_SEEDS = 20
 # The default of a bundle without a ranker: the best hand-set strategy in docs/BENCHMARKS.md
 # (bench-quality). A bundle with one answers ``ranked`` by default (server.ranking).
 DEFAULT_STRATEGY = "ae-hybrid"
@@ -73,8 +75,8 @@ class Query:
     n_songs: int = 100
     n_tags: int = 10
     drop_future: bool = False
-    # The seeds' artists' new songs (server.artists); None: none known (no such source).
-    artist_songs: ArtistSongs | None = None
+    # The new songs of each artist (server.artists); None: no artist new-song source.
+    artists: ArtistIndex | None = None
 
 
 @dataclass(frozen=True)
@@ -368,31 +370,48 @@ def _is_new(catalog: Catalog, rows: np.ndarray) -> np.ndarray:
 def _with_artist_songs(songs: VectorSearch, query: Query, votes: Votes, share: float,
                        power: float) -> Votes:
     """The votes plus the new songs of the seeds' artists (``query.artist_songs``, see
-    :mod:`server.artists`), each scored ``share x best vote x shared x similarity ** power
-    x fame``: ``shared``, the share of the seeds by its artist (a square root, so that one
-    seed of many still counts); ``similarity``, its largest code similarity to those seeds,
-    mapped from [-1, 1] to [0, 1]; ``fame``, 1 - 1 / (2 + log1p(the artist's training
-    playlist entries)), which ranks a known artist's song above an unknown one's. Its source
-    is the most similar of those seeds (a REASON_ARTIST reason); a song already among the
-    votes keeps the larger score."""
-    found = query.artist_songs
-    if share <= 0 or found is None or not len(found.rows) or not len(query.seeds):
+    :mod:`server.artists`), each scored ``cut x share x similarity ** power x sqrt(shared)``:
+    ``cut``, the score a vote needs to make the answer (the ``n_songs``-th best); its code
+    similarity to the nearest seed by its artist; ``shared``, how many seeds are by its
+    artist. So a new song enters the answer when ``share x similarity ** power x
+    sqrt(shared) > 1``, the higher the stronger it is: on the cold-start data a new song
+    by a seed's artist is about as likely to be played as the last songs of an answer when
+    its code is nearly its seed's (similarity > 0.98), and more likely the more seeds share
+    its artist (docs/BENCHMARKS.md, *Cold start*). Ties go to the more popular artist (its
+    training playlist entries; popularity itself predicts less: a popular artist has many
+    new songs, each less likely). Its source is that nearest seed (a REASON_ARTIST reason);
+    a song already among the votes keeps the larger score."""
+    if share <= 0 or query.artists is None or not query.artists.has_new:
+        return votes
+    seeds = query.seeds
+    if not len(seeds):
+        # A question without seeds (tags, a title): its best candidates stand in for
+        # them, as the tag and title songs stand in for seeds in ae-neighbours.
+        seeds = votes.ranked(PSEUDO_SEEDS)[0]
+    found = query.artists.songs_of(seeds)
+    if not len(found.rows):
         return votes
     cand, inverse = np.unique(found.rows, return_inverse=True)
-    vectors = songs.vectors(cand)[inverse]
-    seeds = np.unique(found.seeds)
-    seed_vectors = songs.vectors(seeds)[np.searchsorted(seeds, found.seeds)]
-    sims = (0.5 + 0.5 * np.einsum("ij,ij->i", vectors, seed_vectors)).astype(np.float64)
+    owners = np.unique(found.seeds)
+    sims = np.einsum("ij,ij->i", songs.vectors(cand)[inverse],
+                     songs.vectors(owners)[np.searchsorted(owners, found.seeds)])
+    sims = np.maximum(sims.astype(np.float64), 0.0)
     # Distinct seeds per candidate (a song with two of a seed's artists counts once).
-    pairs = np.unique(inverse * (int(found.seeds.max()) + 1) + found.seeds)
-    shared = np.bincount(pairs // (int(found.seeds.max()) + 1), minlength=len(cand))
-    best_sim = np.full(len(cand), -np.inf)
+    width = int(found.seeds.max()) + 1
+    shared = np.bincount(np.unique(inverse * width + found.seeds) // width,
+                         minlength=len(cand))
+    best_sim = np.zeros(len(cand))
     np.maximum.at(best_sim, inverse, sims)
     fame = np.zeros(len(cand))
     np.maximum.at(fame, inverse, found.artist_popularity)
-    top = float(votes.scores.max()) if len(votes.items) else 1.0
-    value = (share * top * np.sqrt(shared / len(query.seeds))
-             * np.maximum(best_sim, 0.0) ** power * (1.0 - 1.0 / (2.0 + np.log1p(fame))))
+    n = query.n_songs
+    if len(votes.items) >= n:
+        cut = float(np.partition(votes.scores, len(votes.items) - n)[len(votes.items) - n])
+    else:
+        cut = float(votes.scores.min()) if len(votes.items) else 1.0
+    cut = max(cut, 1e-9)
+    value = (cut * share * best_sim ** power * np.sqrt(shared)
+             * (1.0 + 1e-6 * np.log1p(fame)))
     # The seed of each candidate's largest similarity (the first on a tie).
     is_best = np.flatnonzero(sims >= best_sim[inverse])[::-1]
     source = np.zeros(len(cand), np.int64)
@@ -536,10 +555,10 @@ def run_strategy(name: str, catalog: Catalog, songs: VectorSearch, playlists: Ve
                  artists: ArtistIndex | None = None, **options: float) -> Answer:
     """Dispatch by strategy name (one of :data:`STRATEGIES`); ``options`` are the
     strategy's keyword parameters (e.g. ``ae_weight`` for ae-hybrid); ``ranked`` needs the
-    bundle's ``ranker``; ``artists``, when given, supplies the query's seeds' artists' new
-    songs (unless it carries them). The answer names the strategy."""
-    if artists is not None and query.artist_songs is None and name != "ae-quota":
-        query = replace(query, artist_songs=artists.songs_of(query.seeds))
+    bundle's ``ranker``; ``artists``, when given, is the new songs by artist the query
+    uses (unless it carries its own). The answer names the strategy."""
+    if artists is not None and query.artists is None and name != "ae-quota":
+        query = replace(query, artists=artists)
     if name == RANKED:
         if ranker is None:
             raise ValueError("strategy 'ranked' needs a bundle with a ranker (trainer.rank)")

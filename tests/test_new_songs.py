@@ -146,6 +146,73 @@ def test_compaction_serves_the_same_songs_and_loses_nothing(
     assert reloaded.catalog.n_songs == n + 20
 
 
+def _by_artist(split: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two popular training songs whose artists share nothing (the second's artists have
+    no song in the first's playlists' artists either)."""
+    train = json.loads((split / "train.json").read_text())
+    counts: dict[int, int] = {}
+    for p in train:
+        for s in p["songs"]:
+            counts[s] = counts.get(s, 0) + 1
+    meta = {m["id"]: m for m in json.loads((split / "song_meta.json").read_text())}
+    top = [meta[s] for s in sorted(counts, key=lambda s: (-counts[s], s))
+           if meta[s]["artist_id_basket"]]
+    first = top[0]
+    other = next(m for m in top[1:]
+                 if not set(m["artist_id_basket"]) & set(first["artist_id_basket"]))
+    return first, other
+
+
+def test_artist_new_songs_reach_the_default_strategy(copy_bundle: Any, tiny_split: Path,
+                                                     tmp_path: Path) -> None:
+    """Over real gRPC, default strategy (``ranked``, default options): songs added with a
+    seed's artist are recommended with an ARTIST reason naming that seed; a question whose
+    seed's artists have no new song gets none from that source; after a restart (the song
+    store replayed through the same insert path) the same answers come back."""
+    bundle = copy_bundle()
+    seed, other = _by_artist(tiny_split)
+    artist = seed["artist_id_basket"][0]
+    # New songs by the seed's artist, each with the metadata of another training song (so
+    # the code alone would not put them next to the seed).
+    donors = [m for i, m in _twins(tiny_split, 40)
+              if not set(m["artist_id_basket"]) & {artist}][:10]
+    new_ids = list(range(80_000_000, 80_000_000 + len(donors)))
+    config = ServerConfig(bundle=bundle, port=0, data_dir=tmp_path / "state",
+                          admin_token=ADMIN, verify=True)
+
+    def ask(stub: Any, seed_id: int) -> list[pb2.RecommendedSong]:
+        reply = stub.ContinuePlaylist(pb2.ContinuePlaylistRequest(seed_song_ids=[seed_id]))
+        assert reply.strategy == RANKED
+        return list(reply.songs)
+
+    def by_artist(songs: list[pb2.RecommendedSong]) -> set[int]:
+        return {s.song_id for s in songs if s.song_id in new_ids
+                and s.reason.kind == pb2.Reason.ARTIST}
+
+    with ServerThread(config) as live, live.channel() as channel:
+        stub = pb2_grpc.RecommenderStub(channel)
+        before = [s.song_id for s in ask(stub, seed["id"])]
+        assert not set(before) & set(new_ids)
+        pb2_grpc.AdminStub(channel).AddSongs(pb2.AddSongsRequest(songs=[
+            pb2.NewSong(song_id=i, metadata=pb2.SongMetadata(
+                genres=m["song_gn_gnr_basket"], detail_genres=m["song_gn_dtl_gnr_basket"],
+                artist_ids=[artist], issue_date=m["issue_date"]))
+            for i, m in zip(new_ids, donors, strict=True)]), metadata=AUTH)
+        got = ask(stub, seed["id"])
+        found = by_artist(got)
+        assert len(found) >= 5, found
+        for s in got:
+            if s.song_id in found:
+                assert s.reason.seed_song_id == seed["id"]
+        unrelated = ask(stub, other["id"])
+        assert not by_artist(unrelated)
+    with ServerThread(config) as live, live.channel() as channel:
+        stub = pb2_grpc.RecommenderStub(channel)
+        assert [(s.song_id, s.reason.kind) for s in ask(stub, seed["id"])] == [
+            (s.song_id, s.reason.kind) for s in got]
+        assert not by_artist(ask(stub, other["id"]))
+
+
 @pytest.mark.slow
 def test_coldstart_report(tiny_split: Path, tmp_path: Path) -> None:
     """The cold-start command end to end on the tiny split (tiny preset)."""
