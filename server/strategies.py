@@ -16,6 +16,11 @@ Shared by the offline evaluation (``trainer.recommend --model ae-...``) and the 
   autoencoder it is exactly neighbour CF, which is how the ablation isolates what the
   autoencoder adds.
 
+New songs (no training playlist holds them: added at run time, compacted, or only in
+validation playlists) join ``ae-neighbours``, ``ae-hybrid`` and ``ranked`` through
+:func:`with_new_songs`: the seeds' nearest ones by code, and the seeds' artists' ones
+(:mod:`server.artists`), each scored against the answer (see the two functions).
+
 Cold starts, for both: tags only -> each tag's most frequent songs (``ae-quota`` fills from
 them, ``ae-neighbours`` uses them as pseudo-seeds); title only -> the title's words mapped to
 the songs and tags of training playlists whose titles used them; nothing -> most popular.

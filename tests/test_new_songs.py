@@ -144,6 +144,11 @@ def test_compaction_serves_the_same_songs_and_loses_nothing(
         assert engine.songs.table_depth > 0
     reloaded = Engine.load(out)
     assert reloaded.catalog.n_songs == n + 20
+    # The compacted songs keep their artists: the artist source still finds them.
+    assert reloaded.artists.knows_bundle
+    for i, m in twins[:20]:
+        seed = np.asarray([reloaded.catalog.row_of_id[m["id"]]])
+        assert reloaded.catalog.row_of_id[i] in reloaded.artists.songs_of(seed).rows
 
 
 def _by_artist(split: Path) -> tuple[dict[str, Any], dict[str, Any]]:
