@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from server import bundle as bundle_files
 from server import integrity, voting
+from server.artists import ArtistIndex
 from server.bundle import RANKER_ARRAYS, RANKER_ONNX, BundleError, Manifest
 from server.catalog import Catalog
 from server.columns import ColumnSpace, SongMeta, pad_batch
@@ -102,6 +103,13 @@ class Engine:
         self.playlists = playlists
         self.encoder = encoder
         self.ranker = ranker
+        # The new songs of each artist (server.artists): the bundle's songs' artists come
+        # from the ranker's data; songs added at run time are added by the LiveModel.
+        data = ranker.data if ranker is not None else None
+        self.artists = ArtistIndex(catalog.n_songs,
+                                   data.song_artists if data is not None else None,
+                                   data.artist_ids if data is not None else None,
+                                   catalog.popularity)
         self._names = (arrays.get("song_name_blob"), arrays.get("song_name_offsets"))
         self._artists = (arrays.get("song_artist_blob"), arrays.get("song_artist_offsets"))
 
@@ -222,10 +230,11 @@ class Engine:
                           songs: VectorSearch | None = None) -> Answer:
         """``strategy`` (as :meth:`resolve_strategy` resolves it) on ``query``; the answer
         names the strategy that ran. ``songs``: the song search to use (default: the
-        index), e.g. one holding neighbour lists computed beforehand (``PrefetchedLists``)."""
+        index), e.g. one holding neighbour lists computed beforehand (``PrefetchedLists``).
+        The seeds' artists' new songs come from :attr:`artists`."""
         return run_strategy(self.resolve_strategy(strategy), self.catalog,
                             self.songs if songs is None else songs, self.playlists, query,
-                            self.ranker)
+                            self.ranker, self.artists)
 
     def nearest_to(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.songs.search(codes, k)

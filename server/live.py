@@ -345,6 +345,8 @@ class LiveModel:
                     self._row_of_added[song.song_id] = start + offset
                     self._added_ids.append(song.song_id)
                     self._added_names.append((song.name, song.artists))
+                self.engine.artists.add(range(start, start + end - first),
+                                        [s.meta.artists for s in songs[first:end]])
 
         while not progress.step(Budget(), add):
             time.sleep(READERS_TURN_S)

@@ -5,6 +5,7 @@ What :mod:`server.ranking` serves with and ``trainer.rank`` writes; numpy only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -106,6 +107,9 @@ class RankData:
     als: AlsFactors | None
     features: tuple[str, ...] = FEATURES  # the ranker's input columns, in order
     sizes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SIZES))
+    # The artist id of each artist index (int64); None in bundles written before it was
+    # stored: they know their songs' artists only as indices (no artist new-song source).
+    artist_ids: np.ndarray | None = None
 
     @property
     def n_songs(self) -> int:
@@ -121,6 +125,8 @@ class RankData:
         out.update(self.song_genres.to_arrays("song_genres"))
         if self.als is not None:
             out.update(self.als.to_arrays())
+        if self.artist_ids is not None:
+            out["artist_ids"] = self.artist_ids
         return out
 
     @staticmethod
@@ -139,26 +145,54 @@ class RankData:
                         RowLists.from_arrays(arrays, "song_genres"),
                         arrays["playlist_years"].astype(np.float32),
                         AlsFactors.from_arrays(arrays) if "als_songs" in arrays else None,
-                        features, dict(zip(SOURCES, (int(s) for s in sizes), strict=True)))
+                        features, dict(zip(SOURCES, (int(s) for s in sizes), strict=True)),
+                        arrays["artist_ids"].astype(np.int64) if "artist_ids" in arrays
+                        else None)
 
-    def with_added_songs(self, n: int) -> RankData:
+    def with_added_songs(self, n: int, artists: Sequence[Sequence[int]] | None = None
+                         ) -> RankData:
         """The same data for a catalog with ``n`` songs appended (a compacted bundle): the
         new songs are in no training playlist, so they get what such songs get here, no
-        artist or genre rows known to the ranker, no playlist year, zero ALS factors."""
-        def grown(lists: RowLists) -> RowLists:
-            end = lists.indptr[-1:].repeat(n)
-            return RowLists(np.concatenate([lists.indptr, end]).astype(lists.indptr.dtype),
-                            lists.indices, lists.weights)
+        genre rows known to the ranker, no playlist year, zero ALS factors, and in no
+        artist's list of popular songs. Their artists (``artists``: ids per new song) are
+        kept when this data knows artist ids: the new-song sources find a compacted song
+        by its artists as they found it added (``server.artists``)."""
+        def grown(lists: RowLists, rows: Sequence[np.ndarray] = ()) -> RowLists:
+            lengths = np.asarray([len(r) for r in rows] if rows else np.zeros(n), np.int64)
+            indptr = np.concatenate([lists.indptr, lists.indptr[-1] + np.cumsum(lengths)])
+            values = np.concatenate([lists.indices, *rows]).astype(lists.indices.dtype)
+            return RowLists(indptr.astype(lists.indptr.dtype), values,
+                            np.ones(len(values), lists.weights.dtype) if rows
+                            else lists.weights)
 
         als = self.als
         if als is not None:
             als = replace(als, songs=np.concatenate(
                 [als.songs, np.zeros((n, als.songs.shape[1]), als.songs.dtype)]))
-        return replace(self, song_artists=grown(self.song_artists),
+        artist_ids, artist_songs = self.artist_ids, self.artist_songs
+        song_artists = grown(self.song_artists)
+        if artists is not None and artist_ids is not None:
+            if len(artists) != n:
+                raise ValueError(f"artists of {len(artists)} songs for {n} added songs")
+            index = {int(a): i for i, a in enumerate(artist_ids.tolist())}
+            rows = []
+            for song in artists:
+                for a in song:
+                    index.setdefault(int(a), len(index))
+                rows.append(np.asarray([index[int(a)] for a in dict.fromkeys(song)],
+                                       np.int64))
+            extra = len(index) - len(artist_ids)
+            artist_ids = np.concatenate([artist_ids, np.fromiter(
+                list(index)[len(artist_ids):], np.int64, extra)])
+            artist_songs = RowLists(np.concatenate([artist_songs.indptr, np.full(
+                extra, artist_songs.indptr[-1], artist_songs.indptr.dtype)]),
+                artist_songs.indices, artist_songs.weights)
+            song_artists = grown(self.song_artists, rows)
+        return replace(self, song_artists=song_artists, artist_songs=artist_songs,
                        song_genres=grown(self.song_genres),
                        playlist_years=np.concatenate(
                            [self.playlist_years, np.zeros(n, self.playlist_years.dtype)]),
-                       als=als)
+                       als=als, artist_ids=artist_ids)
 
     def check(self, catalog: Catalog) -> None:
         """Dimensions against the catalog; raises ValueError naming the array."""
@@ -175,6 +209,9 @@ class RankData:
                                                > self.artist_songs.n_rows):
             raise ValueError(f"song_artists names artist {self.song_artists.item_bound - 1} "
                              f"of {self.artist_songs.n_rows}")
+        if self.artist_ids is not None and len(self.artist_ids) != self.artist_songs.n_rows:
+            raise ValueError(f"artist_ids has {len(self.artist_ids)} entries for "
+                             f"{self.artist_songs.n_rows} artists")
         if self.als is not None:
             f = self.als.yty.shape[0]
             shapes = {"als_songs": (self.als.songs.shape, (n, f)),

@@ -17,10 +17,12 @@ Per question, each *source* proposes its best songs with a score:
 
 The union is scored by a LightGBM lambdarank model exported to ONNX (``ranker.onnx``), fed
 one row of :data:`FEATURES` per candidate; the best ``n_songs`` win. Each song keeps, as its
-reason, the source that ranked it highest. Tags are voted as in ``ae-hybrid``. No source
-proposes songs no training playlist holds (added at run time): as in ``ae-hybrid``, the
-seeds' nearest such songs join the ranked candidates afterwards (``new_share``,
-``new_power``; see ``strategies._with_seed_neighbours``), with their seed as the reason.
+reason, the source that ranked it highest. Tags are voted as in ``ae-hybrid``. The ranker's
+features cannot describe a song no training playlist holds (added at run time, compacted):
+as in ``ae-hybrid``, such songs join the ranked candidates afterwards
+(``strategies.with_new_songs``): the seeds' nearest ones by code (``new_share``,
+``new_power``; reason: the seed) and their artists' ones (``artist_share``,
+``artist_power``; reason: REASON_ARTIST with the seed).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from server.rankdata import (
 from server.runtime import cpu_session
 from server.search import VectorSearch
 from server.strategies import (
+    ARTIST_POWER,
+    ARTIST_SHARE,
     NEW_POWER,
     NEW_SHARE,
     REASON_ALS,
@@ -60,7 +64,8 @@ from server.strategies import (
     _finish,
     _Picker,
     _title_scores,
-    _with_seed_neighbours,
+    new_song_reason,
+    with_new_songs,
 )
 from server.voting import best_first
 
@@ -365,10 +370,12 @@ class Ranker:
         return np.asarray(out, dtype=np.float32).reshape(-1)
 
     def answer(self, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
-               query: Query, new_share: float = NEW_SHARE, new_power: float = NEW_POWER
+               query: Query, new_share: float = NEW_SHARE, new_power: float = NEW_POWER,
+               artist_share: float = ARTIST_SHARE, artist_power: float = ARTIST_POWER
                ) -> Answer:
-        """Strategy ``ranked``: candidates by learned score, then the seeds' nearest songs
-        no playlist holds (``new_share``/``new_power``, as ae-hybrid's; 0: none), then
+        """Strategy ``ranked``: candidates by learned score, blended with the new songs no
+        playlist holds (the seeds' nearest ones and their artists' ones, with the options
+        of ae-hybrid's :func:`~server.strategies.with_new_songs`; share 0: none), then
         popularity for the rest."""
         picker = _Picker(catalog, query, songs.count())
         if not len(query.seeds) and not len(query.tags) and not any(
@@ -379,13 +386,16 @@ class Ranker:
         # A logistic squash keeps the order and puts every ranked song above the
         # popularity top-up (score 0), so an answer's scores always descend.
         scores = 1.0 / (1.0 + np.exp(-self.score(x).astype(np.float64)))
-        # The ranker's features cannot describe a song no playlist holds, so such songs are
-        # blended in after scoring, the way ae-hybrid blends them into its votes. A ranked
-        # candidate's source is its index in ``cand``; a new song's is -1 - its seed.
-        votes = _with_seed_neighbours(
-            catalog, songs, query,
-            Votes(cand.rows, scores, np.arange(len(cand.rows), dtype=np.int64)),
-            new_share, new_power)
+        # The ranker's features cannot describe a song added at run time (it learned on
+        # bundle songs only; the seed source proposes added ones), so such songs are left
+        # to the new-song blend, the way ae-hybrid blends them into its votes: the ranker
+        # scored them as it scores a bundle song in no playlist, which cost the cold-start
+        # demo score (docs/BENCHMARKS.md). A ranked candidate's source is its index in
+        # ``cand``; a new song's is negative.
+        bundle = np.flatnonzero(cand.rows < catalog.n_songs)
+        votes = with_new_songs(catalog, songs, query,
+                               Votes(cand.rows[bundle], scores[bundle], bundle),
+                               new_share, new_power, artist_share, artist_power)
         order = np.lexsort((votes.items, -votes.scores))
         # The reason: the source that ranked the song highest (first in SOURCES on a tie).
         best_src = np.argmin(cand.ranks, axis=1)
@@ -394,7 +404,7 @@ class Ranker:
             if picker.full:
                 break
             if i < 0:
-                picker.take(row, score, (REASON_SEED, -1 - i))
+                picker.take(row, score, new_song_reason(i))
                 continue
             j = int(best_src[i])
             # Playlist reasons stay catalog positions: LiveModel turns them into ids.

@@ -16,6 +16,11 @@ Shared by the offline evaluation (``trainer.recommend --model ae-...``) and the 
   autoencoder it is exactly neighbour CF, which is how the ablation isolates what the
   autoencoder adds.
 
+New songs (no training playlist holds them: added at run time, compacted, or only in
+validation playlists) join ``ae-neighbours``, ``ae-hybrid`` and ``ranked`` through
+:func:`with_new_songs`: the seeds' nearest ones by code, and the seeds' artists' ones
+(:mod:`server.artists`), each scored against the answer (see the two functions).
+
 Cold starts, for both: tags only -> each tag's most frequent songs (``ae-quota`` fills from
 them, ``ae-neighbours`` uses them as pseudo-seeds); title only -> the title's words mapped to
 the songs and tags of training playlists whose titles used them; nothing -> most popular.
@@ -30,6 +35,7 @@ from typing import Protocol
 import numpy as np
 
 from server import voting
+from server.artists import ArtistIndex
 from server.catalog import Catalog, RowLists, gather_rows, tokenize
 from server.search import VectorSearch
 from server.voting import best_first
@@ -40,6 +46,14 @@ STRATEGIES = ("ae-quota", "ae-neighbours", "ae-hybrid", "ranked")
 NEW_DEPTH = 50
 NEW_SHARE = 0.35  # strategy option new_share (0: no new songs)
 NEW_POWER = 12.0  # strategy option new_power
+# New songs of the seeds' artists (server.artists, see _with_artist_songs): their weight
+# against the answer's cut-off score, and the exponent on their code similarity to a seed.
+ARTIST_SHARE = 1.4  # strategy option artist_share (0: none)
+ARTIST_POWER = 20.0  # strategy option artist_power
+# An artist-song's source in the votes: ARTIST_SOURCE - its seed's row (a REASON_ARTIST).
+ARTIST_SOURCE = -(1 << 40)
+# Best candidates that stand in for the seeds of a question without any (artist songs).
+PSEUDO_SEEDS = 20
 # The default of a bundle without a ranker: the best hand-set strategy in docs/BENCHMARKS.md
 # (bench-quality). A bundle with one answers ``ranked`` by default (server.ranking).
 DEFAULT_STRATEGY = "ae-hybrid"
@@ -52,7 +66,7 @@ REASON_TAG = "tag"  # a frequent song of question tag `source` (tag index)
 REASON_TITLE = "title"  # a song learned from title words
 REASON_POPULAR = "popular"  # top-up from popularity
 REASON_ALS = "als"  # a song the question's folded-in ALS factor scores high (ranked)
-REASON_ARTIST = "artist"  # a popular song of an artist of seed `source` (ranked)
+REASON_ARTIST = "artist"  # a song of an artist of seed `source` (ranked; new songs: all)
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,8 @@ class Query:
     n_songs: int = 100
     n_tags: int = 10
     drop_future: bool = False
+    # The new songs of each artist (server.artists); None: no artist new-song source.
+    artists: ArtistIndex | None = None
 
 
 @dataclass(frozen=True)
@@ -335,9 +351,7 @@ def _with_seed_neighbours(catalog: Catalog, songs: VectorSearch, query: Query, v
     owner = np.concatenate([np.full(len(rows), i) for i, (rows, _) in enumerate(lists)])
     rows = np.concatenate([rows for rows, _ in lists]).astype(np.int64)
     sims = np.concatenate([sims for _, sims in lists]).astype(np.float64)
-    inside = rows < catalog.n_songs
-    cold = ~inside
-    cold[inside] = catalog.popularity[rows[inside]] == 0
+    cold = _is_new(catalog, rows)
     if not cold.any():
         return votes
     rows, sims, owner = rows[cold], sims[cold], owner[cold]
@@ -347,30 +361,117 @@ def _with_seed_neighbours(catalog: Catalog, songs: VectorSearch, query: Query, v
     first[1:] = rows[order][1:] != rows[order][:-1]
     best = order[first]
     # A seed-neighbour's source is its seed, stored as -1 - row (a REASON_SEED reason).
-    known = np.isin(rows[best], votes.items)
-    scores, source = votes.scores, votes.source
+    return _add_candidates(votes, rows[best], value[best], -1 - query.seeds[owner[best]])
+
+
+def _is_new(catalog: Catalog, rows: np.ndarray) -> np.ndarray:
+    """Whether each row is a song no training playlist holds."""
+    cold = rows >= catalog.n_songs
+    inside = ~cold
+    cold[inside] = catalog.popularity[rows[inside]] == 0
+    return cold
+
+
+def _with_artist_songs(songs: VectorSearch, query: Query, votes: Votes, share: float,
+                       power: float) -> Votes:
+    """The votes plus the new songs of the seeds' artists (``query.artist_songs``, see
+    :mod:`server.artists`), each scored ``cut x share x similarity ** power x sqrt(shared)``:
+    ``cut``, the score a vote needs to make the answer (the ``n_songs``-th best); its code
+    similarity to the nearest seed by its artist; ``shared``, how many seeds are by its
+    artist. So a new song enters the answer when ``share x similarity ** power x
+    sqrt(shared) > 1``, the higher the stronger it is: on the cold-start data a new song
+    by a seed's artist is about as likely to be played as the last songs of an answer when
+    its code is nearly its seed's (similarity > 0.98), and more likely the more seeds share
+    its artist (docs/BENCHMARKS.md, *Cold start*). Ties go to the more popular artist (its
+    training playlist entries; popularity itself predicts less: a popular artist has many
+    new songs, each less likely). Its source is that nearest seed (a REASON_ARTIST reason);
+    a song already among the votes keeps the larger score."""
+    if share <= 0 or query.artists is None or not query.artists.has_new:
+        return votes
+    seeds = query.seeds
+    if not len(seeds):
+        # A question without seeds (tags, a title): its best candidates stand in for
+        # them, as the tag and title songs stand in for seeds in ae-neighbours.
+        seeds = votes.ranked(PSEUDO_SEEDS)[0]
+    found = query.artists.songs_of(seeds)
+    if not len(found.rows):
+        return votes
+    cand, inverse = np.unique(found.rows, return_inverse=True)
+    owners = np.unique(found.seeds)
+    sims = np.einsum("ij,ij->i", songs.vectors(cand)[inverse],
+                     songs.vectors(owners)[np.searchsorted(owners, found.seeds)])
+    sims = np.maximum(sims.astype(np.float64), 0.0)
+    # Distinct seeds per candidate (a song with two of a seed's artists counts once).
+    width = int(found.seeds.max()) + 1
+    shared = np.bincount(np.unique(inverse * width + found.seeds) // width,
+                         minlength=len(cand))
+    best_sim = np.zeros(len(cand))
+    np.maximum.at(best_sim, inverse, sims)
+    fame = np.zeros(len(cand))
+    np.maximum.at(fame, inverse, found.artist_popularity)
+    n = query.n_songs
+    if len(votes.items) >= n:
+        cut = float(np.partition(votes.scores, len(votes.items) - n)[len(votes.items) - n])
+    else:
+        cut = float(votes.scores.min()) if len(votes.items) else 1.0
+    cut = max(cut, 1e-9)
+    value = (cut * share * best_sim ** power * np.sqrt(shared)
+             * (1.0 + 1e-6 * np.log1p(fame)))
+    # The seed of each candidate's largest similarity (the first on a tie).
+    is_best = np.flatnonzero(sims >= best_sim[inverse])[::-1]
+    source = np.zeros(len(cand), np.int64)
+    source[inverse[is_best]] = found.seeds[is_best]
+    return _add_candidates(votes, cand, value, ARTIST_SOURCE - source)
+
+
+def _add_candidates(votes: Votes, rows: np.ndarray, value: np.ndarray, source: np.ndarray
+                    ) -> Votes:
+    """``votes`` plus distinct ``rows`` scored ``value`` with ``source``; a row already
+    among the votes keeps the larger score (and that score's source)."""
+    known = np.isin(rows, votes.items)
+    scores, sources = votes.scores, votes.source
     if known.any():
-        # Already a candidate (never for playlist votes; ``ranked``'s seed source can
-        # propose one): it keeps the larger of its score and this value.
+        # Already a candidate (never for playlist votes; ``ranked``'s seed source, or the
+        # other new-song source, can propose one): it keeps the larger of the two.
         sort = np.argsort(votes.items, kind="stable")
-        at = sort[np.searchsorted(votes.items, rows[best[known]], sorter=sort)]
-        higher = value[best[known]] > scores[at]
-        scores, source = scores.copy(), source.copy()
-        scores[at[higher]] = value[best[known]][higher]
-        source[at[higher]] = -1 - query.seeds[owner[best[known]][higher]]
-    best = best[~known]
-    items = np.concatenate([votes.items, rows[best]])
+        at = sort[np.searchsorted(votes.items, rows[known], sorter=sort)]
+        higher = value[known] > scores[at]
+        scores, sources = scores.astype(np.float64), sources.copy()
+        scores[at[higher]] = value[known][higher]
+        sources[at[higher]] = source[known][higher]
+    items = np.concatenate([votes.items, rows[~known]])
     order = np.argsort(items, kind="stable")
-    return Votes(items[order], np.concatenate([scores, value[best]])[order],
-                 np.concatenate([source, -1 - query.seeds[owner[best]]])[order])
+    return Votes(items[order], np.concatenate([scores, value[~known]])[order],
+                 np.concatenate([sources, source[~known]])[order])
+
+
+def with_new_songs(catalog: Catalog, songs: VectorSearch, query: Query, votes: Votes,
+                   new_share: float = NEW_SHARE, new_power: float = NEW_POWER,
+                   artist_share: float = ARTIST_SHARE, artist_power: float = ARTIST_POWER
+                   ) -> Votes:
+    """The votes plus both new-song sources: the seeds' nearest new songs by code
+    (:func:`_with_seed_neighbours`) and their artists' new songs
+    (:func:`_with_artist_songs`). Sources: playlist positions (>= 0), then those of
+    :func:`new_song_reason`."""
+    return _with_artist_songs(songs, query, _with_seed_neighbours(
+        catalog, songs, query, votes, new_share, new_power), artist_share, artist_power)
+
+
+def new_song_reason(source: int) -> tuple[str, int]:
+    """The reason of a new song's source (negative) in :func:`with_new_songs`' votes."""
+    if source <= ARTIST_SOURCE:
+        return REASON_ARTIST, ARTIST_SOURCE - source
+    return REASON_SEED, -1 - source
 
 
 def _answer_from_votes(catalog: Catalog, songs: VectorSearch, query: Query, song_votes: Votes,
                        tag_votes: Votes, title_tags: np.ndarray | None,
-                       new_share: float = NEW_SHARE, new_power: float = NEW_POWER) -> Answer:
+                       new_share: float = NEW_SHARE, new_power: float = NEW_POWER,
+                       artist_share: float = ARTIST_SHARE,
+                       artist_power: float = ARTIST_POWER) -> Answer:
     picker = _Picker(catalog, query, songs.count())
-    song_votes = _with_seed_neighbours(catalog, songs, query, song_votes, new_share,
-                                       new_power)
+    song_votes = with_new_songs(catalog, songs, query, song_votes, new_share, new_power,
+                                artist_share, artist_power)
     # Most answers fill from the best few hundred candidates: rank only those first.
     limit = 2 * query.n_songs + len(query.seeds)
     rows, scores, sources = song_votes.ranked(limit)
@@ -381,7 +482,7 @@ def _answer_from_votes(catalog: Catalog, songs: VectorSearch, query: Query, song
             if picker.full:
                 break
             picker.take(row, score, (REASON_PLAYLIST, source) if source >= 0
-                        else (REASON_SEED, -1 - source))
+                        else new_song_reason(source))
         if picker.full or len(rows) == len(song_votes.items):
             break
         done = len(rows)
@@ -406,22 +507,26 @@ def _answer_from_votes(catalog: Catalog, songs: VectorSearch, query: Query, song
 
 def ae_neighbours(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
                   query: Query, n_playlists: int = 50, alpha: float = 2.0,
-                  new_share: float = NEW_SHARE, new_power: float = NEW_POWER) -> Answer:
+                  new_share: float = NEW_SHARE, new_power: float = NEW_POWER,
+                  artist_share: float = ARTIST_SHARE, artist_power: float = ARTIST_POWER
+                  ) -> Answer:
     """Sum of seed codes -> nearest training playlists -> their songs and tags, plus the
-    seeds' nearest songs no playlist holds (see :func:`_with_seed_neighbours`)."""
+    new songs no playlist holds (see :func:`with_new_songs`)."""
     pls, weights, title_tags = _ae_playlists(catalog, songs, playlists, query, n_playlists,
                                              alpha)
     return _answer_from_votes(catalog, songs, query,
                               Votes.of(catalog.playlist_songs, pls, weights),
                               Votes.of(catalog.playlist_tags, pls, weights), title_tags,
-                              new_share, new_power)
+                              new_share, new_power, artist_share, artist_power)
 
 
 def ae_hybrid(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, query: Query,
               ae_weight: float = 0.25, n_playlists: int = 50, alpha: float = 2.0,
-              new_share: float = NEW_SHARE, new_power: float = NEW_POWER) -> Answer:
+              new_share: float = NEW_SHARE, new_power: float = NEW_POWER,
+              artist_share: float = ARTIST_SHARE, artist_power: float = ARTIST_POWER
+              ) -> Answer:
     """Neighbour-CF votes + ``ae_weight`` x ``ae-neighbours`` votes (each normalised), plus
-    the seeds' nearest songs no playlist holds (see :func:`_with_seed_neighbours`)."""
+    the new songs no playlist holds (see :func:`with_new_songs`)."""
     if catalog.cf is None:
         raise ValueError("this bundle has no neighbour-CF arrays: ae-hybrid needs a bundle "
                          "exported by a trainer with it (retrain)")
@@ -438,7 +543,7 @@ def ae_hybrid(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, qu
                                       ae_weight)
         tag_votes = tag_votes.blend(Votes.of(catalog.playlist_tags, pls, weights), ae_weight)
     return _answer_from_votes(catalog, songs, query, song_votes, tag_votes, title_tags,
-                              new_share, new_power)
+                              new_share, new_power, artist_share, artist_power)
 
 
 class RankerLike(Protocol):
@@ -446,14 +551,19 @@ class RankerLike(Protocol):
     a protocol, so that this module does not import the one that builds on it."""
 
     def answer(self, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
-               query: Query, new_share: float = ..., new_power: float = ...) -> Answer: ...
+               query: Query, new_share: float = ..., new_power: float = ...,
+               artist_share: float = ..., artist_power: float = ...) -> Answer: ...
 
 
 def run_strategy(name: str, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
-                 query: Query, ranker: RankerLike | None = None, **options: float) -> Answer:
+                 query: Query, ranker: RankerLike | None = None,
+                 artists: ArtistIndex | None = None, **options: float) -> Answer:
     """Dispatch by strategy name (one of :data:`STRATEGIES`); ``options`` are the
     strategy's keyword parameters (e.g. ``ae_weight`` for ae-hybrid); ``ranked`` needs the
-    bundle's ``ranker``. The answer names the strategy."""
+    bundle's ``ranker``; ``artists``, when given, is the new songs by artist the query
+    uses (unless it carries its own). The answer names the strategy."""
+    if artists is not None and query.artists is None and name != "ae-quota":
+        query = replace(query, artists=artists)
     if name == RANKED:
         if ranker is None:
             raise ValueError("strategy 'ranked' needs a bundle with a ranker (trainer.rank)")

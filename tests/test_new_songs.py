@@ -144,6 +144,75 @@ def test_compaction_serves_the_same_songs_and_loses_nothing(
         assert engine.songs.table_depth > 0
     reloaded = Engine.load(out)
     assert reloaded.catalog.n_songs == n + 20
+    # The compacted songs keep their artists: the artist source still finds them.
+    assert reloaded.artists.knows_bundle
+    for i, m in twins[:20]:
+        seed = np.asarray([reloaded.catalog.row_of_id[m["id"]]])
+        assert reloaded.catalog.row_of_id[i] in reloaded.artists.songs_of(seed).rows
+
+
+def _by_artist(split: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two popular training songs whose artists share nothing (the second's artists have
+    no song in the first's playlists' artists either)."""
+    train = json.loads((split / "train.json").read_text())
+    counts: dict[int, int] = {}
+    for p in train:
+        for s in p["songs"]:
+            counts[s] = counts.get(s, 0) + 1
+    meta = {m["id"]: m for m in json.loads((split / "song_meta.json").read_text())}
+    top = [meta[s] for s in sorted(counts, key=lambda s: (-counts[s], s))
+           if meta[s]["artist_id_basket"]]
+    first = top[0]
+    other = next(m for m in top[1:]
+                 if not set(m["artist_id_basket"]) & set(first["artist_id_basket"]))
+    return first, other
+
+
+def test_artist_new_songs_reach_the_default_strategy(copy_bundle: Any, tiny_split: Path,
+                                                     tmp_path: Path) -> None:
+    """Songs added over real gRPC with a seed's artist are returned by the default strategy
+    (``ranked``) with an artist reason naming the seed, and none of them for a question
+    whose seed's artists have no new song; after a restart (the song store replayed
+    through the same insert path) the same answers come back. The tiny model's
+    metadata-only codes are far from its trained ones (similarity ~0), so the similarity
+    gate is opened (``artist_power=0``) and the seed-neighbour share closed; the default
+    options' reach is measured by the cold-start report (docs/BENCHMARKS.md)."""
+    bundle = copy_bundle()
+    seed, other = _by_artist(tiny_split)
+    new_ids = list(range(80_000_000, 80_000_030))
+    config = ServerConfig(bundle=bundle, port=0, data_dir=tmp_path / "state",
+                          admin_token=ADMIN, verify=True)
+
+    def artist_only(model: LiveModel, seed_id: int) -> list[tuple[int, tuple[Any, ...]]]:
+        """(song id, reason) of the added songs in the default strategy's answer."""
+        engine = model.engine
+        rows, _ = model.rows_of([seed_id])
+        answer = run_strategy(engine.default_strategy, engine.catalog, engine.songs,
+                              engine.playlists, Query(rows, np.zeros(0, np.int32)),
+                              engine.ranker, engine.artists, new_share=0.0,
+                              artist_power=0.0)
+        ids = model.ids_of(answer.songs.tolist())
+        return [(i, (kind, model.ids_of([src])[0])) for i, (kind, src)
+                in zip(ids, answer.reasons, strict=True) if i in new_ids]
+
+    with ServerThread(config) as live, live.channel() as channel:
+        stub = pb2_grpc.RecommenderStub(channel)
+        pb2_grpc.AdminStub(channel).AddSongs(pb2.AddSongsRequest(songs=[
+            pb2.NewSong(song_id=i, metadata=_metadata(seed)) for i in new_ids]),
+            metadata=AUTH)
+        reply = stub.ContinuePlaylist(pb2.ContinuePlaylistRequest(seed_song_ids=[seed["id"]]))
+        assert reply.strategy == RANKED
+        model = live.server.state.require_model()
+        assert model.engine.default_strategy == RANKED
+        found = artist_only(model, seed["id"])
+        assert len(found) == len(new_ids)
+        assert all(reason == ("artist", seed["id"]) for _, reason in found)
+        assert not artist_only(model, other["id"])
+    with ServerThread(config) as live:
+        model = live.server.state.require_model()
+        assert model.n_added == len(new_ids)
+        assert artist_only(model, seed["id"]) == found
+        assert not artist_only(model, other["id"])
 
 
 @pytest.mark.slow

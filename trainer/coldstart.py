@@ -48,7 +48,6 @@ from clients.benchtools import REPO, machine, replace_marked, shown_command
 from server.columns import SongMeta
 from server.live import LiveModel
 from server.melon import parse_issue_date
-from server.strategies import DEFAULT_STRATEGY
 from server.validation import ContinueParams, NewSong
 from trainer.dataset import DataError, read_json
 from trainer.evaluate import N_SONGS, N_TAGS, batch_ndcg, score
@@ -253,7 +252,10 @@ def evaluate(split: Path, work: Path, fraction: float, preset: str, groups: str,
     if limit:
         questions, answers = questions[:limit], answers[:limit]
     model = LiveModel.load(work / "bundle", verify=True, capacity=len(held), threads=1)
-    names = list(strategies or model.engine.strategies)
+    # The strategy an empty ContinuePlaylist.strategy gets (``ranked`` with a ranker) is
+    # always scored: the goal is set on it.
+    default = model.engine.default_strategy
+    names = list(dict.fromkeys([*(strategies or model.engine.strategies), default]))
     catalog = model.engine.catalog
     popular_ids = catalog.song_ids[catalog.popular_songs].tolist()
     popular_tags = [catalog.tags[t] for t in catalog.popular_tags[:50].tolist()]
@@ -284,7 +286,6 @@ def evaluate(split: Path, work: Path, fraction: float, preset: str, groups: str,
                                    kept_meta, popular_tags).items():
         record(name, results)
     in_answers = sum(len({int(s) for s in a["songs"]} & held) for a in answers)
-    default = DEFAULT_STRATEGY if DEFAULT_STRATEGY in names else names[0]
     return {"default_strategy": default, "results": report_rows,
             "held_out_songs": len(held), "added": added, "unplaceable": skipped,
             "add_seconds": round(add_s, 2), "train_seconds": round(train_s, 1),

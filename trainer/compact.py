@@ -11,7 +11,8 @@ which they are ordinary bundle songs (rows after the old ones): in the song grap
 ``codes.npy``, in the exact neighbour table (recomputed over every song, so old songs' lists
 include the new ones) and in the song arrays (ids, names, issue dates; no playlists,
 popularity 0, so the strategies treat them as they treated them added: see
-``server.strategies._with_seed_neighbours``).
+``server.strategies.with_new_songs``); the ranker's per-song arrays keep their artists, so
+the artist new-song source (``server.artists``) still finds them.
 Encoder, playlists and neighbour CF are unchanged.
 
 ``Admin.ReloadModel`` to the new bundle serves the same songs, SimilarSongs of the compacted
@@ -122,7 +123,8 @@ def compact(bundle: Path, data_dir: Path | None, out: Path, *, store: str | None
     if bundle_files.RANKER_ARRAYS in manifest.files:  # the ranker's per-song arrays grow too
         rank_data = RankData.from_arrays(bundle_files.load_ranker_arrays(bundle))
         bundle_files.save_ranker(staging, (bundle / bundle_files.RANKER_ONNX).read_bytes(),
-                                 rank_data.with_added_songs(n_new).to_arrays())
+                                 rank_data.with_added_songs(
+                                     n_new, [s.meta.artists for s in served]).to_arrays())
     # The song graph: the bundle's, plus the new songs.
     index = bundle_files.load_hnsw(bundle, manifest.song_index, bundle_files.SONG_INDEX,
                                    max_elements=manifest.song_index.count + max(n_new, 1))

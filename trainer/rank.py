@@ -124,7 +124,7 @@ def build_rank_data(data: Any, catalog: Catalog, als: Any | None, config: RankCo
     playlist_years = np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(np.float32)
     return RankData(song_artists, artist_songs, song_genres, playlist_years,
                     als_factors(als, catalog) if als is not None else None,
-                    config.features(), config.sizes())
+                    config.features(), config.sizes(), artist_ids.astype(np.int64))
 
 
 def als_factors(als: Any, catalog: Catalog) -> AlsFactors:

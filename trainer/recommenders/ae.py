@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from server.artists import ArtistIndex
 from server.bundle import load_arrays
 from server.catalog import Catalog
 from server.engine import Engine
@@ -22,9 +23,11 @@ class EmbeddingStrategy:
 
     def __init__(self, name: str, catalog: Catalog, songs: VectorSearch,
                  playlists: VectorSearch, drop_future: bool = False,
-                 ranker: Ranker | None = None, **options: float) -> None:
+                 ranker: Ranker | None = None, artists: ArtistIndex | None = None,
+                 **options: float) -> None:
         self.name, self.catalog = name, catalog
         self.ranker = ranker
+        self.artists = artists  # the new songs by artist (a bundle's, as the server's)
         self.songs, self.playlists = songs, playlists
         self.drop_future = drop_future
         self.options = options
@@ -38,7 +41,8 @@ class EmbeddingStrategy:
 
     def recommend(self, q: Question, n_songs: int = 100, n_tags: int = 10) -> Recommendation:
         answer = run_strategy(self.name, self.catalog, self.songs, self.playlists,
-                              self.query(q, n_songs, n_tags), self.ranker, **self.options)
+                              self.query(q, n_songs, n_tags), self.ranker, self.artists,
+                              **self.options)
         return Recommendation(self.catalog.song_ids[answer.songs], answer.song_scores,
                               [self.catalog.tags[t] for t in answer.tags.tolist()],
                               answer.tag_scores)
@@ -63,7 +67,7 @@ class _BundleStrategy(Recommender):
                              f"trainer.rank --data SPLIT --bundle {self.bundle}")
         self._impl = EmbeddingStrategy(self.strategy, engine.catalog, engine.songs,
                                        engine.playlists, self.drop_future, engine.ranker,
-                                       **self.options)
+                                       engine.artists, **self.options)
         return self
 
     def recommend(self, question: Question, n_songs: int = 100,
