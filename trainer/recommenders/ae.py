@@ -101,26 +101,38 @@ class AEQuota(_BundleStrategy):
         return self
 
 
-class AENeighbours(_BundleStrategy):
+class _NewSongsBlend(_BundleStrategy):
+    """A strategy that blends in songs no training playlist holds
+    (``strategies.with_new_songs``); ``new_songs=False`` turns both of its sources off
+    (``new_share`` and ``artist_share`` 0), to show what they add."""
+
+    def __init__(self, bundle: str, drop_future: bool = False, verify: bool = True,
+                 playlist_ef: int = 0, new_songs: bool = True) -> None:
+        super().__init__(bundle, drop_future, verify, playlist_ef)
+        if not new_songs:
+            self.options.update(new_share=0.0, artist_share=0.0)
+
+
+class AENeighbours(_NewSongsBlend):
     """Summed seed codes -> nearest training playlists -> their songs and tags."""
 
     name = "ae-neighbours"
     strategy = "ae-neighbours"
 
 
-class AEHybrid(_BundleStrategy):
+class AEHybrid(_NewSongsBlend):
     """Neighbour CF blended with ae-neighbours; ``ae_weight=0`` is neighbour CF alone."""
 
     name = "ae-hybrid"
     strategy = "ae-hybrid"
 
     def __init__(self, bundle: str, ae_weight: float = 0.25, drop_future: bool = False,
-                 verify: bool = True, playlist_ef: int = 0) -> None:
-        super().__init__(bundle, drop_future, verify, playlist_ef)
-        self.options = {"ae_weight": ae_weight}
+                 verify: bool = True, playlist_ef: int = 0, new_songs: bool = True) -> None:
+        super().__init__(bundle, drop_future, verify, playlist_ef, new_songs)
+        self.options["ae_weight"] = ae_weight
 
 
-class Ranked(_BundleStrategy):
+class Ranked(_NewSongsBlend):
     """The learned second stage: every source's candidates re-ranked by the bundle's
     LightGBM ranker in ONNX Runtime (server.ranking), exactly as the server runs it."""
 
