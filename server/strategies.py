@@ -155,17 +155,35 @@ def _top_tags(catalog: Catalog, scores: np.ndarray, exclude: np.ndarray,
     return picked, np.maximum(scores[picked], 0.0).astype(np.float32)
 
 
-def _title_scores(catalog: Catalog, title: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Song and tag scores from the title's known words (weights learned from titles)."""
-    song_scores = np.zeros(catalog.n_songs, dtype=np.float32)
+def _title_words(catalog: Catalog, title: str) -> list[int]:
+    """The title's words known to the catalog (their indices), in title order."""
+    return [catalog.word_index[w] for w in tokenize(title) if w in catalog.word_index]
+
+
+def _title_songs(catalog: Catalog, words: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The songs that title words ``words`` name (ascending) and their summed float32
+    weights (learned from titles): the nonzero part of a dense song score array."""
+    lists = catalog.word_songs
+    rows, scores = voting.word_scores(lists.indptr, lists.indices, lists.weights,
+                                      np.asarray(words, dtype=np.int64))
+    return rows, scores
+
+
+def _title_tag_scores(catalog: Catalog, words: list[int]) -> np.ndarray:
     tag_scores = np.zeros(len(catalog.tags), dtype=np.float32)
-    known = [catalog.word_index[w] for w in tokenize(title) if w in catalog.word_index]
-    for w in known:
-        songs, weights = catalog.word_songs.row(w), catalog.word_songs.row_weights(w)
-        song_scores[songs] += weights
+    for w in words:
         tags, tweights = catalog.word_tags.row(w), catalog.word_tags.row_weights(w)
         tag_scores[tags] += tweights
-    return song_scores, tag_scores, known
+    return tag_scores
+
+
+def _title_scores(catalog: Catalog, title: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Song and tag scores from the title's known words (weights learned from titles)."""
+    known = _title_words(catalog, title)
+    song_scores = np.zeros(catalog.n_songs, dtype=np.float32)
+    rows, scores = _title_songs(catalog, known)
+    song_scores[rows] = scores
+    return song_scores, _title_tag_scores(catalog, known), known
 
 
 def _best_scored(scores: np.ndarray, n: int) -> np.ndarray:

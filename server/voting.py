@@ -149,6 +149,31 @@ def expand_groups(labels: np.ndarray, sims: np.ndarray, k: int, group_len: np.nd
     return rows[:n], out_sims[:n], offsets
 
 
+@njit(nogil=True, cache=True)
+def word_scores(indptr: np.ndarray, indices: np.ndarray, weights: np.ndarray,
+                words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    """The songs of title words ``words`` (ascending) and their summed float32 weights,
+    added word by word as a dense score array would add them."""
+    n = 0
+    for w in range(words.shape[0]):
+        n += indptr[words[w] + 1] - indptr[words[w]]
+    rows = np.empty(n, dtype=np.int64)
+    k = 0
+    for w in range(words.shape[0]):
+        for j in range(indptr[words[w]], indptr[words[w] + 1]):
+            rows[k] = indices[j]
+            k += 1
+    cand = np.unique(rows)
+    total = np.zeros(cand.shape[0], dtype=np.float32)
+    k = 0
+    for w in range(words.shape[0]):
+        for j in range(indptr[words[w]], indptr[words[w] + 1]):
+            c = np.searchsorted(cand, rows[k])
+            total[c] += weights[j]
+            k += 1
+    return cand, total
+
+
 class _Scratch(threading.local):
     """Per-thread item arrays of :func:`tally`, kept between calls: allocating and zeroing
     them for every answer (700k songs) would cost more than the tally."""
@@ -191,6 +216,8 @@ def warm_up(indices_dtype: np.dtype | type = np.int32) -> None:
     tally(indptr, indices, 2, np.asarray([0, 1]), np.asarray([1.0, 0.5]))
     for scores in (np.asarray([0.5, 1.0, 0.5]), np.asarray([0.5, 1.0, 0.5], np.float32)):
         best_positions(scores, 2)
+    word_scores(indptr, indices, np.asarray([1.0, 0.5, 1.0], dtype=np.float32),
+                np.asarray([1]))
     expand_groups(np.zeros((1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.float32), 1,
                   np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64),
                   np.zeros(1, dtype=np.int64))
