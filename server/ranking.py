@@ -90,6 +90,7 @@ class Candidates:
 _REASON_KIND = {"ae": REASON_PLAYLIST, "cf": REASON_PLAYLIST, "seed": REASON_SEED,
                 "als": REASON_ALS, "tag": REASON_TAG, "title": REASON_TITLE,
                 "popular": REASON_POPULAR, "artist": REASON_ARTIST}
+_SOURCE_KINDS = [_REASON_KIND[s] for s in SOURCES]
 _NO_SOURCE = np.full(0, -1, np.int64)
 
 
@@ -327,19 +328,27 @@ class Ranker:
             catalog, songs, query,
             Votes(cand.rows, scores, np.arange(len(cand.rows), dtype=np.int64)),
             new_share, new_power)
-        order = np.lexsort((votes.items, -votes.scores))
-        # The reason: the source that ranked the song highest (first in SOURCES on a tie).
-        best_src = np.argmin(cand.ranks, axis=1)
-        for row, score, i in zip(votes.items[order].tolist(), votes.scores[order].tolist(),
-                                 votes.source[order].tolist(), strict=True):
-            if picker.full:
-                break
-            if i < 0:
-                picker.take(row, score, (REASON_SEED, -1 - i))
-                continue
-            j = int(best_src[i])
+        # Most answers fill from their best few hundred: rank those first, then the rest.
+        limit = query.n_songs + len(query.seeds)
+        rows, values, sources = votes.ranked(limit)
+        while True:
+            chosen = np.flatnonzero(picker.allowed_many(rows))[: picker.room]
+            rows, values, sources = rows[chosen], values[chosen], sources[chosen]
+            # The reason: the source that ranked the song highest (first in SOURCES on a
+            # tie); a new song's is its seed.
+            ranked = np.maximum(sources, 0)
+            best = np.argmin(cand.ranks[ranked], axis=1)
+            ids = np.where(sources < 0, -1 - sources, cand.reason_sources[ranked, best])
+            kinds = [REASON_SEED if i < 0 else _SOURCE_KINDS[j]
+                     for i, j in zip(sources.tolist(), best.tolist(), strict=True)]
             # Playlist reasons stay catalog positions: LiveModel turns them into ids.
-            picker.take(row, score, (_REASON_KIND[SOURCES[j]], int(cand.reason_sources[i, j])))
+            picker.take_all(rows.tolist(), values.tolist(),
+                            list(zip(kinds, ids.tolist(), strict=True)))
+            if picker.full or limit >= len(votes.items):
+                break
+            # Exhausted the first ranks (dropped songs): the rest, past those seen.
+            rows, values, sources = (a[limit:] for a in votes.ranked())
+            limit = len(votes.items)
         return _finish(catalog, picker, query, cand.tag_scores)
 
 

@@ -122,6 +122,30 @@ class _Picker:
         self.reasons.append(reason)
         return True
 
+    def allowed_many(self, rows: np.ndarray) -> np.ndarray:
+        """:meth:`allowed` of each of ``rows`` at once."""
+        ok: np.ndarray = (rows >= 0) & (rows < self.n_total_rows)
+        if self.excluded:
+            ok &= ~np.isin(rows, np.fromiter(self.excluded, np.int64, len(self.excluded)))
+        if self.query.drop_future and self.query.updt_date:
+            inside = ok & (rows < self.catalog.n_songs)
+            issued = self.catalog.issue_dates[np.where(inside, rows, 0)]
+            ok &= ~(inside & (issued > self.query.updt_date))
+        return ok
+
+    def take_all(self, rows: list[int], scores: list[float],
+                 reasons: list[tuple[str, int]]) -> None:
+        """Take distinct ``rows`` that :meth:`allowed_many` allowed, as many as fit."""
+        room = self.room
+        self.excluded.update(rows[:room])
+        self.rows.extend(rows[:room])
+        self.scores.extend(scores[:room])
+        self.reasons.extend(reasons[:room])
+
+    @property
+    def room(self) -> int:
+        return max(self.query.n_songs - len(self.rows), 0)
+
     @property
     def full(self) -> bool:
         return len(self.rows) >= self.query.n_songs
