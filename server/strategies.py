@@ -151,10 +151,16 @@ class _Picker:
         return len(self.rows) >= self.query.n_songs
 
     def fill_popular(self) -> None:
-        for row in self.catalog.popular_songs.tolist():
-            if self.full:
-                return
-            self.take(row, 0.0, (REASON_POPULAR, -1))
+        # In slices: listing all the popular songs (every song) cost more than the answer.
+        popular = self.catalog.popular_songs
+        start = 0
+        while not self.full and start < len(popular):
+            end = start + self.room + len(self.excluded)
+            for row in popular[start:end].tolist():
+                if self.full:
+                    return
+                self.take(row, 0.0, (REASON_POPULAR, -1))
+            start = end
 
 
 def vote_tags(catalog: Catalog, song_rows: Sequence[int], exclude: np.ndarray,
