@@ -156,10 +156,10 @@ def generate(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, dat
                 rows, title_scores[positive].astype(np.float64),
                 np.full(len(rows), -1, np.int64), unseen, sizes["title"]))
     if sizes.get("popular", 0):
-        pool = catalog.popular_songs[: sizes["popular"] + len(seeds)]
-        pool = pool[~np.isin(pool, seeds)][: sizes["popular"]]
+        pool = kernels.first_unseen(catalog.popular_songs[: sizes["popular"] + len(seeds)],
+                                    unseen, sizes["popular"])
         found.append((SOURCES.index("popular"),
-                      (pool.astype(np.int64), catalog.popularity[pool].astype(np.float64),
+                      (pool, catalog.popularity[pool].astype(np.float64),
                        np.full(len(pool), -1, np.int64))))
     if sizes.get("artist", 0) and len(seeds):
         lists = data.song_artists

@@ -64,6 +64,21 @@ def top_unseen(items: np.ndarray, scores: np.ndarray, source: np.ndarray,
 
 
 @njit(nogil=True, cache=True)
+def first_unseen(rows: np.ndarray, seeds_sorted: np.ndarray, n: int
+                 ) -> np.ndarray:  # pragma: no cover (compiled)
+    """The first ``n`` of ``rows`` that are not seeds, in order."""
+    out = np.empty(min(n, rows.shape[0]), dtype=np.int64)
+    m = 0
+    for i in range(rows.shape[0]):
+        if m == out.shape[0]:
+            break
+        if not _inside(seeds_sorted, rows[i]):
+            out[m] = rows[i]
+            m += 1
+    return out[:m]
+
+
+@njit(nogil=True, cache=True)
 def seed_votes(rows: np.ndarray, sims: np.ndarray, offsets: np.ndarray, seeds: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover
     """The seeds' neighbour lists (``rows[offsets[i]:offsets[i + 1]]`` for seed i) as
@@ -361,6 +376,7 @@ def warm_up() -> None:
     popularity = np.asarray([3, 0], dtype=np.int32)
     scores = np.asarray([1.0, 0.5])
     top_unseen(rows, scores, rows, seeds, 1)
+    first_unseen(rows, seeds, 1)
     seed_votes(rows, np.asarray([1.0, 0.5], dtype=np.float32), indptr[:2], seeds)
     tag_votes(indptr, indices, weights, seeds)
     artist_votes(indptr, indices, indptr, indices, popularity, seeds)
