@@ -346,3 +346,18 @@ def test_kernels_break_ties_by_position_and_first_source() -> None:
         np.testing.assert_array_equal(total, np.bincount(inverse, np.maximum(sims, 0.0),
                                                          len(want_cand)))
         np.testing.assert_array_equal(src, np.asarray(first, np.int64))
+
+
+def test_float16_codes_widen_to_the_float32_numpy_casts() -> None:
+    """Every float16 bit pattern (subnormals, infinities, NaNs included), read-only as the
+    bundle's memory-mapped codes are, in any row order."""
+    from server.voting import rows_float32
+
+    codes = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    codes = codes.reshape(256, 256)
+    codes.flags.writeable = False
+    slots = np.random.default_rng(3).permutation(256)[:200]
+    got = rows_float32(codes, slots)
+    assert got.dtype == np.float32 and got.shape == (200, 256)
+    np.testing.assert_array_equal(got.view(np.uint32),
+                                  codes[slots].astype(np.float32).view(np.uint32))
