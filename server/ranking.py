@@ -1,8 +1,9 @@
 """The learned second stage: candidates from every source, features, and the ONNX ranker.
 
-Torch- and lightgbm-free (numpy + ONNX Runtime): the server runs strategy ``ranked`` with it,
-and ``trainer.rank`` builds its training rows with the very same functions, so the features
-a model was trained on are the features it is served.
+Torch- and lightgbm-free (numpy, the numba kernels of :mod:`server.rankkernels`, ONNX
+Runtime): the server runs strategy ``ranked`` with it, and ``trainer.rank`` builds its
+training rows with the very same functions, so the features a model was trained on are the
+features it is served.
 
 Per question, each *source* proposes its best songs with a score:
 
@@ -91,7 +92,7 @@ _REASON_KIND = {"ae": REASON_PLAYLIST, "cf": REASON_PLAYLIST, "seed": REASON_SEE
                 "als": REASON_ALS, "tag": REASON_TAG, "title": REASON_TITLE,
                 "popular": REASON_POPULAR, "artist": REASON_ARTIST}
 _SOURCE_KINDS = [_REASON_KIND[s] for s in SOURCES]
-_NO_SOURCE = np.full(0, -1, np.int64)
+_NO_ROWS = np.zeros(0, np.int64)
 
 
 def _found(found: list[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]], name: str,
@@ -261,7 +262,7 @@ def features(catalog: Catalog, songs: VectorSearch, data: RankData, query: Query
             out[:, at["als_dot"]] = MISSING
     q_year = float(year_of(query.updt_date)) if query.updt_date else 0.0
     has_title = cand.title_rows is not None and cand.known_words > 0
-    title_rows = cand.title_rows if cand.title_rows is not None else _NO_SOURCE
+    title_rows = cand.title_rows if cand.title_rows is not None else _NO_ROWS
     title_scores = (cand.title_scores if cand.title_scores is not None
                     else np.zeros(0, np.float32))
     kernels.fill_features(
