@@ -56,9 +56,11 @@ class AlsFactors:
     tag_weight: float
     title_weight: float
     word_index: dict[str, int] = field(init=False)
+    base: np.ndarray = field(init=False)  # YtY + reg I: what every fold-in starts from
 
     def __post_init__(self) -> None:
         self.word_index = {w: i for i, w in enumerate(self.word_list)}
+        self.base = self.yty + self.regularization * np.eye(len(self.yty))
 
     def fold_in(self, seeds: np.ndarray, tags: np.ndarray, title: str) -> np.ndarray | None:
         """The question's user factor, as implicit's ``recalculate_user`` solves it:
@@ -74,7 +76,7 @@ class AlsFactors:
             return None
         y = np.concatenate(ys).astype(np.float64)
         c = np.concatenate(cs)
-        a = self.yty + self.regularization * np.eye(len(self.yty)) + (y.T * (c - 1)) @ y
+        a = self.base + (y.T * (c - 1)) @ y
         user: np.ndarray = np.linalg.solve(a, (y.T * c).sum(axis=1))
         return user.astype(np.float32)
 

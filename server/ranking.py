@@ -1,8 +1,9 @@
 """The learned second stage: candidates from every source, features, and the ONNX ranker.
 
-Torch- and lightgbm-free (numpy + ONNX Runtime): the server runs strategy ``ranked`` with it,
-and ``trainer.rank`` builds its training rows with the very same functions, so the features
-a model was trained on are the features it is served.
+Torch- and lightgbm-free (numpy, the numba kernels of :mod:`server.rankkernels`, ONNX
+Runtime): the server runs strategy ``ranked`` with it, and ``trainer.rank`` builds its
+training rows with the very same functions, so the features a model was trained on are the
+features it is served.
 
 Per question, each *source* proposes its best songs with a score:
 
@@ -27,6 +28,7 @@ as in ``ae-hybrid``, such songs join the ranked candidates afterwards
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -34,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from server import rankkernels as kernels
 from server.bundle import RANKER_ARRAYS, RANKER_ONNX, load_ranker_arrays
-from server.catalog import Catalog, RowLists, gather_rows, tokenize
+from server.catalog import Catalog, tokenize
 from server.rankdata import (
     MISSING,
     MISSING_RANK,
@@ -63,11 +66,12 @@ from server.strategies import (
     _ae_playlists,
     _finish,
     _Picker,
-    _title_scores,
+    _title_songs,
+    _title_tag_scores,
+    _title_words,
     new_song_reason,
     with_new_songs,
 )
-from server.voting import best_first
 
 log = logging.getLogger(__name__)
 
@@ -82,26 +86,21 @@ class Candidates:
     reason_sources: np.ndarray  # int64 (n, n_sources): each source's reason id, -1 none
     tag_scores: np.ndarray | None  # voted tag scores (ae-hybrid's), None: vote by songs
     user: np.ndarray | None  # the question's ALS factor (None: nothing to fold in)
-    title_songs: np.ndarray | None  # title-word score of every song (None: no title)
+    title_rows: np.ndarray | None  # songs the title's words name (ascending; None: no title)
+    title_scores: np.ndarray | None  # their title-word scores (float32)
     known_words: int  # title words known to the catalog
 
 
 _REASON_KIND = {"ae": REASON_PLAYLIST, "cf": REASON_PLAYLIST, "seed": REASON_SEED,
                 "als": REASON_ALS, "tag": REASON_TAG, "title": REASON_TITLE,
                 "popular": REASON_POPULAR, "artist": REASON_ARTIST}
+_SOURCE_KINDS = [_REASON_KIND[s] for s in SOURCES]
+_NO_ROWS = np.zeros(0, np.int64)
 
 
-def _top(rows: np.ndarray, scores: np.ndarray, sources: np.ndarray | None, n: int
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    order = best_first(scores, n)
-    src = np.full(len(order), -1, np.int64) if sources is None else sources[order]
-    return rows[order].astype(np.int64), scores[order].astype(np.float64), src
-
-
-def _drop_seeds(rows: np.ndarray, scores: np.ndarray, sources: np.ndarray | None,
-                seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    keep = ~np.isin(rows, seeds)
-    return rows[keep], scores[keep], None if sources is None else sources[keep]
+def _found(found: list[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]], name: str,
+           top: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    found.append((SOURCES.index(name), top))
 
 
 def generate(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, data: RankData,
@@ -109,7 +108,8 @@ def generate(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, dat
     """Every source's candidates for ``query`` merged into one :class:`Candidates`."""
     sizes = data.sizes if sizes is None else sizes
     seeds = query.seeds
-    found: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    unseen = np.sort(seeds)  # what the sources must not propose
+    found: list[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
     tag_votes = Votes.empty()
     title_tags: np.ndarray | None = None
     if sizes.get("cf", 0) and catalog.cf is not None:
@@ -118,87 +118,63 @@ def generate(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, dat
         weights = sims.astype(np.float64) ** cf.alpha
         votes = Votes.of(catalog.playlist_songs, pls, weights)
         tag_votes = Votes.of(catalog.playlist_tags, pls, weights)
-        found["cf"] = _top(*_drop_seeds(votes.items, votes.scores, votes.source, seeds),
-                           sizes["cf"])
+        _found(found, "cf", kernels.top_unseen(votes.items, votes.scores, votes.source,
+                                               unseen, sizes["cf"]))
     if sizes.get("ae", 0):
         pls, weights, title_tags = _ae_playlists(catalog, songs, playlists, query, 50, 2.0)
         votes = Votes.of(catalog.playlist_songs, pls, weights)
         ae_tags = Votes.of(catalog.playlist_tags, pls, weights)
-        tag_votes = ae_tags if "cf" not in found else tag_votes.blend(ae_tags, 0.25)
-        found["ae"] = _top(*_drop_seeds(votes.items, votes.scores, votes.source, seeds),
-                           sizes["ae"])
+        tag_votes = ae_tags if not found else tag_votes.blend(ae_tags, 0.25)
+        _found(found, "ae", kernels.top_unseen(votes.items, votes.scores, votes.source,
+                                               unseen, sizes["ae"]))
     if sizes.get("seed", 0) and len(seeds):
         depth = max(5, math.ceil(2 * sizes["seed"] / len(seeds)))
         rows, sims, offsets = _neighbour_lists(songs, seeds, depth)
-        owner = np.repeat(np.arange(len(seeds)), np.diff(offsets))
-        cand, inverse = np.unique(rows, return_inverse=True)
-        total = np.bincount(inverse, weights=np.maximum(sims, 0.0), minlength=len(cand))
-        best = np.full(len(cand), -np.inf)
-        np.maximum.at(best, inverse, sims)
-        # The seed of each candidate's largest similarity (its reason).
-        is_best = sims >= best[inverse]
-        src = np.full(len(cand), -1, np.int64)
-        src[inverse[is_best][::-1]] = seeds[owner[is_best][::-1]]
-        found["seed"] = _top(*_drop_seeds(cand, total, src, seeds), sizes["seed"])
+        cand, total, src = kernels.seed_votes(rows, sims, offsets, seeds)
+        _found(found, "seed", kernels.top_unseen(cand, total, src, unseen, sizes["seed"]))
     user = None
     if data.als is not None and (sizes.get("als", 0) or "als_dot" in data.features):
         user = data.als.fold_in(seeds, query.tags, query.title)
     if sizes.get("als", 0) and user is not None and data.als is not None:
         scores = data.als.songs @ user
-        scores[catalog.popularity[: len(scores)] == 0] = -np.inf  # untrained factors
         scores[seeds[seeds < len(scores)]] = -np.inf
-        top = best_first(scores, sizes["als"])
-        top = top[np.isfinite(scores[top])]
-        found["als"] = (top.astype(np.int64), scores[top].astype(np.float64),
-                        np.full(len(top), -1, np.int64))
+        top = kernels.best_trained(scores, catalog.popularity[: len(scores)], sizes["als"])
+        found.append((SOURCES.index("als"), (top, scores[top].astype(np.float64),
+                                             np.full(len(top), -1, np.int64))))
     if sizes.get("tag", 0) and len(query.tags):
-        owner, rows, weights = gather_rows(catalog.tag_songs, query.tags.astype(np.int64))
-        # Each tag's counts over its best, so every tag weighs the same.
-        firsts = catalog.tag_songs.indptr[query.tags.astype(np.int64)]
-        tops = catalog.tag_songs.weights[np.minimum(firsts, len(catalog.tag_songs.weights)
-                                                    - 1)] if len(weights) else weights
-        norm = weights / np.maximum(tops[owner], 1e-9)
-        cand, inverse = np.unique(rows, return_inverse=True)
-        total = np.bincount(inverse, weights=norm, minlength=len(cand))
-        src = np.zeros(len(cand), np.int64)
-        src[inverse[::-1]] = query.tags[owner[::-1]]
-        found["tag"] = _top(*_drop_seeds(cand.astype(np.int64), total, src, seeds),
-                            sizes["tag"])
-    title_songs = None
-    known_words = 0
+        lists = catalog.tag_songs
+        cand, total, src = kernels.tag_votes(lists.indptr, lists.indices, lists.weights,
+                                             query.tags.astype(np.int64))
+        _found(found, "tag", kernels.top_unseen(cand, total, src, unseen, sizes["tag"]))
+    title_rows = title_scores = None
+    known: list[int] = []
     if query.title:
-        title_songs, t_tags, known = _title_scores(catalog, query.title)
-        known_words = len(known)
-        title_tags = t_tags if title_tags is None else title_tags
+        known = _title_words(catalog, query.title)
+        title_rows, title_scores = _title_songs(catalog, known)
+        if title_tags is None:
+            title_tags = _title_tag_scores(catalog, known)
         if sizes.get("title", 0) and known:
-            positive = np.flatnonzero(title_songs > 0)
-            found["title"] = _top(*_drop_seeds(positive, title_songs[positive], None, seeds),
-                                  sizes["title"])
+            positive = title_scores > 0
+            rows = title_rows[positive]
+            _found(found, "title", kernels.top_unseen(
+                rows, title_scores[positive].astype(np.float64),
+                np.full(len(rows), -1, np.int64), unseen, sizes["title"]))
     if sizes.get("popular", 0):
-        pool = catalog.popular_songs[: sizes["popular"] + len(seeds)]
-        pool = pool[~np.isin(pool, seeds)][: sizes["popular"]]
-        found["popular"] = (pool.astype(np.int64),
-                            catalog.popularity[pool].astype(np.float64),
-                            np.full(len(pool), -1, np.int64))
+        pool = kernels.first_unseen(catalog.popular_songs[: sizes["popular"] + len(seeds)],
+                                    unseen, sizes["popular"])
+        found.append((SOURCES.index("popular"),
+                      (pool, catalog.popularity[pool].astype(np.float64),
+                       np.full(len(pool), -1, np.int64))))
     if sizes.get("artist", 0) and len(seeds):
-        inside = seeds[seeds < data.n_songs]
-        owner, artists, _ = gather_rows(data.song_artists, inside)
-        if len(artists):
-            uniq, first, counts = np.unique(artists, return_index=True, return_counts=True)
-            a_owner, rows, _ = gather_rows(data.artist_songs, uniq.astype(np.int64))
-            pop = catalog.popularity[rows].astype(np.float64)
-            # Seeds sharing the artist first, then the song's popularity.
-            a_score = counts[a_owner].astype(np.float64) + pop / (1.0 + pop.max(initial=0.0))
-            cand, inverse = np.unique(rows, return_inverse=True)
-            a_total = np.zeros(len(cand))
-            np.maximum.at(a_total, inverse, a_score)
-            src = np.full(len(cand), -1, np.int64)
-            src[inverse] = inside[owner[first[a_owner]]]
-            found["artist"] = _top(*_drop_seeds(cand.astype(np.int64), a_total, src, seeds),
-                                   sizes["artist"])
-    out = _merge(found)
-    out_tags = _tag_scores(catalog, tag_votes, title_tags)
-    return Candidates(out[0], out[1], out[2], out[3], out_tags, user, title_songs, known_words)
+        lists = data.song_artists
+        cand, total, src = kernels.artist_votes(
+            lists.indptr, lists.indices, data.artist_songs.indptr, data.artist_songs.indices,
+            catalog.popularity, seeds[seeds < data.n_songs])
+        _found(found, "artist", kernels.top_unseen(cand, total, src, unseen,
+                                                   sizes["artist"]))
+    rows, scores, ranks, reasons = _merge(found)
+    return Candidates(rows, scores, ranks, reasons, _tag_scores(catalog, tag_votes, title_tags),
+                      user, title_rows, title_scores, len(known))
 
 
 def _neighbour_lists(songs: VectorSearch, seeds: np.ndarray, depth: int
@@ -215,25 +191,16 @@ def _neighbour_lists(songs: VectorSearch, seeds: np.ndarray, depth: int
     return rows, sims, offsets
 
 
-def _merge(found: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+def _merge(found: list[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Union of the sources' lists: rows, normalised scores, ranks, reason sources."""
-    n_src = len(SOURCES)
-    if not found:
-        return (np.zeros(0, np.int64), np.zeros((0, n_src), np.float32),
-                np.zeros((0, n_src), np.float32), np.zeros((0, n_src), np.int64))
-    rows = np.unique(np.concatenate([r for r, _, _ in found.values()]))
-    scores = np.zeros((len(rows), n_src), np.float32)
-    ranks = np.full((len(rows), n_src), MISSING_RANK, np.float32)
-    reasons = np.full((len(rows), n_src), -1, np.int64)
-    for name, (r, s, src) in found.items():
-        j = SOURCES.index(name)
-        pos = np.searchsorted(rows, r)
-        top = float(np.max(s)) if len(s) else 0.0
-        scores[pos, j] = s / top if top > 0 else s
-        ranks[pos, j] = np.arange(len(r), dtype=np.float32)
-        reasons[pos, j] = src
-    return rows.astype(np.int64), scores, ranks, reasons
+    lengths = [len(r) for _, (r, _, _) in found]
+    return kernels.merge(
+        np.concatenate([r for _, (r, _, _) in found]) if found else np.zeros(0, np.int64),
+        np.concatenate([s for _, (_, s, _) in found]) if found else np.zeros(0),
+        np.concatenate([s for _, (_, _, s) in found]) if found else np.zeros(0, np.int64),
+        np.cumsum([0, *lengths], dtype=np.int64),
+        np.asarray([j for j, _ in found], dtype=np.int64), len(SOURCES), MISSING_RANK)
 
 
 def _tag_scores(catalog: Catalog, tag_votes: Votes, title_tags: np.ndarray | None
@@ -247,97 +214,71 @@ def _tag_scores(catalog: Catalog, tag_votes: Votes, title_tags: np.ndarray | Non
     return score if score.any() else None
 
 
-def _per_candidate_max(owner: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
-    out = np.zeros(n)
-    if len(owner):
-        np.maximum.at(out, owner, values)
-    return out
-
-
-def _overlap(lists: RowLists, seeds: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """Per candidate: the share of seeds that share an item (artist, genre) with it."""
-    seeds = seeds[seeds < lists.n_rows]
-    out = np.zeros(len(cand))
-    if len(seeds) == 0:
-        return np.full(len(cand), MISSING)
-    s_owner, s_items, _ = gather_rows(lists, seeds)
-    if len(s_items) == 0:
-        return out
-    # How many distinct seeds hold each item.
-    pairs = np.unique(s_items.astype(np.int64) * (len(seeds) + 1) + s_owner)
-    items, counts = np.unique(pairs // (len(seeds) + 1), return_counts=True)
-    inside = np.flatnonzero(cand < lists.n_rows)
-    c_owner, c_items, _ = gather_rows(lists, cand[inside])
-    pos = np.minimum(np.searchsorted(items, c_items), len(items) - 1)
-    hit = items[pos] == c_items
-    out[inside] = _per_candidate_max(c_owner[hit], counts[pos[hit]].astype(np.float64),
-                                     len(inside)) / len(seeds)
-    return out
+@functools.lru_cache(maxsize=16)
+def _layout(features: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                np.ndarray, np.ndarray]:
+    """Where each feature goes in a row of ``features``: the source score and rank columns
+    (and their sources), and the kernel's columns (-1: not wanted)."""
+    at = {name: i for i, name in enumerate(features)}
+    score = [(at[f"{s}_score"], j) for j, s in enumerate(SOURCES) if f"{s}_score" in at]
+    rank = [(at[f"{s}_rank"], j) for j, s in enumerate(SOURCES) if f"{s}_rank" in at]
+    return (np.asarray([c for c, _ in score], np.int64), np.asarray([j for _, j in score],
+                                                                    np.int64),
+            np.asarray([c for c, _ in rank], np.int64), np.asarray([j for _, j in rank],
+                                                                   np.int64),
+            np.asarray([at.get(name, -1) for name in kernels.KERNEL_FEATURES], np.int64))
 
 
 def features(catalog: Catalog, songs: VectorSearch, data: RankData, query: Query,
              cand: Candidates) -> np.ndarray:
     """float32 (n candidates, len(data.features)): one row of features per candidate."""
     rows, user = cand.rows, cand.user
-    title_songs, known_words = cand.title_songs, cand.known_words
     n = len(rows)
-    cols: dict[str, np.ndarray] = {}
-    for j, s in enumerate(SOURCES):
-        cols[f"{s}_score"] = cand.scores[:, j]
-        cols[f"{s}_rank"] = cand.ranks[:, j]
-    cols["n_sources"] = (cand.ranks < MISSING_RANK).sum(axis=1).astype(np.float32)
-    wanted = set(data.features)
+    at = {name: i for i, name in enumerate(data.features)}
+    out = np.empty((n, len(data.features)), dtype=np.float32)
+    score_cols, score_src, rank_cols, rank_src, kernel_cols = _layout(data.features)
+    out[:, score_cols] = cand.scores[:, score_src]
+    out[:, rank_cols] = cand.ranks[:, rank_src]
     seeds = query.seeds
-    if wanted & {"code_sim_mean", "code_sim_max", "code_sim_avg"}:
+    sim_cols = [at.get(name, -1) for name in ("code_sim_mean", "code_sim_max", "code_sim_avg")]
+    if max(sim_cols) >= 0:
         if len(seeds) and n:
             seed_vecs = songs.vectors(seeds[:50])  # enough for the shape of the seeds
             vecs = songs.vectors(rows)
             sims = vecs @ seed_vecs.T
             centre = seed_vecs.mean(axis=0)
             centre = centre / max(float(np.linalg.norm(centre)), 1e-12)
-            cols["code_sim_mean"] = vecs @ centre
-            cols["code_sim_max"] = sims.max(axis=1)
-            cols["code_sim_avg"] = sims.mean(axis=1)
+            if sim_cols[0] >= 0:
+                out[:, sim_cols[0]] = vecs @ centre
+            if sim_cols[1] >= 0:
+                out[:, sim_cols[1]] = sims.max(axis=1)
+            if sim_cols[2] >= 0:
+                out[:, sim_cols[2]] = sims.mean(axis=1)
         else:
-            for name in ("code_sim_mean", "code_sim_max", "code_sim_avg"):
-                cols[name] = np.full(n, MISSING)
-    inside = rows < catalog.n_songs
-    safe = np.where(inside, rows, 0)
-    if "als_dot" in wanted:
+            out[:, [c for c in sim_cols if c >= 0]] = MISSING
+    if "als_dot" in at:
         if user is not None and data.als is not None:
-            als_rows = np.where(rows < len(data.als.songs), rows, 0)
-            score = data.als.songs[als_rows] @ user
-            cols["als_dot"] = np.where(rows < len(data.als.songs), score, MISSING)
+            known = rows < len(data.als.songs)
+            score = data.als.songs[np.where(known, rows, 0)] @ user
+            out[:, at["als_dot"]] = np.where(known, score, MISSING)
         else:
-            cols["als_dot"] = np.full(n, MISSING)
-    cols["log_popularity"] = np.log1p(np.where(inside, catalog.popularity[safe], 0))
+            out[:, at["als_dot"]] = MISSING
     q_year = float(year_of(query.updt_date)) if query.updt_date else 0.0
-    pl_years = np.where(inside, data.playlist_years[np.minimum(safe, data.n_songs - 1)], 0.0)
-    cols["years_from_playlists"] = np.where((pl_years > 0) & (q_year > 0), q_year - pl_years,
-                                            MISSING)
-    issued = year_of(np.where(inside, catalog.issue_dates[safe], 0))
-    cols["years_since_issue"] = np.where((issued > 0) & (q_year > 0), q_year - issued, MISSING)
-    cols["artist_overlap"] = _overlap(data.song_artists, seeds, rows)
-    cols["genre_overlap"] = _overlap(data.song_genres, seeds, rows)
-    if len(query.tags):
-        ok = np.flatnonzero(rows < catalog.song_tags.n_rows)
-        owner, tags, _ = gather_rows(catalog.song_tags, rows[ok])
-        hits = np.bincount(owner[np.isin(tags, query.tags)], minlength=len(ok))
-        share = np.zeros(n)
-        share[ok] = hits / len(query.tags)
-        cols["tag_cooccurrence"] = share
-    else:
-        cols["tag_cooccurrence"] = np.full(n, MISSING)
-    if title_songs is not None and known_words:
-        cols["title_match"] = np.where(inside, title_songs[safe], 0.0)
-    else:
-        cols["title_match"] = np.full(n, MISSING)
-    cols["q_seeds"] = np.full(n, float(len(seeds)))
-    cols["q_tags"] = np.full(n, float(len(query.tags)))
-    cols["q_title_words"] = np.full(n, float(known_words))
-    out = np.empty((n, len(data.features)), dtype=np.float32)
-    for i, name in enumerate(data.features):
-        out[:, i] = cols[name]
+    has_title = cand.title_rows is not None and cand.known_words > 0
+    title_rows = cand.title_rows if cand.title_rows is not None else _NO_ROWS
+    title_scores = (cand.title_scores if cand.title_scores is not None
+                    else np.zeros(0, np.float32))
+    kernels.fill_features(
+        out, kernel_cols, rows, cand.ranks, MISSING_RANK, catalog.popularity,
+        data.playlist_years, catalog.issue_dates, q_year, data.song_artists.indptr,
+        data.song_artists.indices, data.song_genres.indptr, data.song_genres.indices, seeds,
+        catalog.song_tags.indptr, catalog.song_tags.indices,
+        query.tags.astype(np.int64), title_rows, title_scores,
+        has_title, MISSING)
+    for name, count in (("q_seeds", len(seeds)), ("q_tags", len(query.tags)),
+                        ("q_title_words", cand.known_words)):
+        if name in at:
+            out[:, at[name]] = float(count)
     return out
 
 
@@ -391,24 +332,32 @@ class Ranker:
         # to the new-song blend, the way ae-hybrid blends them into its votes: the ranker
         # scored them as it scores a bundle song in no playlist, which cost the cold-start
         # demo score (docs/BENCHMARKS.md). A ranked candidate's source is its index in
-        # ``cand``; a new song's is negative.
+        # ``cand``; a new song's is negative (strategies.new_song_reason).
         bundle = np.flatnonzero(cand.rows < catalog.n_songs)
         votes = with_new_songs(catalog, songs, query,
                                Votes(cand.rows[bundle], scores[bundle], bundle),
                                new_share, new_power, artist_share, artist_power)
-        order = np.lexsort((votes.items, -votes.scores))
-        # The reason: the source that ranked the song highest (first in SOURCES on a tie).
-        best_src = np.argmin(cand.ranks, axis=1)
-        for row, score, i in zip(votes.items[order].tolist(), votes.scores[order].tolist(),
-                                 votes.source[order].tolist(), strict=True):
-            if picker.full:
+        # Most answers fill from their best few hundred: rank those first, then the rest.
+        limit = query.n_songs + len(query.seeds)
+        rows, values, sources = votes.ranked(limit)
+        while True:
+            chosen = np.flatnonzero(picker.allowed_many(rows))[: picker.room]
+            rows, values, sources = rows[chosen], values[chosen], sources[chosen]
+            # The reason: the source that ranked the song highest (first in SOURCES on a
+            # tie); a new song's is its seed (by code or by artist).
+            reasons = [new_song_reason(i) if i < 0 else ("", 0) for i in sources.tolist()]
+            ranked = np.flatnonzero(sources >= 0)
+            best = np.argmin(cand.ranks[sources[ranked]], axis=1)
+            ids = cand.reason_sources[sources[ranked], best]
+            for at, j, r in zip(ranked.tolist(), best.tolist(), ids.tolist(), strict=True):
+                # Playlist reasons stay catalog positions: LiveModel turns them into ids.
+                reasons[at] = (_SOURCE_KINDS[j], int(r))
+            picker.take_all(rows.tolist(), values.tolist(), reasons)
+            if picker.full or limit >= len(votes.items):
                 break
-            if i < 0:
-                picker.take(row, score, new_song_reason(i))
-                continue
-            j = int(best_src[i])
-            # Playlist reasons stay catalog positions: LiveModel turns them into ids.
-            picker.take(row, score, (_REASON_KIND[SOURCES[j]], int(cand.reason_sources[i, j])))
+            # Exhausted the first ranks (dropped songs): the rest, past those seen.
+            rows, values, sources = (a[limit:] for a in votes.ranked())
+            limit = len(votes.items)
         return _finish(catalog, picker, query, cand.tag_scores)
 
 
@@ -416,4 +365,5 @@ def load_ranker(root: Path, catalog: Catalog, threads: int = 1) -> Ranker:
     """The bundle's ranker; ValueError/OSError when its files do not fit the bundle."""
     data = RankData.from_arrays(load_ranker_arrays(root))
     data.check(catalog)
+    kernels.warm_up()
     return Ranker(root / RANKER_ONNX, data, threads)

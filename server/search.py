@@ -225,8 +225,7 @@ class HnswSearch:
                 out[fixed] = self.vectors(reps[fixed])
             return out
         if self._codes is not None and len(reps):
-            stored: np.ndarray = self._codes[self._slot_of[reps]].astype(np.float32)
-            return stored
+            return voting.rows_float32(self._codes, self._slot_of[reps])
         got = self.index.get_items(reps)  # type: ignore[attr-defined]
         return np.asarray(got, dtype=np.float32).reshape(len(labels), -1)
 
@@ -287,7 +286,7 @@ class HnswSearch:
                                              self._table_rows[self._slot_of[seeds]].ravel()]))
             if skip is not None:
                 cand = cand[cand != skip[i]]
-            scores = self._codes[self._slot_of[cand]].astype(np.float32) @ unit[i].astype(
+            scores = voting.rows_float32(self._codes, self._slot_of[cand]) @ unit[i].astype(
                 np.float32)
             # Songs added at run time are in no table: they keep the graph's similarity.
             cand = np.concatenate([cand, hits[~inside]])

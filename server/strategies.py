@@ -138,15 +138,45 @@ class _Picker:
         self.reasons.append(reason)
         return True
 
+    def allowed_many(self, rows: np.ndarray) -> np.ndarray:
+        """:meth:`allowed` of each of ``rows`` at once."""
+        ok: np.ndarray = (rows >= 0) & (rows < self.n_total_rows)
+        if self.excluded:
+            ok &= ~np.isin(rows, np.fromiter(self.excluded, np.int64, len(self.excluded)))
+        if self.query.drop_future and self.query.updt_date:
+            inside = ok & (rows < self.catalog.n_songs)
+            issued = self.catalog.issue_dates[np.where(inside, rows, 0)]
+            ok &= ~(inside & (issued > self.query.updt_date))
+        return ok
+
+    def take_all(self, rows: list[int], scores: list[float],
+                 reasons: list[tuple[str, int]]) -> None:
+        """Take distinct ``rows`` that :meth:`allowed_many` allowed, as many as fit."""
+        room = self.room
+        self.excluded.update(rows[:room])
+        self.rows.extend(rows[:room])
+        self.scores.extend(scores[:room])
+        self.reasons.extend(reasons[:room])
+
+    @property
+    def room(self) -> int:
+        return max(self.query.n_songs - len(self.rows), 0)
+
     @property
     def full(self) -> bool:
         return len(self.rows) >= self.query.n_songs
 
     def fill_popular(self) -> None:
-        for row in self.catalog.popular_songs.tolist():
-            if self.full:
-                return
-            self.take(row, 0.0, (REASON_POPULAR, -1))
+        # In slices: listing all the popular songs (every song) cost more than the answer.
+        popular = self.catalog.popular_songs
+        start = 0
+        while not self.full and start < len(popular):
+            end = start + self.room + len(self.excluded)
+            for row in popular[start:end].tolist():
+                if self.full:
+                    return
+                self.take(row, 0.0, (REASON_POPULAR, -1))
+            start = end
 
 
 def vote_tags(catalog: Catalog, song_rows: Sequence[int], exclude: np.ndarray,
@@ -171,17 +201,35 @@ def _top_tags(catalog: Catalog, scores: np.ndarray, exclude: np.ndarray,
     return picked, np.maximum(scores[picked], 0.0).astype(np.float32)
 
 
-def _title_scores(catalog: Catalog, title: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Song and tag scores from the title's known words (weights learned from titles)."""
-    song_scores = np.zeros(catalog.n_songs, dtype=np.float32)
+def _title_words(catalog: Catalog, title: str) -> list[int]:
+    """The title's words known to the catalog (their indices), in title order."""
+    return [catalog.word_index[w] for w in tokenize(title) if w in catalog.word_index]
+
+
+def _title_songs(catalog: Catalog, words: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The songs that title words ``words`` name (ascending) and their summed float32
+    weights (learned from titles): the nonzero part of a dense song score array."""
+    lists = catalog.word_songs
+    rows, scores = voting.word_scores(lists.indptr, lists.indices, lists.weights,
+                                      np.asarray(words, dtype=np.int64))
+    return rows, scores
+
+
+def _title_tag_scores(catalog: Catalog, words: list[int]) -> np.ndarray:
     tag_scores = np.zeros(len(catalog.tags), dtype=np.float32)
-    known = [catalog.word_index[w] for w in tokenize(title) if w in catalog.word_index]
-    for w in known:
-        songs, weights = catalog.word_songs.row(w), catalog.word_songs.row_weights(w)
-        song_scores[songs] += weights
+    for w in words:
         tags, tweights = catalog.word_tags.row(w), catalog.word_tags.row_weights(w)
         tag_scores[tags] += tweights
-    return song_scores, tag_scores, known
+    return tag_scores
+
+
+def _title_scores(catalog: Catalog, title: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Song and tag scores from the title's known words (weights learned from titles)."""
+    known = _title_words(catalog, title)
+    song_scores = np.zeros(catalog.n_songs, dtype=np.float32)
+    rows, scores = _title_songs(catalog, known)
+    song_scores[rows] = scores
+    return song_scores, _title_tag_scores(catalog, known), known
 
 
 def _best_scored(scores: np.ndarray, n: int) -> np.ndarray:
