@@ -78,6 +78,9 @@ class ArtistIndex:
                                  np.ones(int(keep.sum()), np.float32))
         self._added: list[tuple[int, ...]] = []  # per added row: artist positions
         self._added_new: dict[int, list[int]] = {}  # position -> added rows, oldest first
+        # position -> its newest ARTIST_DEPTH added rows as an array, rebuilt per add() for
+        # the artists it touched (queries read, never build them: they hold a read lock).
+        self._added_recent: dict[int, np.ndarray] = {}
 
     @property
     def has_new(self) -> bool:
@@ -91,16 +94,23 @@ class ArtistIndex:
 
     def add(self, rows: Sequence[int], artists: Sequence[Sequence[int]]) -> None:
         """Songs added at run time, in row order (the next rows), with their artist ids."""
-        for row, song in zip(rows, artists, strict=True):
-            if row != self.n_bundle + len(self._added):
-                raise ValueError(f"added song row {row}, expected "
-                                 f"{self.n_bundle + len(self._added)}")
-            positions = []
-            for a in dict.fromkeys(int(a) for a in song):
-                pos = self._position.setdefault(a, len(self._position))
-                positions.append(pos)
-                self._added_new.setdefault(pos, []).append(row)
-            self._added.append(tuple(positions))
+        touched: set[int] = set()
+        try:
+            for row, song in zip(rows, artists, strict=True):
+                if row != self.n_bundle + len(self._added):
+                    raise ValueError(f"added song row {row}, expected "
+                                     f"{self.n_bundle + len(self._added)}")
+                positions = []
+                for a in dict.fromkeys(int(a) for a in song):
+                    pos = self._position.setdefault(a, len(self._position))
+                    positions.append(pos)
+                    self._added_new.setdefault(pos, []).append(row)
+                self._added.append(tuple(positions))
+                touched.update(positions)
+        finally:  # the songs taken before a refused one stay consistent
+            for pos in touched:
+                self._added_recent[pos] = np.asarray(self._added_new[pos][-ARTIST_DEPTH:],
+                                                     np.int64)
 
     def _artists(self, seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(seed position, artist position) pairs of the seeds."""
@@ -140,15 +150,13 @@ class ArtistIndex:
             rows_parts.append(rows.astype(np.int64))
             seed_parts.append(seeds[owner[inside][a_owner]])
             pop_parts.append(popularity[inside][a_owner])
-        if self._added_new:
-            for i, a, pop in zip(owner.tolist(), artists.tolist(), popularity.tolist(),
-                                 strict=True):
-                added = self._added_new.get(a)
-                if added:
-                    rows = np.asarray(added[-ARTIST_DEPTH:], np.int64)
-                    rows_parts.append(rows)
-                    seed_parts.append(np.full(len(rows), seeds[i], np.int64))
-                    pop_parts.append(np.full(len(rows), pop))
+        if self._added_recent:
+            recent = [self._added_recent.get(a) for a in artists.tolist()]
+            lengths = np.asarray([0 if r is None else len(r) for r in recent], np.int64)
+            if lengths.any():
+                rows_parts.append(np.concatenate([r for r in recent if r is not None]))
+                seed_parts.append(np.repeat(seeds[owner], lengths))
+                pop_parts.append(np.repeat(popularity, lengths))
         if not rows_parts:
             return ArtistSongs.empty()
         rows = np.concatenate(rows_parts)

@@ -445,18 +445,17 @@ def _with_artist_songs(songs: VectorSearch, query: Query, votes: Votes, share: f
     if not len(found.rows):
         return votes
     cand, inverse = np.unique(found.rows, return_inverse=True)
-    owners = np.unique(found.seeds)
-    sims = np.einsum("ij,ij->i", songs.vectors(cand)[inverse],
-                     songs.vectors(owners)[np.searchsorted(owners, found.seeds)])
-    sims = np.maximum(sims.astype(np.float64), 0.0)
+    owners, owner_at = np.unique(found.seeds, return_inverse=True)
+    # Every candidate against every seed that has one (a small product), not one vector
+    # pair gathered per (song, seed) pair.
+    sims = (songs.vectors(cand) @ songs.vectors(owners).T)[inverse, owner_at]
     # Distinct seeds per candidate (a song with two of a seed's artists counts once).
-    width = int(found.seeds.max()) + 1
-    shared = np.bincount(np.unique(inverse * width + found.seeds) // width,
+    shared = np.bincount(np.unique(inverse * len(owners) + owner_at) // len(owners),
                          minlength=len(cand))
-    best_sim = np.zeros(len(cand))
-    np.maximum.at(best_sim, inverse, sims)
-    fame = np.zeros(len(cand))
-    np.maximum.at(fame, inverse, found.artist_popularity)
+    # The largest similarity (from 0), the pair that first reaches it, the artist's fame.
+    best_sim, best_pair, fame = voting.best_of_groups(
+        inverse.astype(np.int64), len(cand), sims.astype(np.float64),
+        found.artist_popularity.astype(np.float64))
     n = query.n_songs
     if len(votes.items) >= n:
         cut = float(np.partition(votes.scores, len(votes.items) - n)[len(votes.items) - n])
@@ -466,10 +465,7 @@ def _with_artist_songs(songs: VectorSearch, query: Query, votes: Votes, share: f
     value = (cut * share * best_sim ** power * np.sqrt(shared)
              * (1.0 + 1e-6 * np.log1p(fame)))
     # The seed of each candidate's largest similarity (the first on a tie).
-    is_best = np.flatnonzero(sims >= best_sim[inverse])[::-1]
-    source = np.zeros(len(cand), np.int64)
-    source[inverse[is_best]] = found.seeds[is_best]
-    return _add_candidates(votes, cand, value, ARTIST_SOURCE - source)
+    return _add_candidates(votes, cand, value, ARTIST_SOURCE - found.seeds[best_pair])
 
 
 def _add_candidates(votes: Votes, rows: np.ndarray, value: np.ndarray, source: np.ndarray

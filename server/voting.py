@@ -150,6 +150,26 @@ def expand_groups(labels: np.ndarray, sims: np.ndarray, k: int, group_len: np.nd
 
 
 @njit(nogil=True, cache=True)
+def best_of_groups(group: np.ndarray, n_groups: int, values: np.ndarray, also: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover
+    """Per group (``group[i]`` in ``0..n_groups-1``): the largest of ``values`` (from 0:
+    negatives count as 0), the position of the first item reaching it, and the largest of
+    ``also``. What ``np.maximum.at`` twice and a first-on-tie pick computed."""
+    best = np.zeros(n_groups)
+    first = np.full(n_groups, -1, np.int64)
+    most = np.zeros(n_groups)
+    for i in range(group.shape[0]):
+        g = group[i]
+        v = max(values[i], 0.0)
+        if first[g] < 0 or v > best[g]:
+            best[g] = v
+            first[g] = i
+        if also[i] > most[g]:
+            most[g] = also[i]
+    return best, first, most
+
+
+@njit(nogil=True, cache=True)
 def word_scores(indptr: np.ndarray, indices: np.ndarray, weights: np.ndarray,
                 words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
     """The songs of title words ``words`` (ascending) and their summed float32 weights,
@@ -249,6 +269,7 @@ def warm_up(indices_dtype: np.dtype | type = np.int32) -> None:
     rows_float32(codes, np.asarray([1, 0]))
     word_scores(indptr, indices, np.asarray([1.0, 0.5, 1.0], dtype=np.float32),
                 np.asarray([1]))
+    best_of_groups(np.asarray([0, 0]), 1, np.asarray([0.5, 1.0]), np.asarray([1.0, 2.0]))
     expand_groups(np.zeros((1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.float32), 1,
                   np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64),
                   np.zeros(1, dtype=np.int64))

@@ -341,3 +341,24 @@ def test_tally_scratch_is_bounded_per_thread() -> None:
     assert list(voting._scratch.arrays) == [8, 9, 10, 11]
     voting.tally(indptr, indices, 9, np.asarray([0]), np.asarray([1.0]))
     assert list(voting._scratch.arrays) == [8, 10, 11, 9]
+
+
+def test_best_of_groups_is_maximum_at_with_the_first_on_a_tie() -> None:
+    from server.voting import best_of_groups
+
+    rng = np.random.default_rng(5)
+    group = rng.integers(0, 40, 600)
+    values = np.round(rng.normal(0.5, 0.4, 600), 1)  # many ties, some negative
+    also = rng.random(600)
+    best, first, most = best_of_groups(group, 45, values, also)
+    want = np.zeros(45)
+    np.maximum.at(want, group, np.maximum(values, 0.0))
+    want_most = np.zeros(45)
+    np.maximum.at(want_most, group, also)
+    assert np.array_equal(best, want) and np.array_equal(most, want_most)
+    for g in range(45):
+        members = np.flatnonzero(group == g)
+        if len(members) == 0:
+            assert first[g] == -1
+        else:  # the first member that reaches the group's best (negatives count as 0)
+            assert first[g] == members[np.maximum(values[members], 0.0) >= want[g]][0]
