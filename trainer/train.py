@@ -431,7 +431,10 @@ class Trainer:
         os.replace(tmp, self.work_dir / name)
 
     def load_checkpoint(self, path: Path, weights_only: bool = False) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # Memory-mapped: only what is read comes into memory. A Melon-scale checkpoint is
+        # ~9 GB, two thirds optimiser moments, and reading best.pt's weights after training
+        # (the moments still live) otherwise held both copies at once: 23 GB, killed.
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         self.model.load_state_dict(state["model"])
         if weights_only:
             return
