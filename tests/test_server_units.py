@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 import zlib
@@ -296,3 +297,27 @@ def test_json_log_lines() -> None:
     assert line["msg"] == "loaded 모델" and line["level"] == "INFO"
     assert line["logger"] == "server.app" and line["model"] == "v1"
     assert line["ts"].endswith("Z")
+
+
+def test_numba_kernels_are_cached_per_version_of_every_kernel_file(tmp_path: Path) -> None:
+    """A change to any file holding kernels moves the cache (numba alone would reuse a
+    kernel that calls a changed kernel of another file)."""
+    import numba
+
+    import server
+
+    package = Path(server.__file__).parent
+    assert numba.config.CACHE_DIR == os.environ["NUMBA_CACHE_DIR"]
+    assert os.environ["NUMBA_CACHE_DIR"] == str(server.kernel_cache_dir())
+    for name in server.KERNEL_FILES:
+        (tmp_path / name).write_bytes((package / name).read_bytes())
+    first = server.kernel_cache_dir(tmp_path)
+    assert first is not None and first.parent == tmp_path / "__pycache__"
+    for name in server.KERNEL_FILES:
+        original = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(original + b"\n# changed\n")
+        assert server.kernel_cache_dir(tmp_path) != first, name
+        (tmp_path / name).write_bytes(original)
+    assert server.kernel_cache_dir(tmp_path) == first
+    (tmp_path / "wire.py").unlink()
+    assert server.kernel_cache_dir(tmp_path) is None
