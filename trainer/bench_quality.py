@@ -78,9 +78,9 @@ AE_ROWS: list[tuple[str, str, dict[str, Any], str]] = [
     ("ae", "ranked", {}, "ranked (learned second stage)"),
     # Songs no training playlist holds (the seeds' nearest by code, their artists' ones):
     # what the new-song blend adds to the default strategies.
-    ("ae", "ranked", {"new_songs": False}, "ranked without songs no training playlist holds"),
+    ("ae", "ranked", {"new_songs": False}, "ranked without the new-song blend (new_songs=False)"),
     ("ae", "ae-hybrid", {"new_songs": False},
-     "ae-hybrid without songs no training playlist holds"),
+     "ae-hybrid without the new-song blend (new_songs=False)"),
     ("ae-rank-no-ae", "ranked", {}, "ranked without the autoencoder's sources and features"),
     ("ae-rank-no-als", "ranked", {}, "ranked without ALS"),
     ("ae-rank-no-cf", "ranked", {}, "ranked without neighbour CF"),
