@@ -14,7 +14,7 @@ import math
 import numpy as np
 from numba import njit
 
-from server.voting import best_positions
+from server.voting import best_positions, csr_items
 
 # Columns the feature kernel writes: positions in its ``columns`` argument.
 LOG_POPULARITY = 0
@@ -107,15 +107,7 @@ def tag_votes(indptr: np.ndarray, indices: np.ndarray, weights: np.ndarray,
               tags: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover
     """The question tags' songs (ascending), each tag's counts over its best (so every tag
     weighs the same) summed, and the first tag that named each song."""
-    n = 0
-    for t in range(tags.shape[0]):
-        n += indptr[tags[t] + 1] - indptr[tags[t]]
-    rows = np.empty(n, dtype=np.int64)
-    k = 0
-    for t in range(tags.shape[0]):
-        for j in range(indptr[tags[t]], indptr[tags[t] + 1]):
-            rows[k] = indices[j]
-            k += 1
+    rows = csr_items(indptr, indices, tags)
     cand = np.unique(rows)
     total = np.zeros(cand.shape[0], dtype=np.float64)
     src = np.full(cand.shape[0], -1, dtype=np.int64)

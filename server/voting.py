@@ -170,19 +170,27 @@ def best_of_groups(group: np.ndarray, n_groups: int, values: np.ndarray, also: n
 
 
 @njit(nogil=True, cache=True)
+def csr_items(indptr: np.ndarray, indices: np.ndarray, keys: np.ndarray
+              ) -> np.ndarray:  # pragma: no cover (compiled)
+    """The items of CSR rows ``keys``, row after row (int64)."""
+    n = 0
+    for r in range(keys.shape[0]):
+        n += indptr[keys[r] + 1] - indptr[keys[r]]
+    items = np.empty(n, dtype=np.int64)
+    k = 0
+    for r in range(keys.shape[0]):
+        for j in range(indptr[keys[r]], indptr[keys[r] + 1]):
+            items[k] = indices[j]
+            k += 1
+    return items
+
+
+@njit(nogil=True, cache=True)
 def word_scores(indptr: np.ndarray, indices: np.ndarray, weights: np.ndarray,
                 words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
     """The songs of title words ``words`` (ascending) and their summed float32 weights,
     added word by word as a dense score array would add them."""
-    n = 0
-    for w in range(words.shape[0]):
-        n += indptr[words[w] + 1] - indptr[words[w]]
-    rows = np.empty(n, dtype=np.int64)
-    k = 0
-    for w in range(words.shape[0]):
-        for j in range(indptr[words[w]], indptr[words[w] + 1]):
-            rows[k] = indices[j]
-            k += 1
+    rows = csr_items(indptr, indices, words)
     cand = np.unique(rows)
     total = np.zeros(cand.shape[0], dtype=np.float32)
     k = 0

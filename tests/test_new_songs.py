@@ -24,16 +24,20 @@ ADMIN = "admin-secret-token"
 AUTH = [("authorization", f"Bearer {ADMIN}")]
 
 
-def _twins(split: Path, n: int) -> list[tuple[int, dict[str, Any]]]:
-    """Metadata-only twins of the ``n`` most popular training songs (new ids)."""
+def _popular_meta(split: Path) -> list[dict[str, Any]]:
+    """song_meta records of the training songs, most played first (ties by id)."""
     train = json.loads((split / "train.json").read_text())
     counts: dict[int, int] = {}
     for p in train:
         for s in p["songs"]:
             counts[s] = counts.get(s, 0) + 1
     meta = {m["id"]: m for m in json.loads((split / "song_meta.json").read_text())}
-    top = sorted(counts, key=lambda s: (-counts[s], s))[:n]
-    return [(70_000_000 + i, meta[s]) for i, s in enumerate(top)]
+    return [meta[s] for s in sorted(counts, key=lambda s: (-counts[s], s))]
+
+
+def _twins(split: Path, n: int) -> list[tuple[int, dict[str, Any]]]:
+    """Metadata-only twins of the ``n`` most popular training songs (new ids)."""
+    return [(70_000_000 + i, m) for i, m in enumerate(_popular_meta(split)[:n])]
 
 
 def _metadata(m: dict[str, Any]) -> pb2.SongMetadata:
@@ -154,14 +158,7 @@ def test_compaction_serves_the_same_songs_and_loses_nothing(
 def _by_artist(split: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Two popular training songs whose artists share nothing (the second's artists have
     no song in the first's playlists' artists either)."""
-    train = json.loads((split / "train.json").read_text())
-    counts: dict[int, int] = {}
-    for p in train:
-        for s in p["songs"]:
-            counts[s] = counts.get(s, 0) + 1
-    meta = {m["id"]: m for m in json.loads((split / "song_meta.json").read_text())}
-    top = [meta[s] for s in sorted(counts, key=lambda s: (-counts[s], s))
-           if meta[s]["artist_id_basket"]]
+    top = [m for m in _popular_meta(split) if m["artist_id_basket"]]
     first = top[0]
     other = next(m for m in top[1:]
                  if not set(m["artist_id_basket"]) & set(first["artist_id_basket"]))
