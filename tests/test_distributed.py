@@ -50,6 +50,17 @@ def _join(rank: int, world: int, port: int) -> Dist:
     return init_from_env()
 
 
+def _leave() -> None:
+    """A worker's end once its checks passed, as the trainer's workers end
+    (``exit_worker``): without Python's finalization, where a gloo thread still releasing
+    its last tensor aborts the process ("terminate called without an active exception",
+    seen in CI on a loaded machine after every check had passed)."""
+    from trainer.distributed import exit_worker
+
+    torch.distributed.destroy_process_group()
+    exit_worker(0)
+
+
 def _spawn(fn: Any, *args: Any) -> None:
     import torch.multiprocessing as mp
 
@@ -127,7 +138,7 @@ def _grads_worker(rank: int, world: int, port: int, ref: dict[str, Any]) -> None
         np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-7, err_msg=name)
     for p, want in zip(model.dense_parameters(), ref["dense"], strict=True):
         np.testing.assert_allclose(p.grad.numpy(), want, rtol=1e-4, atol=1e-7)
-    torch.distributed.destroy_process_group()
+    _leave()
 
 
 def test_two_ranks_give_the_whole_batch_gradient() -> None:
@@ -166,7 +177,7 @@ def _sharded_worker(rank: int, world: int, port: int, want_pos: np.ndarray,
     np.testing.assert_array_equal(everywhere, unit)
     ids = collect_rows(np.arange(lo, hi), 700, 64, dist, to_all=True)
     np.testing.assert_array_equal(ids, np.arange(700))
-    torch.distributed.destroy_process_group()
+    _leave()
 
 
 def test_sharded_neighbour_table_equals_one_process(tmp_path: Path) -> None:
