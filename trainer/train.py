@@ -23,6 +23,7 @@ trained and added (``trainer.rank``: strategy ``ranked``, the bundle's default);
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -583,6 +584,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bundle written: {args.out} (model {manifest.model_version}, "
                       f"{manifest.extra['n_songs']} songs, code dim {manifest.code_dim})")
                 if not args.no_ranker:
+                    # The ranker reads the bundle, not the training state: free the model
+                    # and its optimiser moments first (~9 GB at Melon scale, where the
+                    # ranker beside them was killed for memory on a 24 GB machine).
+                    trainer = None
+                    gc.collect()
                     rank_config = RankConfig(threads=config.threads)
                     if args.ranker_questions:
                         rank_config = replace(rank_config, questions=args.ranker_questions)
