@@ -77,15 +77,14 @@ class ArtistIndex:
             self._new = RowLists(indptr, rows[keep].astype(np.int32),
                                  np.ones(int(keep.sum()), np.float32))
         self._added: list[tuple[int, ...]] = []  # per added row: artist positions
-        self._added_new: dict[int, list[int]] = {}  # position -> added rows, oldest first
-        # position -> its newest ARTIST_DEPTH added rows as an array, rebuilt per add() for
-        # the artists it touched (queries read, never build them: they hold a read lock).
+        # position -> its newest ARTIST_DEPTH added rows (oldest first), replaced per add()
+        # for the artists it touched (queries read, never build them: they hold a read lock).
         self._added_recent: dict[int, np.ndarray] = {}
 
     @property
     def has_new(self) -> bool:
         """Whether any artist has a new song."""
-        return bool(len(self._new.indices) or self._added_new)
+        return bool(len(self._new.indices) or self._added_recent)
 
     @property
     def knows_bundle(self) -> bool:
@@ -94,7 +93,7 @@ class ArtistIndex:
 
     def add(self, rows: Sequence[int], artists: Sequence[Sequence[int]]) -> None:
         """Songs added at run time, in row order (the next rows), with their artist ids."""
-        touched: set[int] = set()
+        taken: dict[int, list[int]] = {}  # position -> this call's rows
         try:
             for row, song in zip(rows, artists, strict=True):
                 if row != self.n_bundle + len(self._added):
@@ -104,13 +103,13 @@ class ArtistIndex:
                 for a in dict.fromkeys(int(a) for a in song):
                     pos = self._position.setdefault(a, len(self._position))
                     positions.append(pos)
-                    self._added_new.setdefault(pos, []).append(row)
+                    taken.setdefault(pos, []).append(row)
                 self._added.append(tuple(positions))
-                touched.update(positions)
         finally:  # the songs taken before a refused one stay consistent
-            for pos in touched:
-                self._added_recent[pos] = np.asarray(self._added_new[pos][-ARTIST_DEPTH:],
-                                                     np.int64)
+            for pos, new in taken.items():
+                old = self._added_recent.get(pos, np.zeros(0, np.int64))
+                self._added_recent[pos] = np.concatenate(
+                    [old, np.asarray(new, np.int64)])[-ARTIST_DEPTH:]
 
     def _artists(self, seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(seed position, artist position) pairs of the seeds."""
