@@ -261,3 +261,37 @@ def test_bench_rank_writes_its_named_section(tiny_bundle: Path, tiny_split: Path
     assert "| recall of the hidden songs |" in section
     assert "| ranked |" in section and "| ae-hybrid |" in section
     assert "ranked / ae-hybrid CPU:" in section
+
+
+def test_unleaked_songs_search_the_graph_and_the_replaced_codes_as_one(engine: Engine) -> None:
+    from server.search import ExactSearch
+    from trainer.rank import UnleakedSongs
+
+    n = engine.songs.count()
+    every = engine.songs.vectors(np.arange(n, dtype=np.int64))
+    rng = np.random.default_rng(3)
+    replaced = np.sort(rng.choice(n, size=n // 4, replace=False)).astype(np.int64)
+    new = rng.standard_normal((len(replaced), every.shape[1])).astype(np.float32)
+    new /= np.linalg.norm(new, axis=1, keepdims=True)
+    # Some replaced songs keep a code near their old one: they must still be found.
+    new[::2] = every[replaced[::2]] + 0.05 * new[::2]
+    new /= np.linalg.norm(new, axis=1, keepdims=True)
+    songs = UnleakedSongs(engine.songs, replaced[::-1].copy(), new[::-1].copy())
+    want = every.copy()
+    want[replaced] = new
+    exact = ExactSearch(want)
+
+    assert songs.count() == n
+    probe = np.concatenate([replaced[:5], np.setdiff1d(np.arange(n), replaced)[:5]])
+    np.testing.assert_allclose(songs.vectors(probe), want[probe], atol=1e-3)
+    queries = rng.choice(n, size=40, replace=False).astype(np.int64)
+    got = songs.neighbours(queries, 20)
+    truth, _ = exact.search(want[queries], 20)
+    recall = np.mean([len(np.intersect1d(g, t)) / 20 for (g, _), t in zip(got, truth,
+                                                                          strict=True)])
+    assert recall >= 0.9
+    for q, (rows, sims) in zip(queries, got, strict=True):
+        assert rows[0] == q or sims[0] == pytest.approx(1.0, abs=1e-3)
+        assert np.all(np.diff(sims) <= 1e-6)
+        # A replaced song is never found by its old code: its similarity is the new one's.
+        np.testing.assert_allclose(sims, want[rows] @ want[q], atol=2e-3)

@@ -164,7 +164,60 @@ def held_out(data: Any, config: RankConfig, cut: int = 0
     return masked, questions[: config.questions], answers[: config.questions]
 
 
-def unleaked_songs(engine: Any, data: Any, masked: Any, chunk: int = 1000) -> ExactSearch:
+class UnleakedSongs:
+    """The bundle's song search (a :class:`VectorSearch`) with some songs' codes replaced:
+    the songs of held-out playlists, re-encoded without those playlists.
+
+    Searches go to the bundle's graph, as the server's do, with the replaced songs left
+    out, and to an exact search over the replaced codes; the two are merged by similarity.
+    Only the replaced songs' codes are held in float32: every song's code twice in float32
+    (an exact search over all of them) needed 2 x 2.9 GB at Melon scale, and its full scan
+    per seed made the training questions the slowest step."""
+
+    def __init__(self, base: VectorSearch, rows: np.ndarray, unit: np.ndarray) -> None:
+        order = np.argsort(rows, kind="stable")
+        self._base = base
+        self._rows = np.asarray(rows, np.int64)[order]
+        self._replaced = ExactSearch(unit[order])
+
+    def count(self) -> int:
+        return self._base.count()
+
+    def _replaced_at(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mask of ``labels`` that are replaced, their positions among the replaced)."""
+        at = np.minimum(np.searchsorted(self._rows, labels), max(len(self._rows) - 1, 0))
+        hit = (self._rows[at] == labels) if len(self._rows) else np.zeros(len(labels), bool)
+        return hit, at[hit]
+
+    def vectors(self, labels: np.ndarray) -> np.ndarray:
+        labels = np.asarray(labels, dtype=np.int64)
+        out = np.array(self._base.vectors(labels), dtype=np.float32)
+        hit, at = self._replaced_at(labels)
+        out[hit] = self._replaced.vectors(at)
+        return out
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.atleast_2d(vectors).astype(np.float32)
+        k = min(k, self.count())
+        # Twice as deep in the graph: some of its hits are replaced songs, dropped here.
+        labels, sims = self._base.search(queries, 2 * k)
+        hit, _ = self._replaced_at(labels.ravel())
+        sims = np.where(hit.reshape(labels.shape), -np.inf, sims).astype(np.float32)
+        rep_at, rep_sims = self._replaced.search(queries, k)
+        cand = np.concatenate([labels, self._rows[rep_at]], axis=1)
+        cand_sims = np.concatenate([sims, rep_sims], axis=1)
+        order = np.argsort(-cand_sims, axis=1, kind="stable")[:, :k]
+        return (np.take_along_axis(cand, order, axis=1),
+                np.take_along_axis(cand_sims, order, axis=1))
+
+    def neighbours(self, rows: np.ndarray, k: int, *, allow_short: bool = False
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+        labels, sims = self.search(self.vectors(rows), k)
+        return [(row[np.isfinite(s)], s[np.isfinite(s)])
+                for row, s in zip(labels, sims, strict=True)]
+
+
+def unleaked_songs(engine: Any, data: Any, masked: Any, chunk: int = 1000) -> UnleakedSongs:
     """Every song's code as if the held-out playlists had never been seen: the songs of
     held-out playlists re-encoded (the bundle's ONNX encoder) from input rows without those
     playlists' columns and tags. The autoencoder was trained on every training playlist, so
@@ -175,32 +228,33 @@ def unleaked_songs(engine: Any, data: Any, masked: Any, chunk: int = 1000) -> Ex
 
     songs, space = data.songs, engine.encoder.columns
     n = len(songs)
-    unit = engine.songs.vectors(np.arange(n, dtype=np.int64)).astype(np.float32)
     held = ~np.isin(data.train.ids, masked.train.ids)
     touched = np.unique(np.concatenate([data.train.songs.row(int(i))
-                                        for i in np.flatnonzero(held)] or [np.zeros(0)]))
+                                        for i in np.flatnonzero(held)] or [np.zeros(0)])
+                        ).astype(np.int64)
     train = masked.train
     pl_of = np.repeat(np.arange(len(train)), np.diff(train.songs.indptr))
     song_pl = sp.csr_matrix((np.ones(len(pl_of), np.float32), (train.songs.values, pl_of)),
                             shape=(n, len(train))).tocsr()
     tag_lists = [train.tags.row(p) for p in range(len(train))]
     codes = data.genres.codes.items
-    rows: list[np.ndarray] = []
-    for r in touched.astype(np.int64).tolist():
-        pls = song_pl.indices[song_pl.indptr[r]:song_pl.indptr[r + 1]]
-        tags = {data.tags.items[t] for p in pls.tolist() for t in tag_lists[p].tolist()}
-        rows.append(space.song_columns(
-            genres=[codes[g] for g in songs.genres.row(r).tolist()],
-            detail_genres=[codes[g] for g in songs.detail_genres.row(r).tolist()],
-            artists=songs.artists.row(r).tolist(), issue_date=int(songs.issue_dates[r]),
-            playlists=train.ids[pls].tolist(), tags=sorted(tags)))
-    for start in tqdm(range(0, len(rows), chunk), desc="re-encoding held-out songs",
+    unit = np.zeros((len(touched), int(engine.manifest.code_dim)), np.float32)
+    for start in tqdm(range(0, len(touched), chunk), desc="re-encoding held-out songs",
                       unit="chunk", disable=None):
-        got = engine.encoder.encode_columns(rows[start:start + chunk])
-        unit[touched[start:start + chunk].astype(np.int64)] = got / np.maximum(
+        rows = []
+        for r in touched[start:start + chunk].tolist():
+            pls = song_pl.indices[song_pl.indptr[r]:song_pl.indptr[r + 1]]
+            tags = {data.tags.items[t] for p in pls.tolist() for t in tag_lists[p].tolist()}
+            rows.append(space.song_columns(
+                genres=[codes[g] for g in songs.genres.row(r).tolist()],
+                detail_genres=[codes[g] for g in songs.detail_genres.row(r).tolist()],
+                artists=songs.artists.row(r).tolist(), issue_date=int(songs.issue_dates[r]),
+                playlists=train.ids[pls].tolist(), tags=sorted(tags)))
+        got = engine.encoder.encode_columns(rows)
+        unit[start:start + len(rows)] = got / np.maximum(
             np.linalg.norm(got, axis=1, keepdims=True), 1e-12)
     log.info("re-encoded %d songs of held-out playlists", len(touched))
-    return ExactSearch(unit)
+    return UnleakedSongs(engine.songs, touched, unit)
 
 
 def playlist_search(songs: VectorSearch, catalog: Catalog, chunk: int = 4096) -> ExactSearch:
