@@ -35,6 +35,10 @@ from server.strategies import (
 
 log = logging.getLogger(__name__)
 
+# Padded (song x column) cells per encoder run: 16,384 x hidden 2,048 x 4 bytes, held twice,
+# is 268 MB at Melon scale.
+ENCODE_CELLS = 16_384
+
 
 class Encoder:
     """ONNX Runtime session of the bundle's encoder, with deliberate thread counts."""
@@ -77,8 +81,30 @@ class Encoder:
                           f"{input_dim} and the padding column: its vocabulary is wider")
 
     def encode_columns(self, rows: list[np.ndarray]) -> np.ndarray:
-        cols, weights = pad_batch(rows, self.columns.dim)
-        (codes,) = self.session.run(["code"], {"columns": cols, "weights": weights})
+        """Codes of songs given as column lists, in runs of at most ENCODE_CELLS padded
+        cells (one run for a longer row): the encoder's first layer holds a (batch x width
+        x hidden) float32 tensor twice, so a batch of popular songs (thousands of playlist
+        columns each) needed tens of GB in one run. Rows go in order of length, so that
+        short rows are not padded to a long one's width."""
+        order = np.argsort([len(r) for r in rows], kind="stable")
+        out: np.ndarray | None = None
+        start = 0
+        while start < len(order):
+            stop = start + 1
+            while (stop < len(order)
+                   and (stop + 1 - start) * max(1, len(rows[order[stop]])) <= ENCODE_CELLS):
+                stop += 1
+            cols, weights = pad_batch([rows[i] for i in order[start:stop]], self.columns.dim)
+            (codes,) = self.session.run(["code"], {"columns": cols, "weights": weights})
+            if out is None:
+                out = np.empty((len(rows), np.shape(codes)[1]), dtype=np.float32)
+            out[order[start:stop]] = codes
+            start = stop
+        return out if out is not None else self._no_codes()
+
+    def _no_codes(self) -> np.ndarray:
+        cols, weights = pad_batch([], self.columns.dim)
+        (codes,) = self.session.run(["code"], {"columns": cols[:0], "weights": weights[:0]})
         return np.asarray(codes, dtype=np.float32)
 
     def encode(self, songs: list[SongMeta]) -> tuple[np.ndarray, list[int]]:

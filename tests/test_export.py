@@ -118,3 +118,31 @@ def test_engine_encodes_unseen_song_near_its_twin(tiny_bundle: Path, tiny_split:
     twins = {row, int(engine.songs.rep_of[row])}  # type: ignore[attr-defined]
     assert twins & set(labels[0].tolist())
     assert sims[0][0] > 0.999
+
+
+def test_long_rows_are_encoded_in_bounded_runs_in_input_order(tiny_bundle: Path,
+                                                               monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    from server import engine as engine_module
+
+    engine = Engine.load(tiny_bundle)
+    dim = engine.encoder.columns.dim
+    rng = np.random.default_rng(5)
+    rows = [np.unique(rng.integers(0, dim, size=int(n))) for n in (3, 400, 1, 60, 400, 7, 0)]
+    one_by_one = np.concatenate([engine.encoder.encode_columns([r]) for r in rows])
+    runs: list[tuple[int, int]] = []
+    session = engine.encoder.session
+
+    class Counting:
+        def run(self, names, feeds):  # type: ignore[no-untyped-def]
+            runs.append(feeds["columns"].shape)
+            return session.run(names, feeds)
+
+    monkeypatch.setattr(engine.encoder, "session", Counting())
+    monkeypatch.setattr(engine_module, "ENCODE_CELLS", 450)
+    together = engine.encoder.encode_columns(rows)
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+    assert len(runs) > 1
+    # Each run fits the budget, except a single row wider than it.
+    assert all(b * w <= 450 or b == 1 for b, w in runs)
+    assert sum(b for b, _ in runs) == len(rows)
