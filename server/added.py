@@ -24,8 +24,8 @@ class AddedSongs:
     bundle's)."""
 
     def __init__(self, dim: int, first: int, capacity: int, *, m: int = 16,
-                 ef_construction: int = 100, ef: int = 100) -> None:
-        self.dim, self.first = dim, first
+                 ef_construction: int = 100, ef: int = 100, threads: int = 1) -> None:
+        self.dim, self.first, self.threads = dim, first, threads
         self.capacity = max(int(capacity), 1)
         self.m, self.ef_construction, self.ef = m, ef_construction, max(ef, 50)
         self.count = 0
@@ -111,7 +111,7 @@ class AddedSongs:
             self._index.init_index(max_elements=max(self.capacity, len(fresh)),
                                    ef_construction=self.ef_construction, M=self.m)
             self._index.set_ef(self.ef)
-            self._index.set_num_threads(1)
+            self._index.set_num_threads(self.threads)
         needed = self.in_graph + len(fresh)
         if needed > self._index.get_max_elements():
             self._index.resize_index(max(needed, 2 * self._index.get_max_elements()))
