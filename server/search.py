@@ -382,14 +382,16 @@ class HnswSearch:
             # graph query per seed (which made a continuation 3-13x slower at 100k added
             # songs, docs/BENCHMARKS.md).
             width = cand.shape[1]
-            extra = [self.added.near_of(int(r)) for r in reps.tolist()]
-            most = max(len(e[0]) for e in extra)
+            songs, sims, offsets = self.added.near_lists(reps)
+            lengths = np.diff(offsets)
+            most = int(lengths.max()) if len(lengths) else 0
             if most:
                 more = np.full((len(rows), most), -1, dtype=np.int64)
                 more_sims = np.full((len(rows), most), -np.inf, dtype=np.float32)
-                for i, (songs, sims) in enumerate(extra):
-                    more[i, : len(songs)] = songs
-                    more_sims[i, : len(songs)] = sims
+                owner = np.repeat(np.arange(len(rows)), lengths)
+                column = np.arange(len(songs)) - offsets[:-1][owner]
+                more[owner, column] = songs
+                more_sims[owner, column] = sims
                 cand = np.concatenate([cand, more], axis=1)
                 cand_sims = np.concatenate([cand_sims, more_sims], axis=1)
                 order = np.argsort(-cand_sims, axis=1, kind="stable")[:, :width]

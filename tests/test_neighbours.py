@@ -292,3 +292,29 @@ def test_a_hub_keeps_its_nearest_links_only() -> None:
     assert len(songs) < 2 * NEAR_DEPTH
     best = np.sort(sims)[::-1][:NEAR_DEPTH]
     assert set(best.tolist()) <= set(got.tolist())
+
+
+def test_near_lists_read_every_songs_links_as_near_of_does() -> None:
+    from server.added import AddedSongs
+
+    added = AddedSongs(4, first=100, capacity=10)
+    rng = np.random.default_rng(8)
+    reps = np.asarray([3, 9, 3, 12, 9, 3], dtype=np.int64)
+    added.link(reps, 100 + np.arange(len(reps)), rng.random(len(reps)).astype(np.float32))
+    asked = np.asarray([9, 5, 3, 12, 3], dtype=np.int64)
+
+    def check() -> None:
+        songs, sims, offsets = added.near_lists(asked)
+        for i, rep in enumerate(asked.tolist()):
+            want_songs, want_sims = added.near_of(rep)
+            np.testing.assert_array_equal(songs[offsets[i]:offsets[i + 1]], want_songs)
+            np.testing.assert_array_equal(sims[offsets[i]:offsets[i + 1]], want_sims)
+
+    check()
+    # Links added after a read are seen by the next one.
+    added.link(np.asarray([5, 12]), np.asarray([106, 107]), np.asarray([0.5, 0.25], np.float32))
+    check()
+    assert added.near_lists(np.asarray([5]))[0].tolist() == [106]
+    empty = AddedSongs(4, first=100, capacity=10)
+    songs, _, offsets = empty.near_lists(asked)
+    assert len(songs) == 0 and offsets.tolist() == [0] * (len(asked) + 1)
