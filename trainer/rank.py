@@ -63,6 +63,13 @@ LGB_PARAMS: dict[str, Any] = {
 }
 
 
+# The song graph's search depth for the training questions' seed neighbours (the bundle's
+# ef is for SimilarSongs: 800 at Melon scale made each seed's search ~15 ms). Searches ask
+# at least twice the list depth anyway (UnleakedSongs.search), and HnswSearch re-scores a
+# hop over the exact neighbour table.
+SONG_EF = 100
+
+
 @dataclass
 class RankConfig:
     questions: int = 3000  # held-out questions to learn from (and to stop early on)
@@ -227,6 +234,10 @@ class UnleakedSongs:
 
     def neighbours(self, rows: np.ndarray, k: int, *, allow_short: bool = False
                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        depth = getattr(self._base, "table_depth", 0)
+        if allow_short and depth:
+            # As the server answers a bundle seed: its table, no deeper (HnswSearch).
+            k = min(k, depth + 1)
         labels, sims = self.search(self.vectors(rows), k)
         return [(row[np.isfinite(s)], s[np.isfinite(s)])
                 for row, s in zip(labels, sims, strict=True)]
@@ -475,7 +486,7 @@ def train_ranker(data_dir: Path, bundle: Path, config: RankConfig,
     started = time.perf_counter()
     # Every playlist file, as trainer.train reads them: the bundle's tag vocabulary.
     data = load_dataset(data_dir)
-    engine = Engine.load(bundle, verify=False)
+    engine = Engine.load(bundle, verify=False, threads=config.threads, song_ef=SONG_EF)
     if engine.catalog.n_songs != len(data.songs) or not np.array_equal(
             engine.catalog.song_ids, data.songs.ids):
         raise ValueError(f"{bundle} was not trained on {data_dir}: its songs differ")
