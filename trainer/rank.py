@@ -56,9 +56,13 @@ from trainer.split import split_playlists
 
 log = logging.getLogger(__name__)
 
+# learning_rate 0.15: early stopping ends after ~40 trees instead of ~100-144 at 0.05, and
+# ranked's CPU per question on the demo falls by ~0.5 ms (every served candidate walks
+# every tree) for a demo score of 0.2665 against 0.2669 (one retraining each; 0.10 scored
+# 0.2660; docs/BENCHMARKS.md, bench-rank).
 LGB_PARAMS: dict[str, Any] = {
     "objective": "lambdarank", "metric": "ndcg", "eval_at": [100],
-    "lambdarank_truncation_level": 100, "learning_rate": 0.05, "num_leaves": 31,
+    "lambdarank_truncation_level": 100, "learning_rate": 0.15, "num_leaves": 31,
     "min_data_in_leaf": 50, "feature_fraction": 0.8, "bagging_fraction": 0.8,
     "bagging_freq": 1, "verbose": -1, "seed": 0, "deterministic": True,
 }
