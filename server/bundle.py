@@ -13,6 +13,11 @@ A bundle is one directory::
                        trainer.neighbours); the server answers bundle songs from it
     codes.npy          optional: the indexed songs' unit codes, float16, in label order
                        (memory-mapped by the server: hnswlib's get_items is slow)
+    ranker.onnx        optional, with ranker.npz: the learned second stage
+    ranker.npz         (server.ranking, server.rankdata)
+    als.hnsw           optional, with the ranker: hnswlib inner-product index over the ALS
+                       factors of the songs some training playlist holds (label = song
+                       row; manifest ``als_index``): the ALS source's top-n without a scan
 
 This module is torch-free: the server imports it, and so does the trainer when it writes.
 Reading checks the manifest's own digest, its schema version and the type and range of
@@ -54,6 +59,9 @@ CODES = "codes.npy"
 # (server.rankdata.RankData).
 RANKER_ONNX = "ranker.onnx"
 RANKER_ARRAYS = "ranker.npz"
+# Optional beside the ranker: the inner-product index over its ALS song factors
+# (server.alsindex); without it the ALS source scans every song's factors.
+ALS_INDEX = "als.hnsw"
 REQUIRED_FILES = (ENCODER, SONG_INDEX, PLAYLIST_INDEX, ARRAYS, COLUMNS)
 # The manifest's digest of its own content (every other key, canonical JSON): an edit made
 # after the trainer wrote it is refused even when the files' checksums are not verified.
@@ -68,6 +76,7 @@ MAX_M = 1 << 14  # hnswlib keeps 2M links in 16 bits
 MAX_EF_CONSTRUCTION = 1 << 20
 MAX_EF = 100_000  # also the ceiling of --song-ef and --playlist-ef
 SPACES = ("cosine",)  # the strategies read similarity as 1 - cosine distance
+ALS_SPACES = ("ip",)  # the ALS source ranks by dot product (server.alsindex)
 
 
 class BundleError(RuntimeError):
@@ -108,11 +117,16 @@ class Manifest:
     playlist_index: IndexParams
     files: dict[str, dict[str, Any]]  # name -> {"sha256", "bytes"}
     extra: dict[str, Any]
+    als_index: IndexParams | None = None  # als.hnsw's parameters (None: no such file)
 
     def to_json(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         out["song_index"] = dict(self.song_index.__dict__)
         out["playlist_index"] = dict(self.playlist_index.__dict__)
+        if self.als_index is None:
+            del out["als_index"]  # the manifests of bundles without one stay as they were
+        else:
+            out["als_index"] = dict(self.als_index.__dict__)
         return out
 
     @staticmethod
@@ -136,6 +150,8 @@ class Manifest:
                 playlist_index=_index_params(raw, "playlist_index"),
                 files={str(k): _file_entry(raw["files"], k) for k in _mapping(raw, "files")},
                 extra=dict(_mapping(raw, "extra", optional=True)),
+                als_index=(_index_params(raw, "als_index", ALS_SPACES)
+                           if "als_index" in raw else None),
             )
         except KeyError as exc:
             raise BundleError(f"{where}: malformed manifest (no {exc})") from None
@@ -145,6 +161,9 @@ class Manifest:
         if groups != manifest.input_dim:
             raise BundleError(f"{where}: column_groups add up to {groups} columns, input_dim "
                               f"is {manifest.input_dim}")
+        if (manifest.als_index is None) != (ALS_INDEX not in manifest.files):
+            raise BundleError(f"{where}: als_index and the file {ALS_INDEX} go together; "
+                              f"the manifest has only one of them")
         return manifest
 
 
@@ -174,14 +193,15 @@ def _integer(raw: Mapping[str, Any], key: str, low: int, high: int, prefix: str 
     return value
 
 
-def _index_params(raw: Mapping[str, Any], key: str) -> IndexParams:
+def _index_params(raw: Mapping[str, Any], key: str,
+                  spaces: tuple[str, ...] = SPACES) -> IndexParams:
     entry = _mapping(raw, key)
     unknown = set(entry) - set(IndexParams.__dataclass_fields__)
     if unknown:
         raise ValueError(f"{key}: unknown fields {sorted(unknown)}")
     space = entry["space"]
-    if space not in SPACES:
-        raise ValueError(f"{key}.space: {space!r:.40}, this build serves {', '.join(SPACES)}")
+    if space not in spaces:
+        raise ValueError(f"{key}.space: {space!r:.40}, this build serves {', '.join(spaces)}")
     prefix = key + "."
     return IndexParams(space=str(space), dim=_integer(entry, "dim", 1, MAX_DIM, prefix),
                        m=_integer(entry, "m", 2, MAX_M, prefix),
@@ -358,9 +378,12 @@ def load_neighbours(root: str | Path, manifest: Manifest) -> dict[str, np.ndarra
     return table
 
 
-def save_ranker(root: Path, onnx_bytes: bytes, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write ``ranker.onnx`` and ``ranker.npz`` (each atomically); the manifest that lists
-    them is written afterwards (:func:`write_manifest`)."""
+def save_ranker(root: Path, onnx_bytes: bytes, arrays: Mapping[str, np.ndarray],
+                als_index: Any | None = None) -> None:
+    """Write ``ranker.onnx``, ``ranker.npz`` and, given an hnswlib index (or the path of an
+    index file to copy), ``als.hnsw``, each atomically; without one a stale ``als.hnsw``
+    is removed. The manifest that lists them is written afterwards
+    (:func:`write_manifest`, with ``als_index`` set to the index's parameters or left out)."""
     for key, value in arrays.items():
         if value.dtype == object:
             raise BundleError(f"ranker array {key!r} has dtype object: it would need pickle")
@@ -370,6 +393,15 @@ def save_ranker(root: Path, onnx_bytes: bytes, arrays: Mapping[str, np.ndarray])
     tmp = Path(root) / (RANKER_ARRAYS + ".tmp.npz")
     np.savez(tmp, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, Path(root) / RANKER_ARRAYS)
+    path, tmp = Path(root) / ALS_INDEX, Path(root) / (ALS_INDEX + ".tmp")
+    if als_index is None:
+        path.unlink(missing_ok=True)
+        return
+    if isinstance(als_index, (str, Path)):
+        shutil.copyfile(als_index, tmp)
+    else:
+        als_index.save_index(str(tmp))
+    os.replace(tmp, path)
 
 
 def load_ranker_arrays(root: str | Path) -> dict[str, np.ndarray]:
@@ -427,11 +459,13 @@ def load_hnsw(root: str | Path, params: IndexParams, name: str, *,
     import hnswlib
 
     path = Path(root) / name
-    what = {SONG_INDEX: "song_index", PLAYLIST_INDEX: "playlist_index"}.get(name, name)
+    what = {SONG_INDEX: "song_index", PLAYLIST_INDEX: "playlist_index",
+            ALS_INDEX: "als_index"}.get(name, name)
     try:
         held = hnswfile.check_index_file(path, dim=params.dim, count=params.count,
                                          m=params.m, ef_construction=params.ef_construction,
-                                         labels=labels, what=what)
+                                         labels=labels, what=what,
+                                         unit=params.space == "cosine")
     except hnswfile.IndexFileError as exc:
         raise BundleError(f"{path}: {exc}") from None
     except OSError as exc:

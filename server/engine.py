@@ -276,13 +276,18 @@ def _ranker(root: Path, manifest: Manifest, catalog: Catalog, threads: int) -> R
     """The bundle's ranker when its manifest lists both ranker files; both or neither."""
     listed = [name for name in (RANKER_ONNX, RANKER_ARRAYS) if name in manifest.files]
     if not listed:
+        if manifest.als_index is not None:
+            raise bundle_files.BundleError(f"{root}: the manifest lists "
+                                           f"{bundle_files.ALS_INDEX} but no ranker")
         return None
     if len(listed) == 1:
         missing = RANKER_ARRAYS if listed[0] == RANKER_ONNX else RANKER_ONNX
         raise bundle_files.BundleError(f"{root}: the manifest lists {listed[0]} but not "
                                        f"{missing} (the ranker needs both)")
     try:
-        return load_ranker(root, catalog, threads)
+        return load_ranker(root, manifest, catalog, threads)
+    except BundleError:
+        raise  # names its file already (als.hnsw)
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise bundle_files.BundleError(f"{root}: ranker does not fit the bundle ({exc})"
                                        ) from None

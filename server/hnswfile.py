@@ -19,7 +19,8 @@ checks everything hnswlib follows: header fields against each other, against the
 and against what the manifest states; every link count against its maximum; every
 neighbour id against the element count and, above level 0, against the neighbour's own
 level; the entry point and top level; every label against the labels the bundle expects;
-every vector for finite values of unit length (the cosine space stores them normalised).
+every vector for finite values, of unit length in the cosine space (it stores them
+normalised; the inner-product space stores them as they are).
 What it cannot know is whether such values, or links within bounds, are the ones the
 trainer wrote: that is what the sha256 check is for.
 """
@@ -59,11 +60,11 @@ class IndexFile:
 
 
 def check_index_file(path: Path, *, dim: int, count: int, m: int, ef_construction: int,
-                     labels: np.ndarray | None, what: str) -> IndexFile:
+                     labels: np.ndarray | None, what: str, unit: bool = True) -> IndexFile:
     """Check ``path`` completely against the manifest's ``dim``, ``count``, ``m`` and
     ``ef_construction`` and, when given, the ``labels`` it must hold (sorted, unique);
-    ``what`` names the manifest entry in messages (``song_index``). Raises
-    :class:`IndexFileError`."""
+    ``what`` names the manifest entry in messages (``song_index``); ``unit``: the vectors
+    must be unit vectors (cosine space). Raises :class:`IndexFileError`."""
     size = path.stat().st_size
     if size < HEADER.size:
         raise IndexFileError(f"{size} bytes, shorter than hnswlib's {HEADER.size}-byte header")
@@ -107,13 +108,14 @@ def check_index_file(path: Path, *, dim: int, count: int, m: int, ef_constructio
     if not 0 <= entry_point < cur:
         raise IndexFileError(f"header enterpoint_node {entry_point} is not one of its {cur} "
                              f"elements")
-    sample = _check_level0(path, cur, per_element, max_m0, offset_data, label_offset, labels)
+    sample = _check_level0(path, cur, per_element, max_m0, offset_data, label_offset, labels,
+                           unit)
     _check_upper_levels(path, level0_end, size, cur, max_m, max_level, entry_point)
     return IndexFile(file_dim, cur, file_m, file_efc, max_level, entry_point, sample)
 
 
 def _check_level0(path: Path, cur: int, per_element: int, max_m0: int, offset_data: int,
-                  label_offset: int, labels: np.ndarray | None) -> np.ndarray:
+                  label_offset: int, labels: np.ndarray | None, unit: bool) -> np.ndarray:
     """Check the level-0 records; returns the first few vectors."""
     words = per_element // 4
     block = np.memmap(path, dtype="<u4", mode="r", offset=HEADER.size, shape=(cur, words))
@@ -146,7 +148,7 @@ def _check_level0(path: Path, cur: int, per_element: int, max_m0: int, offset_da
             # make similarities outside [-1, 1].
             norms = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
             bad = np.flatnonzero((np.abs(norms - 1.0) > 1e-3) & (norms != 0.0))
-            if len(bad):
+            if unit and len(bad):
                 raise IndexFileError(f"element {start + bad[0]}: vector of squared length "
                                      f"{norms[bad[0]]:.6g}, not a unit vector")
             lo = part[:, label_offset // 4].astype(np.uint64)

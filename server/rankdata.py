@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -112,6 +113,9 @@ class RankData:
     # The artist id of each artist index (int64); None in bundles written before it was
     # stored: they know their songs' artists only as indices (no artist new-song source).
     artist_ids: np.ndarray | None = None
+    # The ALS source's inner-product index (server.alsindex.AlsIndex, from als.hnsw; not
+    # part of ranker.npz); None: the source scans every song's factors.
+    als_index: Any | None = None
 
     @property
     def n_songs(self) -> int:

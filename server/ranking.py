@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from server import alsindex
 from server import rankkernels as kernels
-from server.bundle import RANKER_ARRAYS, RANKER_ONNX, load_ranker_arrays
+from server.bundle import RANKER_ARRAYS, RANKER_ONNX, Manifest, load_ranker_arrays
 from server.catalog import Catalog, tokenize
 from server.rankdata import (
     MISSING,
@@ -136,11 +137,8 @@ def generate(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, dat
     if data.als is not None and (sizes.get("als", 0) or "als_dot" in data.features):
         user = data.als.fold_in(seeds, query.tags, query.title)
     if sizes.get("als", 0) and user is not None and data.als is not None:
-        scores = data.als.songs @ user
-        scores[seeds[seeds < len(scores)]] = -np.inf
-        top = kernels.best_trained(scores, catalog.popularity[: len(scores)], sizes["als"])
-        found.append((SOURCES.index("als"), (top, scores[top].astype(np.float64),
-                                             np.full(len(top), -1, np.int64))))
+        found.append((SOURCES.index("als"), _als_top(catalog, data, user, seeds,
+                                                     sizes["als"])))
     if sizes.get("tag", 0) and len(query.tags):
         lists = catalog.tag_songs
         cand, total, src = kernels.tag_votes(lists.indptr, lists.indices, lists.weights,
@@ -175,6 +173,26 @@ def generate(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, dat
     rows, scores, ranks, reasons = _merge(found)
     return Candidates(rows, scores, ranks, reasons, _tag_scores(catalog, tag_votes, title_tags),
                       user, title_rows, title_scores, len(known))
+
+
+def _als_top(catalog: Catalog, data: RankData, user: np.ndarray, seeds: np.ndarray, n: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ALS source: the ``n`` trained songs (not seeds) of the best dot product with
+    the folded-in ``user``, from the bundle's inner-product index when it has one, else by
+    scanning every song's factors."""
+    assert data.als is not None
+    factors = data.als.songs
+    got = None
+    if data.als_index is not None:
+        got = data.als_index.top(factors, user, n, seeds, catalog.popularity)
+    if got is not None:
+        top, best = got
+    else:
+        scores = factors @ user
+        scores[seeds[seeds < len(scores)]] = -np.inf
+        top = kernels.best_trained(scores, catalog.popularity[: len(scores)], n)
+        best = scores[top]
+    return top, best.astype(np.float64), np.full(len(top), -1, np.int64)
 
 
 def _neighbour_lists(songs: VectorSearch, seeds: np.ndarray, depth: int
@@ -361,9 +379,13 @@ class Ranker:
         return _finish(catalog, picker, query, cand.tag_scores)
 
 
-def load_ranker(root: Path, catalog: Catalog, threads: int = 1) -> Ranker:
-    """The bundle's ranker; ValueError/OSError when its files do not fit the bundle."""
+def load_ranker(root: Path, manifest: Manifest, catalog: Catalog, threads: int = 1) -> Ranker:
+    """The bundle's ranker (with its ALS index when the manifest lists one);
+    ValueError/OSError when its files do not fit the bundle, BundleError when the ALS
+    index does not."""
     data = RankData.from_arrays(load_ranker_arrays(root))
     data.check(catalog)
+    data.als_index = alsindex.load(root, manifest, None if data.als is None
+                                   else data.als.songs, catalog.popularity)
     kernels.warm_up()
     return Ranker(root / RANKER_ONNX, data, threads)

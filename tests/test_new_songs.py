@@ -12,6 +12,7 @@ import pytest
 
 from protos.songrec.v1 import songrec_pb2 as pb2
 from protos.songrec.v1 import songrec_pb2_grpc as pb2_grpc
+from server.bundle import read_manifest
 from server.config import ServerConfig
 from server.engine import Engine
 from server.live import LiveModel
@@ -148,6 +149,10 @@ def test_compaction_serves_the_same_songs_and_loses_nothing(
         assert engine.songs.table_depth > 0
     reloaded = Engine.load(out)
     assert reloaded.catalog.n_songs == n + 20
+    # The ALS index comes along unchanged: the added songs have no ALS factors to index.
+    assert reloaded.ranker is not None and reloaded.ranker.data.als_index is not None
+    kept = read_manifest(out).als_index
+    assert kept is not None and kept == read_manifest(bundle).als_index
     # The compacted songs keep their artists: the artist source still finds them.
     assert reloaded.artists.knows_bundle
     for i, m in twins[:20]:

@@ -265,7 +265,10 @@ def _questions(engine: Engine, n: int) -> list[Query]:
 def test_candidates_and_features_match_the_numpy_definitions(engine: Engine) -> None:
     ranker = engine.ranker
     assert ranker is not None
-    catalog, songs, playlists, data = engine.catalog, engine.songs, engine.playlists, ranker.data
+    catalog, songs, playlists = engine.catalog, engine.songs, engine.playlists
+    # The reference scans every song's ALS factors; the index's answers are checked
+    # against that scan in tests/test_als_index.py.
+    data = replace(ranker.data, als_index=None)
     compared = 0
     for query in _questions(engine, 240):
         cand, x = candidate_features(catalog, songs, playlists, data, query)

@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.bundle import RANKER_ARRAYS, RANKER_ONNX, BundleError, read_manifest, write_manifest
+from server.bundle import (
+    ALS_INDEX,
+    RANKER_ARRAYS,
+    RANKER_ONNX,
+    BundleError,
+    read_manifest,
+    write_manifest,
+)
 from server.engine import Engine
 from server.rankdata import FEATURES, SOURCES
 from server.ranking import candidate_features
@@ -157,6 +164,8 @@ def _rewrite(bundle: Path) -> None:
     fields = json.loads((bundle / "manifest.json").read_text())
     for key in ("files", "schema_version", "manifest_sha256"):
         fields.pop(key, None)
+    if not (bundle / ALS_INDEX).exists():
+        fields.pop("als_index", None)
     fields["files"] = {}
     write_manifest(bundle, fields)
 
@@ -195,7 +204,7 @@ def test_a_manifest_with_half_a_ranker_is_refused(copy_bundle) -> None:  # type:
 
 def test_bundle_without_ranker_answers_ranked_with_hybrid(copy_bundle) -> None:  # type: ignore[no-untyped-def]
     bundle = copy_bundle()
-    for name in (RANKER_ONNX, RANKER_ARRAYS):
+    for name in (RANKER_ONNX, RANKER_ARRAYS, ALS_INDEX):
         (bundle / name).unlink()
     _rewrite(bundle)
     engine = Engine.load(bundle)

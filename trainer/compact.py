@@ -122,9 +122,13 @@ def compact(bundle: Path, data_dir: Path | None, out: Path, *, store: str | None
     bundle_files.save_arrays(staging, arrays)
     if bundle_files.RANKER_ARRAYS in manifest.files:  # the ranker's per-song arrays grow too
         rank_data = RankData.from_arrays(bundle_files.load_ranker_arrays(bundle))
+        # The ALS index stays as it is: the added songs are in no training playlist, so
+        # the ALS source never proposes them (their factors are zero).
         bundle_files.save_ranker(staging, (bundle / bundle_files.RANKER_ONNX).read_bytes(),
                                  rank_data.with_added_songs(
-                                     n_new, [s.meta.artists for s in served]).to_arrays())
+                                     n_new, [s.meta.artists for s in served]).to_arrays(),
+                                 bundle / bundle_files.ALS_INDEX
+                                 if manifest.als_index is not None else None)
     # The song graph: the bundle's, plus the new songs.
     index = bundle_files.load_hnsw(bundle, manifest.song_index, bundle_files.SONG_INDEX,
                                    max_elements=manifest.song_index.count + max(n_new, 1))

@@ -13,8 +13,9 @@ again with other seeds (up to ``max_cuts``) until ``--questions`` are held out. 
 lambdarank model is fitted with early stopping on a fifth of the first cut's questions
 (their playlists' questions from other cuts are kept out of training), converted
 to ONNX (onnxmltools) and checked against LightGBM; ``ranker.onnx`` and ``ranker.npz`` (the
-ALS item factors fitted on every training playlist, the per-song arrays) go into the
-bundle and its manifest is rewritten with their checksums.
+ALS item factors fitted on every training playlist, the per-song arrays) and ``als.hnsw``
+(the inner-product index over those factors, :mod:`server.alsindex`) go into the bundle
+and its manifest is rewritten with their checksums.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from server import alsindex
 from server import bundle as bundle_files
 from server.added import AddedSongs
 from server.bundle import BundleError
@@ -55,9 +57,13 @@ from trainer.split import split_playlists
 
 log = logging.getLogger(__name__)
 
+# learning_rate 0.15: early stopping ends after ~40 trees instead of ~100-144 at 0.05, and
+# ranked's CPU per question on the demo falls by ~0.5 ms (every served candidate walks
+# every tree) for a demo score of 0.2665 against 0.2669 (one retraining each; 0.10 scored
+# 0.2660; docs/BENCHMARKS.md, bench-rank).
 LGB_PARAMS: dict[str, Any] = {
     "objective": "lambdarank", "metric": "ndcg", "eval_at": [100],
-    "lambdarank_truncation_level": 100, "learning_rate": 0.05, "num_leaves": 31,
+    "lambdarank_truncation_level": 100, "learning_rate": 0.15, "num_leaves": 31,
     "min_data_in_leaf": 50, "feature_fraction": 0.8, "bagging_fraction": 0.8,
     "bagging_freq": 1, "verbose": -1, "seed": 0, "deterministic": True,
 }
@@ -468,13 +474,24 @@ def onnx_gap(booster: Any, onnx_bytes: bytes, x: np.ndarray) -> float:
 
 
 def write_ranker(bundle: Path, onnx_bytes: bytes, rank_data: RankData,
-                 info: dict[str, Any]) -> None:
-    """Put the ranker files into ``bundle`` and rewrite its manifest (with checksums)."""
+                 info: dict[str, Any], popularity: np.ndarray, threads: int = 1) -> None:
+    """Put the ranker files into ``bundle`` (with the inner-product index over the ALS
+    factors of the songs of ``popularity`` > 0, when it has ALS) and rewrite its manifest
+    (with checksums)."""
     manifest = bundle_files.read_manifest(bundle, verify=False)
-    bundle_files.save_ranker(bundle, onnx_bytes, rank_data.to_arrays())
+    built = None
+    if rank_data.als is not None:
+        started = time.perf_counter()
+        built = alsindex.build(rank_data.als.songs, popularity, threads)
+        info["als_index_seconds"] = round(time.perf_counter() - started, 1)
+    bundle_files.save_ranker(bundle, onnx_bytes, rank_data.to_arrays(),
+                             built[0] if built is not None else None)
     fields = manifest.to_json()
     fields.pop("files", None)
     fields.pop("schema_version", None)
+    fields.pop("als_index", None)
+    if built is not None:
+        fields["als_index"] = dict(built[1].__dict__)
     fields["extra"] = dict(fields.get("extra", {}), ranker=info)
     fields["files"] = {}
     bundle_files.write_manifest(bundle, fields)
@@ -528,7 +545,7 @@ def train_ranker(data_dir: Path, bundle: Path, config: RankConfig,
                 if len(rows.groups) else 0.0,
                 recall={k: round(v, 4) for k, v in rows.recall.items()},
                 onnx_max_abs_diff=gap, seconds=round(time.perf_counter() - started, 1))
-    write_ranker(bundle, onnx_bytes, serving, info)
+    write_ranker(bundle, onnx_bytes, serving, info, engine.catalog.popularity, config.threads)
     log.info("ranker written into %s (%d rounds, valid nDCG@100 %s, %.0f s)", bundle,
              info["best_iteration"], info["valid_ndcg@100"], info["seconds"])
     return info
