@@ -72,16 +72,21 @@ def measure(bundle: Path, split: Path, n_questions: int) -> dict[str, Any]:
     return {"recall": recall, "cpu": {k: np.asarray(v) for k, v in cpu.items()},
             "questions": len(order), "songs": engine.catalog.n_songs,
             "playlists": len(engine.catalog.playlist_ids),
-            "candidates": engine.ranker.data.sizes}
+            "candidates": engine.ranker.data.sizes, "model": engine.manifest.model_version,
+            "trees": engine.manifest.extra.get("ranker", {}).get("best_iteration", "?"),
+            "als": ("its inner-product index (als.hnsw)" if engine.ranker.data.als_index
+                    is not None else "an exact scan of every song's factors")}
 
 
-def render(result: dict[str, Any], command: str) -> str:
+def render(result: dict[str, Any], command: str, name: str = "") -> str:
     rec = result["recall"]
     cpu = result["cpu"]
-    lines = ["## Learned second stage: candidate recall and CPU per question", "",
+    lines = ["## Learned second stage: candidate recall and CPU per question"
+             + (f" ({name})" if name else ""), "",
              f"`{command}` on a {machine()}: {result['questions']} validation questions, "
-             f"{result['songs']} songs, {result['playlists']} training playlists; "
-             f"candidates per source {result['candidates']}.", "",
+             f"{result['songs']:,} songs, {result['playlists']:,} training playlists "
+             f"(model {result['model']}, ranker of {result['trees']} trees); candidates per "
+             f"source {result['candidates']}; the ALS source from {result['als']}.", "",
              "| source | " + " | ".join([*SOURCES, "union"]) + " |",
              "|---|" + "---|" * (len(SOURCES) + 1),
              "| recall of the hidden songs | " + " | ".join(
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    body = render(result, shown_command("python -m trainer.bench_rank", argv))
+    body = render(result, shown_command("python -m trainer.bench_rank", argv), args.name)
     print(body)
     if args.out != "-":
         replace_marked(Path(args.out), body, *markers(args.name))
