@@ -246,3 +246,45 @@ def test_bench_growth_times_both_models_into_its_named_section(tiny_bundle: Path
     # Every call, at both steps; the bundle's default strategy is marked.
     assert text.count("| SimilarSongs k=10 |") == 2 and text.count("| EncodeSong k=10 |") == 2
     assert text.count("| 60 | ContinuePlaylist ranked (default) |") == 1
+
+
+def test_new_songs_take_only_the_answers_last_places(tiny_bundle: Path,
+                                                     tiny_split: Path) -> None:
+    """However strongly new songs are scored, they take at most ``new_tail x n_songs``
+    places, and those are the last places before any popularity top-up: the votes'
+    first ``n_songs - m`` songs keep their places (docs/BENCHMARKS.md, *Cold start*)."""
+    model = LiveModel.load(tiny_bundle, verify=False, capacity=100, threads=1)
+    engine = model.engine
+    twins = _twins(tiny_split, 60)
+    songs = [decode_song({"id": i, "genres": m["song_gn_gnr_basket"],
+                          "detail_genres": m["song_gn_dtl_gnr_basket"],
+                          "artists": m["artist_id_basket"], "issue_date": 20200101,
+                          "playlists": [], "tags": []}) for i, m in twins]
+    model.replay(songs)
+    n = model.n_bundle
+    seeds = engine.songs.search_bundle(engine.songs.vectors(np.arange(n, n + 60)), 2)[0]
+    n_songs, tail = 20, 0.3
+    places = int(tail * n_songs)
+    seen = 0
+    for strategy in ("ae-neighbours", "ae-hybrid", RANKED):
+        for i in range(20):
+            query = Query(seeds[i], np.zeros(0, np.int32), n_songs=n_songs)
+            # A share that puts every new song at the top of the old blend.
+            got = run_strategy(strategy, engine.catalog, engine.songs, engine.playlists,
+                               query, engine.ranker, new_share=100.0, new_power=1.0,
+                               new_tail=tail)
+            plain = run_strategy(strategy, engine.catalog, engine.songs, engine.playlists,
+                                 query, engine.ranker, new_share=0.0, artist_share=0.0)
+            # Blended in: the songs the answer without new songs lacks (added songs, and
+            # bundle songs no training playlist holds).
+            at = np.flatnonzero(~np.isin(got.songs, plain.songs))
+            assert len(at) <= places, strategy
+            seen += int((got.songs >= n).sum())
+            if len(at):
+                first = int(at[0])
+                assert at.tolist() == list(range(first, first + len(at))), strategy
+                # The head is the answer without new songs, unchanged.
+                assert got.songs[:first].tolist() == plain.songs[:first].tolist(), strategy
+                assert first >= n_songs - len(at) or all(
+                    kind == "popular" for kind, _ in got.reasons[first + len(at):]), strategy
+    assert seen > 0
