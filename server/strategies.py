@@ -19,7 +19,8 @@ Shared by the offline evaluation (``trainer.recommend --model ae-...``) and the 
 New songs (no training playlist holds them: added at run time, compacted, or only in
 validation playlists) join ``ae-neighbours``, ``ae-hybrid`` and ``ranked`` through
 :func:`with_new_songs`: the seeds' nearest ones by code, and the seeds' artists' ones
-(:mod:`server.artists`), each scored against the answer (see the two functions).
+(:mod:`server.artists`), each valued against the answer; bundle songs are placed by value,
+songs added at run time only in the answer's last places (``new_tail``).
 
 Cold starts, for both: tags only -> each tag's most frequent songs (``ae-quota`` fills from
 them, ``ae-neighbours`` uses them as pseudo-seeds); title only -> the title's words mapped to
@@ -390,9 +391,11 @@ def _ae_playlists(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch
     return labels[0], np.maximum(sims[0].astype(np.float64), 0.0) ** alpha, title_tags
 
 
+Candidates = tuple[np.ndarray, np.ndarray, np.ndarray]  # (rows, values, sources)
+
+
 def _seed_neighbours(catalog: Catalog, songs: VectorSearch, query: Query, best: float,
-                     share: float, power: float
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     share: float, power: float) -> Candidates:
     """The seeds' nearest songs by code that no training playlist holds (added at run time,
     compacted, or only in validation playlists), each scored ``share x best x similarity **
     power`` (``best``: the best vote) by its nearest seed, with that seed as the source:
@@ -428,7 +431,7 @@ def _is_new(catalog: Catalog, rows: np.ndarray) -> np.ndarray:
 
 
 def _artist_songs(songs: VectorSearch, query: Query, votes: Votes, cut: float, share: float,
-                  power: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  power: float) -> Candidates:
     """The new songs of the seeds' artists (``query.artists``, see :mod:`server.artists`),
     each scored ``cut x share x similarity ** power x sqrt(shared)``: ``cut``, the score a
     vote needs to make the answer; its code similarity to the nearest seed by its artist;
@@ -468,8 +471,14 @@ def _artist_songs(songs: VectorSearch, query: Query, votes: Votes, cut: float, s
     return cand, value, ARTIST_SOURCE - found.seeds[best_pair]
 
 
-def _best_of(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _split(catalog: Catalog, found: Candidates) -> tuple[Candidates, Candidates]:
+    """Candidates as (bundle songs, songs added at run time)."""
+    added = found[0] >= catalog.n_songs
+    return (found[0][~added], found[1][~added], found[2][~added]), \
+        (found[0][added], found[1][added], found[2][added])
+
+
+def _best_of(parts: Sequence[Candidates]) -> Candidates:
     """Candidates of several sources merged: each distinct row with its largest value and
     that value's source (the earlier part's on a tie), ordered by value, then row."""
     rows = np.concatenate([p[0] for p in parts])
@@ -485,45 +494,53 @@ def _best_of(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 def _add_candidates(votes: Votes, rows: np.ndarray, value: np.ndarray, source: np.ndarray
                     ) -> Votes:
-    """``votes`` plus distinct ``rows`` (none among the votes) scored ``value`` with
-    ``source``."""
-    items = np.concatenate([votes.items, rows])
-    order = np.argsort(items, kind="stable")
-    return Votes(items[order], np.concatenate([votes.scores, value])[order],
-                 np.concatenate([votes.source, source])[order])
-
-
-def with_new_songs(catalog: Catalog, songs: VectorSearch, query: Query, votes: Votes,
-                   new_share: float = NEW_SHARE, new_power: float = NEW_POWER,
-                   artist_share: float = ARTIST_SHARE, artist_power: float = ARTIST_POWER,
-                   new_tail: float = NEW_TAIL) -> Votes:
-    """The votes plus the new songs (no training playlist holds them) of both sources: the
-    seeds' nearest ones by code (:func:`_seed_neighbours`) and their artists' ones
-    (:func:`_artist_songs`). Those whose value passes ``cut`` (the score a vote needs to
-    make the answer: the ``n_songs``-th best vote, seeds left out) qualify; the best
-    ``new_tail x n_songs`` of them (by value) take the places right after the answer's
-    first ``n_songs - m`` votes (``m``: how many qualified), so they end the answer and
-    never push a vote out of its head: a new song is about as likely to be played as an
-    answer's last songs, far less than its first ones (docs/BENCHMARKS.md, *Cold start*).
-    A song the votes already hold (``ranked`` scores bundle songs in no playlist) keeps its
-    vote. Sources: playlist positions (>= 0), then those of :func:`new_song_reason`."""
-    n = query.n_songs
-    places = min(int(new_tail * n), n)
-    if places <= 0 or (new_share <= 0 and artist_share <= 0):
+    """``votes`` plus distinct ``rows`` scored ``value`` with ``source``; a row already
+    among the votes keeps the larger score (and that score's source)."""
+    if not len(rows):
         return votes
+    known = np.isin(rows, votes.items)
+    scores, sources = votes.scores, votes.source
+    if known.any():
+        # Already a candidate (never for playlist votes; ``ranked``'s seed source, or the
+        # other new-song source, can propose one): it keeps the larger of the two.
+        sort = np.argsort(votes.items, kind="stable")
+        at = sort[np.searchsorted(votes.items, rows[known], sorter=sort)]
+        higher = value[known] > scores[at]
+        scores, sources = scores.astype(np.float64), sources.copy()
+        scores[at[higher]] = value[known][higher]
+        sources[at[higher]] = source[known][higher]
+    items = np.concatenate([votes.items, rows[~known]])
+    order = np.argsort(items, kind="stable")
+    return Votes(items[order], np.concatenate([scores, value[~known]])[order],
+                 np.concatenate([sources, source[~known]])[order])
+
+
+def _cut(votes: Votes, n: int) -> float:
+    """The score a vote needs to make an answer of ``n`` songs: the ``n``-th best (the
+    lowest when fewer; 1, the scale of a normalised vote, when there are none)."""
+    if len(votes.items) >= n:
+        cut = float(np.partition(votes.scores, len(votes.items) - n)[len(votes.items) - n])
+    else:
+        cut = float(votes.scores.min()) if len(votes.items) else 1.0
+    return max(cut, 1e-9)
+
+
+def _in_tail(votes: Votes, query: Query, found: Candidates, cut: float, tail: float
+             ) -> Votes:
+    """``votes`` plus the candidates ``found`` (best first) valued above ``cut``, at most
+    ``tail x n_songs`` of them, placed right after the answer's first ``n_songs - m``
+    votes (``m``: how many are placed; the seeds left out, as the answer leaves them),
+    in value order; a row the votes or the seeds hold is left out."""
+    n = query.n_songs
+    places = min(int(tail * n), n)
+    rows, value, source = found
+    fresh = ~np.isin(rows, votes.items) & ~np.isin(rows, query.seeds)
     # The votes as the answer will hold them (the seeds are never answered), best first.
     scores = votes.scores[~np.isin(votes.items, query.seeds)]
     top = -np.sort(-scores)[:n].astype(np.float64)
-    # No votes at all: a new song needs a score of 1 (the scale of a normalised vote).
-    cut = max(float(top[-1]), 1e-9) if len(top) else 1.0
-    rows, value, source = _best_of([
-        _seed_neighbours(catalog, songs, query, float(top[0]) if len(top) else 1.0,
-                         new_share, new_power),
-        _artist_songs(songs, query, votes, cut, artist_share, artist_power)])
-    fresh = ~np.isin(rows, votes.items) & ~np.isin(rows, query.seeds)
-    if len(top) >= n:  # fewer votes than places: every new song fits
+    if len(top) >= n:  # fewer votes than places: every candidate fits
         fresh &= value > cut
-    rows, source = rows[fresh][:places], source[fresh][:places]
+    rows, source = rows[fresh][:max(places, 0)], source[fresh][:max(places, 0)]
     m = len(rows)
     if not m:
         return votes
@@ -540,6 +557,45 @@ def with_new_songs(catalog: Catalog, songs: VectorSearch, query: Query, votes: V
         lo = float(lower.max()) if len(lower) else 0.5 * hi
     placed = lo + (hi - lo) * (m - np.arange(m)) / (m + 1)
     return _add_candidates(votes, rows, placed, source)
+
+
+def with_new_songs(catalog: Catalog, songs: VectorSearch, query: Query, votes: Votes,
+                   new_share: float = NEW_SHARE, new_power: float = NEW_POWER,
+                   artist_share: float = ARTIST_SHARE, artist_power: float = ARTIST_POWER,
+                   new_tail: float = NEW_TAIL) -> Votes:
+    """The votes plus the new songs (no training playlist holds them) of both sources: the
+    seeds' nearest ones by code (:func:`_seed_neighbours`, valued against the best vote)
+    and their artists' ones (:func:`_artist_songs`, valued against ``cut``, the score a
+    vote needs to make the answer, once the first source's bundle songs are in).
+
+    Bundle songs (rows below ``catalog.n_songs``: compacted ones, and on real data songs
+    only validation playlists hold) are placed by value among the votes; one the votes
+    already hold (``ranked`` scores bundle songs in no playlist) keeps the larger score.
+    Songs added at run time (rows from ``catalog.n_songs``: AddSongs, their codes from
+    metadata alone) valued above ``cut`` qualify, and the best ``new_tail x n_songs`` of
+    them take the places right after the answer's first ``n_songs - m`` votes (``m``: how
+    many qualified): they end the answer and never push a vote out of its head. A
+    metadata-only code is nearly its seed's (similarity near 1), so by value such a song
+    reached the head of answers where it is about as likely to be played as the last
+    songs (demo: -0.0025 song nDCG for `ranked` by value, +0.0010 in the tail); bundle
+    songs in no playlist are hits far more often (Spotify sample: a quarter of them), and
+    confining them to the tail cost ae-hybrid 0.3102 -> 0.1831 there (docs/BENCHMARKS.md,
+    *Cold start*). Sources: playlist positions (>= 0), then those of
+    :func:`new_song_reason`."""
+    if new_share <= 0 and artist_share <= 0:
+        return votes
+    n = query.n_songs
+    best = float(votes.scores.max()) if len(votes.items) else 0.0
+    near, near_added = _split(catalog, _seed_neighbours(
+        catalog, songs, query, best, new_share if len(votes.items) else 0.0, new_power))
+    votes = _add_candidates(votes, *near)
+    cut = _cut(votes, n)
+    by_artist, by_artist_added = _split(catalog, _artist_songs(
+        songs, query, votes, cut, artist_share, artist_power))
+    votes = _add_candidates(votes, *by_artist)
+    if not len(near_added[0]) and not len(by_artist_added[0]):
+        return votes
+    return _in_tail(votes, query, _best_of([near_added, by_artist_added]), cut, new_tail)
 
 
 def new_song_reason(source: int) -> tuple[str, int]:
