@@ -472,8 +472,10 @@ def _artist_songs(songs: VectorSearch, query: Query, votes: Votes, cut: float, s
 
 
 def _split(catalog: Catalog, found: Candidates) -> tuple[Candidates, Candidates]:
-    """Candidates as (bundle songs, songs added at run time)."""
-    added = found[0] >= catalog.n_songs
+    """Candidates as (by value, in the tail): songs added at run time, and the songs a seed
+    added at run time proposes, go to the tail (see :func:`with_new_songs`)."""
+    seed = np.where(found[2] <= ARTIST_SOURCE, ARTIST_SOURCE - found[2], -1 - found[2])
+    added = (found[0] >= catalog.n_songs) | (seed >= catalog.n_songs)
     return (found[0][~added], found[1][~added], found[2][~added]), \
         (found[0][added], found[1][added], found[2][added])
 
@@ -572,16 +574,18 @@ def with_new_songs(catalog: Catalog, songs: VectorSearch, query: Query, votes: V
     only validation playlists hold) are placed by value among the votes; one the votes
     already hold (``ranked`` scores bundle songs in no playlist) keeps the larger score.
     Songs added at run time (rows from ``catalog.n_songs``: AddSongs, their codes from
-    metadata alone) valued above ``cut`` qualify, and the best ``new_tail x n_songs`` of
-    them take the places right after the answer's first ``n_songs - m`` votes (``m``: how
-    many qualified): they end the answer and never push a vote out of its head. A
-    metadata-only code is nearly its seed's (similarity near 1), so by value such a song
-    reached the head of answers where it is about as likely to be played as the last
-    songs (demo: -0.0025 song nDCG for `ranked` by value, +0.0010 in the tail); bundle
-    songs in no playlist are hits far more often (Spotify sample: a quarter of them), and
-    confining them to the tail cost ae-hybrid 0.3102 -> 0.1831 there (docs/BENCHMARKS.md,
-    *Cold start*). Sources: playlist positions (>= 0), then those of
-    :func:`new_song_reason`."""
+    metadata alone), and any new song whose source is a seed added at run time, valued
+    above ``cut`` qualify, and the best ``new_tail x n_songs`` of them take the places
+    right after the answer's first ``n_songs - m`` votes (``m``: how many qualified):
+    they end the answer and never push a vote out of its head. A metadata-only code is
+    nearly its seed's, or a metadata-only seed's nearly its new songs' (similarity near
+    1), so by value such songs reached the head of answers where they are about as
+    likely to be played as the last songs (demo, ``ranked``: -0.0025 song nDCG by value,
+    score above the answers without added songs in the tail); bundle songs in no
+    playlist proposed by bundle seeds are hits far more often (Spotify sample: a quarter
+    of them), and confining those to the tail cut ``ae-hybrid`` there from 0.3096 to
+    0.1831 (docs/BENCHMARKS.md, *Cold start*). Sources: playlist positions (>= 0), then
+    those of :func:`new_song_reason`."""
     if new_share <= 0 and artist_share <= 0:
         return votes
     n = query.n_songs

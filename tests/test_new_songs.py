@@ -250,10 +250,11 @@ def test_bench_growth_times_both_models_into_its_named_section(tiny_bundle: Path
 
 def test_added_songs_take_only_the_answers_last_places(tiny_bundle: Path,
                                                        tiny_split: Path) -> None:
-    """However strongly songs added at run time are scored, they take at most ``new_tail x
-    n_songs`` places, and those are the last places before any popularity top-up: the
-    answer without them (``new_tail`` 0, bundle songs in no playlist still blended) keeps
-    its first ``n_songs - m`` songs (docs/BENCHMARKS.md, *Cold start*)."""
+    """However strongly songs added at run time (and the new songs a seed added at run time
+    proposes) are scored, they take at most ``new_tail x n_songs`` places, and those are
+    the last places before any popularity top-up: the answer without them (``new_tail`` 0,
+    bundle songs in no playlist still blended) keeps its first ``n_songs - m`` songs
+    (docs/BENCHMARKS.md, *Cold start*)."""
     model = LiveModel.load(tiny_bundle, verify=False, capacity=100, threads=1)
     engine = model.engine
     twins = _twins(tiny_split, 60)
@@ -263,33 +264,38 @@ def test_added_songs_take_only_the_answers_last_places(tiny_bundle: Path,
                           "playlists": [], "tags": []}) for i, m in twins]
     model.replay(songs)
     n = model.n_bundle
-    seeds = engine.songs.search_bundle(engine.songs.vectors(np.arange(n, n + 60)), 2)[0]
+    near = engine.songs.search_bundle(engine.songs.vectors(np.arange(n, n + 60)), 2)[0]
     n_songs, tail = 20, 0.3
     places = int(tail * n_songs)
     seen = 0
     for strategy in ("ae-neighbours", "ae-hybrid", RANKED):
         for i in range(20):
-            query = Query(seeds[i], np.zeros(0, np.int32), n_songs=n_songs)
-            # A share that puts every new song at the top of the blend by value.
-            got = run_strategy(strategy, engine.catalog, engine.songs, engine.playlists,
-                               query, engine.ranker, new_share=100.0, new_power=1.0,
-                               new_tail=tail)
-            plain = run_strategy(strategy, engine.catalog, engine.songs, engine.playlists,
-                                 query, engine.ranker, new_share=100.0, new_power=1.0,
-                                 new_tail=0.0)
-            assert not (plain.songs >= n).any(), strategy
-            # Blended in: the added songs, and only they.
-            at = np.flatnonzero(~np.isin(got.songs, plain.songs))
-            assert (got.songs[at] >= n).all() and (got.songs >= n).sum() == len(at)
-            assert len(at) <= places, strategy
-            seen += len(at)
-            if len(at):
-                first = int(at[0])
-                assert at.tolist() == list(range(first, first + len(at))), strategy
-                # The head is the answer without added songs, unchanged.
-                assert got.songs[:first].tolist() == plain.songs[:first].tolist(), strategy
-                assert first >= n_songs - len(at) or all(
-                    kind == "popular" for kind, _ in got.reasons[first + len(at):]), strategy
+            # Seeded with bundle songs, then with an added song and a bundle song.
+            for seeds in (near[i], np.asarray([n + i, near[i][0]])):
+                query = Query(seeds, np.zeros(0, np.int32), n_songs=n_songs)
+                # A share that puts every new song at the top of the blend by value.
+                got = run_strategy(strategy, engine.catalog, engine.songs, engine.playlists,
+                                   query, engine.ranker, new_share=100.0, new_power=1.0,
+                                   new_tail=tail)
+                plain = run_strategy(strategy, engine.catalog, engine.songs,
+                                     engine.playlists, query, engine.ranker, new_share=100.0,
+                                     new_power=1.0, new_tail=0.0)
+                assert not (plain.songs >= n).any(), strategy
+                at = np.flatnonzero(~np.isin(got.songs, plain.songs))
+                # Blended in: every added song the answer holds, and from bundle seeds
+                # only they.
+                assert set((got.songs >= n).nonzero()[0].tolist()) <= set(at.tolist())
+                if seeds[0] < n:
+                    assert (got.songs[at] >= n).all(), strategy
+                assert len(at) <= places, strategy
+                seen += int((got.songs >= n).sum())
+                if len(at):
+                    first = int(at[0])
+                    assert at.tolist() == list(range(first, first + len(at))), strategy
+                    # The head is the answer without them, unchanged.
+                    assert got.songs[:first].tolist() == plain.songs[:first].tolist()
+                    assert first >= n_songs - len(at) or all(
+                        kind == "popular" for kind, _ in got.reasons[first + len(at):])
     assert seen > 0
 
 
