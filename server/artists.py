@@ -1,6 +1,6 @@
 """New songs by artist: the served songs' artists, and each artist's songs in no training playlist.
 
-The artist new-song source of the continuation strategies (``strategies._with_artist_songs``):
+The artist new-song source of the continuation strategies (``strategies._artist_songs``):
 a question whose seeds' artists have new songs (added at run time, compacted into the
 bundle, or in the bundle but in no training playlist) gets those songs as candidates. Bundle
 songs' artists come from the ranker's data (``ranker.npz``: ``song_artists`` as artist

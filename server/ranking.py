@@ -54,6 +54,7 @@ from server.strategies import (
     ARTIST_SHARE,
     NEW_POWER,
     NEW_SHARE,
+    NEW_TAIL,
     REASON_ALS,
     REASON_ARTIST,
     REASON_PLAYLIST,
@@ -330,8 +331,8 @@ class Ranker:
 
     def answer(self, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
                query: Query, new_share: float = NEW_SHARE, new_power: float = NEW_POWER,
-               artist_share: float = ARTIST_SHARE, artist_power: float = ARTIST_POWER
-               ) -> Answer:
+               artist_share: float = ARTIST_SHARE, artist_power: float = ARTIST_POWER,
+               new_tail: float = NEW_TAIL) -> Answer:
         """Strategy ``ranked``: candidates by learned score, blended with the new songs no
         playlist holds (the seeds' nearest ones and their artists' ones, with the options
         of ae-hybrid's :func:`~server.strategies.with_new_songs`; share 0: none), then
@@ -354,7 +355,7 @@ class Ranker:
         bundle = np.flatnonzero(cand.rows < catalog.n_songs)
         votes = with_new_songs(catalog, songs, query,
                                Votes(cand.rows[bundle], scores[bundle], bundle),
-                               new_share, new_power, artist_share, artist_power)
+                               new_share, new_power, artist_share, artist_power, new_tail)
         # Most answers fill from their best few hundred: rank those first, then the rest.
         limit = query.n_songs + len(query.seeds)
         rows, values, sources = votes.ranked(limit)

@@ -19,7 +19,8 @@ Shared by the offline evaluation (``trainer.recommend --model ae-...``) and the 
 New songs (no training playlist holds them: added at run time, compacted, or only in
 validation playlists) join ``ae-neighbours``, ``ae-hybrid`` and ``ranked`` through
 :func:`with_new_songs`: the seeds' nearest ones by code, and the seeds' artists' ones
-(:mod:`server.artists`), each scored against the answer (see the two functions).
+(:mod:`server.artists`), each valued against the answer; bundle songs are placed by value,
+songs added at run time only in the answer's last places (``new_tail``).
 
 Cold starts, for both: tags only -> each tag's most frequent songs (``ae-quota`` fills from
 them, ``ae-neighbours`` uses them as pseudo-seeds); title only -> the title's words mapped to
@@ -42,14 +43,17 @@ from server.voting import best_first
 
 STRATEGIES = ("ae-quota", "ae-neighbours", "ae-hybrid", "ranked")
 # Songs no playlist holds, found among the seeds' nearest songs: how deep each seed's list
-# is searched, and the exponent on their similarity (see _with_seed_neighbours).
+# is searched, and the exponent on their similarity (see _seed_neighbours).
 NEW_DEPTH = 50
 NEW_SHARE = 0.35  # strategy option new_share (0: no new songs)
 NEW_POWER = 12.0  # strategy option new_power
-# New songs of the seeds' artists (server.artists, see _with_artist_songs): their weight
+# New songs of the seeds' artists (server.artists, see _artist_songs): their weight
 # against the answer's cut-off score, and the exponent on their code similarity to a seed.
 ARTIST_SHARE = 1.4  # strategy option artist_share (0: none)
 ARTIST_POWER = 20.0  # strategy option artist_power
+# The share of an answer's places (its last ones) new songs may take: strategy option
+# new_tail (see with_new_songs).
+NEW_TAIL = 0.3
 # An artist-song's source in the votes: ARTIST_SOURCE - its seed's row (a REASON_ARTIST).
 ARTIST_SOURCE = -(1 << 40)
 # Best candidates that stand in for the seeds of a question without any (artist songs).
@@ -387,29 +391,35 @@ def _ae_playlists(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch
     return labels[0], np.maximum(sims[0].astype(np.float64), 0.0) ** alpha, title_tags
 
 
-def _with_seed_neighbours(catalog: Catalog, songs: VectorSearch, query: Query, votes: Votes,
-                          share: float, power: float) -> Votes:
-    """The votes plus the seeds' nearest songs by code that no training playlist holds
-    (added at run time, compacted, or only in validation playlists), each scored ``share x
-    best vote x similarity ** power`` by its nearest seed, with that seed as the source; a
-    song already among the votes keeps the larger score."""
-    if share <= 0 or not len(query.seeds) or not len(votes.items):
-        return votes
+Candidates = tuple[np.ndarray, np.ndarray, np.ndarray]  # (rows, values, sources)
+
+
+def _seed_neighbours(catalog: Catalog, songs: VectorSearch, query: Query, best: float,
+                     share: float, power: float) -> Candidates:
+    """The seeds' nearest songs by code that no training playlist holds (added at run time,
+    compacted, or only in validation playlists), each scored ``share x best x similarity **
+    power`` (``best``: the best vote) by its nearest seed, with that seed as the source:
+    (rows, values, sources), rows distinct."""
+    if share <= 0 or not len(query.seeds):
+        return _NO_CANDIDATES
     lists = songs.neighbours(query.seeds, NEW_DEPTH, allow_short=True)
     owner = np.concatenate([np.full(len(rows), i) for i, (rows, _) in enumerate(lists)])
     rows = np.concatenate([rows for rows, _ in lists]).astype(np.int64)
     sims = np.concatenate([sims for _, sims in lists]).astype(np.float64)
     cold = _is_new(catalog, rows)
     if not cold.any():
-        return votes
+        return _NO_CANDIDATES
     rows, sims, owner = rows[cold], sims[cold], owner[cold]
-    value = share * float(votes.scores.max()) * np.maximum(sims, 0.0) ** power
+    value = share * best * np.maximum(sims, 0.0) ** power
     order = np.lexsort((-value, rows))
     first = np.ones(len(order), dtype=bool)
     first[1:] = rows[order][1:] != rows[order][:-1]
-    best = order[first]
+    keep = order[first]
     # A seed-neighbour's source is its seed, stored as -1 - row (a REASON_SEED reason).
-    return _add_candidates(votes, rows[best], value[best], -1 - query.seeds[owner[best]])
+    return rows[keep], value[keep], -1 - query.seeds[owner[keep]]
+
+
+_NO_CANDIDATES = (np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int64))
 
 
 def _is_new(catalog: Catalog, rows: np.ndarray) -> np.ndarray:
@@ -420,22 +430,21 @@ def _is_new(catalog: Catalog, rows: np.ndarray) -> np.ndarray:
     return cold
 
 
-def _with_artist_songs(songs: VectorSearch, query: Query, votes: Votes, share: float,
-                       power: float) -> Votes:
-    """The votes plus the new songs of the seeds' artists (``query.artist_songs``, see
-    :mod:`server.artists`), each scored ``cut x share x similarity ** power x sqrt(shared)``:
-    ``cut``, the score a vote needs to make the answer (the ``n_songs``-th best); its code
-    similarity to the nearest seed by its artist; ``shared``, how many seeds are by its
-    artist. So a new song enters the answer when ``share x similarity ** power x
-    sqrt(shared) > 1``, the higher the stronger it is: on the cold-start data a new song
-    by a seed's artist is about as likely to be played as the last songs of an answer when
-    its code is nearly its seed's (similarity > 0.98), and more likely the more seeds share
-    its artist (docs/BENCHMARKS.md, *Cold start*). Ties go to the more popular artist (its
-    training playlist entries; popularity itself predicts less: a popular artist has many
-    new songs, each less likely). Its source is that nearest seed (a REASON_ARTIST reason);
-    a song already among the votes keeps the larger score."""
+def _artist_songs(songs: VectorSearch, query: Query, votes: Votes, cut: float, share: float,
+                  power: float) -> Candidates:
+    """The new songs of the seeds' artists (``query.artists``, see :mod:`server.artists`),
+    each scored ``cut x share x similarity ** power x sqrt(shared)``: ``cut``, the score a
+    vote needs to make the answer; its code similarity to the nearest seed by its artist;
+    ``shared``, how many seeds are by its artist. So a new song qualifies for the answer
+    when ``share x similarity ** power x sqrt(shared) > 1``, the higher the stronger it is:
+    on the cold-start data a new song by a seed's artist is about as likely to be played
+    as the last songs of an answer when its code is nearly its seed's (similarity > 0.98),
+    and more likely the more seeds share its artist (docs/BENCHMARKS.md, *Cold start*).
+    Ties go to the more popular artist (its training playlist entries; popularity itself
+    predicts less: a popular artist has many new songs, each less likely). Its source is
+    that nearest seed (a REASON_ARTIST reason): (rows, values, sources), rows distinct."""
     if share <= 0 or query.artists is None or not query.artists.has_new:
-        return votes
+        return _NO_CANDIDATES
     seeds = query.seeds
     if not len(seeds):
         # A question without seeds (tags, a title): its best candidates stand in for
@@ -443,7 +452,7 @@ def _with_artist_songs(songs: VectorSearch, query: Query, votes: Votes, share: f
         seeds = votes.ranked(PSEUDO_SEEDS)[0]
     found = query.artists.songs_of(seeds)
     if not len(found.rows):
-        return votes
+        return _NO_CANDIDATES
     cand, inverse = np.unique(found.rows, return_inverse=True)
     owners, owner_at = np.unique(found.seeds, return_inverse=True)
     # Every candidate against every seed that has one (a small product), not one vector
@@ -456,22 +465,41 @@ def _with_artist_songs(songs: VectorSearch, query: Query, votes: Votes, share: f
     best_sim, best_pair, fame = voting.best_of_groups(
         inverse.astype(np.int64), len(cand), sims.astype(np.float64),
         found.artist_popularity.astype(np.float64))
-    n = query.n_songs
-    if len(votes.items) >= n:
-        cut = float(np.partition(votes.scores, len(votes.items) - n)[len(votes.items) - n])
-    else:
-        cut = float(votes.scores.min()) if len(votes.items) else 1.0
-    cut = max(cut, 1e-9)
     value = (cut * share * best_sim ** power * np.sqrt(shared)
              * (1.0 + 1e-6 * np.log1p(fame)))
     # The seed of each candidate's largest similarity (the first on a tie).
-    return _add_candidates(votes, cand, value, ARTIST_SOURCE - found.seeds[best_pair])
+    return cand, value, ARTIST_SOURCE - found.seeds[best_pair]
+
+
+def _split(catalog: Catalog, found: Candidates) -> tuple[Candidates, Candidates]:
+    """Candidates as (by value, in the tail): songs added at run time, and the songs a seed
+    added at run time proposes, go to the tail (see :func:`with_new_songs`)."""
+    seed = np.where(found[2] <= ARTIST_SOURCE, ARTIST_SOURCE - found[2], -1 - found[2])
+    added = (found[0] >= catalog.n_songs) | (seed >= catalog.n_songs)
+    return (found[0][~added], found[1][~added], found[2][~added]), \
+        (found[0][added], found[1][added], found[2][added])
+
+
+def _best_of(parts: Sequence[Candidates]) -> Candidates:
+    """Candidates of several sources merged: each distinct row with its largest value and
+    that value's source (the earlier part's on a tie), ordered by value, then row."""
+    rows = np.concatenate([p[0] for p in parts])
+    value = np.concatenate([p[1] for p in parts])
+    source = np.concatenate([p[2] for p in parts])
+    order = np.lexsort((np.arange(len(rows)), -value, rows))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = rows[order][1:] != rows[order][:-1]
+    keep = order[first]
+    keep = keep[np.lexsort((rows[keep], -value[keep]))]
+    return rows[keep], value[keep], source[keep]
 
 
 def _add_candidates(votes: Votes, rows: np.ndarray, value: np.ndarray, source: np.ndarray
                     ) -> Votes:
     """``votes`` plus distinct ``rows`` scored ``value`` with ``source``; a row already
     among the votes keeps the larger score (and that score's source)."""
+    if not len(rows):
+        return votes
     known = np.isin(rows, votes.items)
     scores, sources = votes.scores, votes.source
     if known.any():
@@ -489,16 +517,89 @@ def _add_candidates(votes: Votes, rows: np.ndarray, value: np.ndarray, source: n
                  np.concatenate([sources, source[~known]])[order])
 
 
+def _cut(votes: Votes, n: int) -> float:
+    """The score a vote needs to make an answer of ``n`` songs: the ``n``-th best (the
+    lowest when fewer; 1, the scale of a normalised vote, when there are none)."""
+    if len(votes.items) >= n:
+        cut = float(np.partition(votes.scores, len(votes.items) - n)[len(votes.items) - n])
+    else:
+        cut = float(votes.scores.min()) if len(votes.items) else 1.0
+    return max(cut, 1e-9)
+
+
+def _in_tail(votes: Votes, query: Query, found: Candidates, cut: float, tail: float
+             ) -> Votes:
+    """``votes`` plus the candidates ``found`` (best first) valued above ``cut``, at most
+    ``tail x n_songs`` of them, placed right after the answer's first ``n_songs - m``
+    votes (``m``: how many are placed; the seeds left out, as the answer leaves them),
+    in value order; a row the votes or the seeds hold is left out."""
+    n = query.n_songs
+    places = min(int(tail * n), n)
+    rows, value, source = found
+    fresh = ~np.isin(rows, votes.items) & ~np.isin(rows, query.seeds)
+    # The votes as the answer will hold them (the seeds are never answered), best first.
+    scores = votes.scores[~np.isin(votes.items, query.seeds)]
+    top = -np.sort(-scores)[:n].astype(np.float64)
+    if len(top) >= n:  # fewer votes than places: every candidate fits
+        fresh &= value > cut
+    rows, source = rows[fresh][:max(places, 0)], source[fresh][:max(places, 0)]
+    m = len(rows)
+    if not m:
+        return votes
+    # Scores strictly between the (n - m)-th best vote (with every vote tied to it) and
+    # the next lower vote, in value order.
+    at = n - m
+    if not len(top):
+        hi, lo = 1.0, 0.5
+    elif at == 0:
+        hi, lo = 2.0 * float(top[0]) + 1.0, float(top[0])
+    else:
+        hi = float(top[min(at, len(top)) - 1])
+        lower = scores[scores < hi]
+        lo = float(lower.max()) if len(lower) else 0.5 * hi
+    placed = lo + (hi - lo) * (m - np.arange(m)) / (m + 1)
+    return _add_candidates(votes, rows, placed, source)
+
+
 def with_new_songs(catalog: Catalog, songs: VectorSearch, query: Query, votes: Votes,
                    new_share: float = NEW_SHARE, new_power: float = NEW_POWER,
-                   artist_share: float = ARTIST_SHARE, artist_power: float = ARTIST_POWER
-                   ) -> Votes:
-    """The votes plus both new-song sources: the seeds' nearest new songs by code
-    (:func:`_with_seed_neighbours`) and their artists' new songs
-    (:func:`_with_artist_songs`). Sources: playlist positions (>= 0), then those of
-    :func:`new_song_reason`."""
-    return _with_artist_songs(songs, query, _with_seed_neighbours(
-        catalog, songs, query, votes, new_share, new_power), artist_share, artist_power)
+                   artist_share: float = ARTIST_SHARE, artist_power: float = ARTIST_POWER,
+                   new_tail: float = NEW_TAIL) -> Votes:
+    """The votes plus the new songs (no training playlist holds them) of both sources: the
+    seeds' nearest ones by code (:func:`_seed_neighbours`, valued against the best vote)
+    and their artists' ones (:func:`_artist_songs`, valued against ``cut``, the score a
+    vote needs to make the answer, once the first source's bundle songs are in).
+
+    Bundle songs (rows below ``catalog.n_songs``: compacted ones, and on real data songs
+    only validation playlists hold) are placed by value among the votes; one the votes
+    already hold (``ranked`` scores bundle songs in no playlist) keeps the larger score.
+    Songs added at run time (rows from ``catalog.n_songs``: AddSongs, their codes from
+    metadata alone), and any new song whose source is a seed added at run time, valued
+    above ``cut`` qualify, and the best ``new_tail x n_songs`` of them take the places
+    right after the answer's first ``n_songs - m`` votes (``m``: how many qualified):
+    they end the answer and never push a vote out of its head. A metadata-only code is
+    nearly its seed's, or a metadata-only seed's nearly its new songs' (similarity near
+    1), so by value such songs reached the head of answers where they are about as
+    likely to be played as the last songs (demo, ``ranked``: -0.0025 song nDCG by value,
+    score above the answers without added songs in the tail); bundle songs in no
+    playlist proposed by bundle seeds are hits far more often (Spotify sample: a quarter
+    of them), and confining those to the tail cut ``ae-hybrid`` there from 0.3096 to
+    0.1831 (docs/BENCHMARKS.md, *Cold start*). Sources: playlist positions (>= 0), then
+    those of :func:`new_song_reason`."""
+    if new_share <= 0 and artist_share <= 0:
+        return votes
+    n = query.n_songs
+    best = float(votes.scores.max()) if len(votes.items) else 0.0
+    near, near_added = _split(catalog, _seed_neighbours(
+        catalog, songs, query, best, new_share if len(votes.items) else 0.0, new_power))
+    votes = _add_candidates(votes, *near)
+    cut = _cut(votes, n)
+    by_artist, by_artist_added = _split(catalog, _artist_songs(
+        songs, query, votes, cut, artist_share, artist_power))
+    votes = _add_candidates(votes, *by_artist)
+    if not len(near_added[0]) and not len(by_artist_added[0]):
+        return votes
+    return _in_tail(votes, query, _best_of([near_added, by_artist_added]), cut, new_tail)
 
 
 def new_song_reason(source: int) -> tuple[str, int]:
@@ -512,10 +613,11 @@ def _answer_from_votes(catalog: Catalog, songs: VectorSearch, query: Query, song
                        tag_votes: Votes, title_tags: np.ndarray | None,
                        new_share: float = NEW_SHARE, new_power: float = NEW_POWER,
                        artist_share: float = ARTIST_SHARE,
-                       artist_power: float = ARTIST_POWER) -> Answer:
+                       artist_power: float = ARTIST_POWER,
+                       new_tail: float = NEW_TAIL) -> Answer:
     picker = _Picker(catalog, query, songs.count())
     song_votes = with_new_songs(catalog, songs, query, song_votes, new_share, new_power,
-                                artist_share, artist_power)
+                                artist_share, artist_power, new_tail)
     # Most answers fill from the best few hundred candidates: rank only those first.
     limit = 2 * query.n_songs + len(query.seeds)
     rows, scores, sources = song_votes.ranked(limit)
@@ -552,8 +654,8 @@ def _answer_from_votes(catalog: Catalog, songs: VectorSearch, query: Query, song
 def ae_neighbours(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
                   query: Query, n_playlists: int = 50, alpha: float = 2.0,
                   new_share: float = NEW_SHARE, new_power: float = NEW_POWER,
-                  artist_share: float = ARTIST_SHARE, artist_power: float = ARTIST_POWER
-                  ) -> Answer:
+                  artist_share: float = ARTIST_SHARE, artist_power: float = ARTIST_POWER,
+                  new_tail: float = NEW_TAIL) -> Answer:
     """Sum of seed codes -> nearest training playlists -> their songs and tags, plus the
     new songs no playlist holds (see :func:`with_new_songs`)."""
     pls, weights, title_tags = _ae_playlists(catalog, songs, playlists, query, n_playlists,
@@ -561,14 +663,14 @@ def ae_neighbours(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch
     return _answer_from_votes(catalog, songs, query,
                               Votes.of(catalog.playlist_songs, pls, weights),
                               Votes.of(catalog.playlist_tags, pls, weights), title_tags,
-                              new_share, new_power, artist_share, artist_power)
+                              new_share, new_power, artist_share, artist_power, new_tail)
 
 
 def ae_hybrid(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, query: Query,
               ae_weight: float = 0.25, n_playlists: int = 50, alpha: float = 2.0,
               new_share: float = NEW_SHARE, new_power: float = NEW_POWER,
-              artist_share: float = ARTIST_SHARE, artist_power: float = ARTIST_POWER
-              ) -> Answer:
+              artist_share: float = ARTIST_SHARE, artist_power: float = ARTIST_POWER,
+              new_tail: float = NEW_TAIL) -> Answer:
     """Neighbour-CF votes + ``ae_weight`` x ``ae-neighbours`` votes (each normalised), plus
     the new songs no playlist holds (see :func:`with_new_songs`)."""
     if catalog.cf is None:
@@ -587,7 +689,7 @@ def ae_hybrid(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch, qu
                                       ae_weight)
         tag_votes = tag_votes.blend(Votes.of(catalog.playlist_tags, pls, weights), ae_weight)
     return _answer_from_votes(catalog, songs, query, song_votes, tag_votes, title_tags,
-                              new_share, new_power, artist_share, artist_power)
+                              new_share, new_power, artist_share, artist_power, new_tail)
 
 
 class RankerLike(Protocol):
@@ -596,7 +698,8 @@ class RankerLike(Protocol):
 
     def answer(self, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,
                query: Query, new_share: float = ..., new_power: float = ...,
-               artist_share: float = ..., artist_power: float = ...) -> Answer: ...
+               artist_share: float = ..., artist_power: float = ...,
+               new_tail: float = ...) -> Answer: ...
 
 
 def run_strategy(name: str, catalog: Catalog, songs: VectorSearch, playlists: VectorSearch,

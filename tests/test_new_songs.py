@@ -251,3 +251,87 @@ def test_bench_growth_times_both_models_into_its_named_section(tiny_bundle: Path
     # Every call, at both steps; the bundle's default strategy is marked.
     assert text.count("| SimilarSongs k=10 |") == 2 and text.count("| EncodeSong k=10 |") == 2
     assert text.count("| 60 | ContinuePlaylist ranked (default) |") == 1
+
+
+def test_added_songs_take_only_the_answers_last_places(tiny_bundle: Path,
+                                                       tiny_split: Path) -> None:
+    """However strongly songs added at run time (and the new songs a seed added at run time
+    proposes) are scored, they take at most ``new_tail x n_songs`` places, and those are
+    the last places before any popularity top-up: the answer without them (``new_tail`` 0,
+    bundle songs in no playlist still blended) keeps its first ``n_songs - m`` songs
+    (docs/BENCHMARKS.md, *Cold start*)."""
+    model = LiveModel.load(tiny_bundle, verify=False, capacity=100, threads=1)
+    engine = model.engine
+    twins = _twins(tiny_split, 60)
+    songs = [decode_song({"id": i, "genres": m["song_gn_gnr_basket"],
+                          "detail_genres": m["song_gn_dtl_gnr_basket"],
+                          "artists": m["artist_id_basket"], "issue_date": 20200101,
+                          "playlists": [], "tags": []}) for i, m in twins]
+    model.replay(songs)
+    n = model.n_bundle
+    near = engine.songs.search_bundle(engine.songs.vectors(np.arange(n, n + 60)), 2)[0]
+    n_songs, tail = 20, 0.3
+    places = int(tail * n_songs)
+    seen = 0
+    for strategy in ("ae-neighbours", "ae-hybrid", RANKED):
+        for i in range(20):
+            # Seeded with bundle songs, then with an added song and a bundle song.
+            for seeds in (near[i], np.asarray([n + i, near[i][0]])):
+                query = Query(seeds, np.zeros(0, np.int32), n_songs=n_songs)
+                # A share that puts every new song at the top of the blend by value.
+                got = run_strategy(strategy, engine.catalog, engine.songs, engine.playlists,
+                                   query, engine.ranker, new_share=100.0, new_power=1.0,
+                                   new_tail=tail)
+                plain = run_strategy(strategy, engine.catalog, engine.songs,
+                                     engine.playlists, query, engine.ranker, new_share=100.0,
+                                     new_power=1.0, new_tail=0.0)
+                assert not (plain.songs >= n).any(), strategy
+                at = np.flatnonzero(~np.isin(got.songs, plain.songs))
+                # Blended in: every added song the answer holds, and from bundle seeds
+                # only they.
+                assert set((got.songs >= n).nonzero()[0].tolist()) <= set(at.tolist())
+                if seeds[0] < n:
+                    assert (got.songs[at] >= n).all(), strategy
+                assert len(at) <= places, strategy
+                seen += int((got.songs >= n).sum())
+                if len(at):
+                    first = int(at[0])
+                    assert at.tolist() == list(range(first, first + len(at))), strategy
+                    # The head is the answer without them, unchanged.
+                    assert got.songs[:first].tolist() == plain.songs[:first].tolist()
+                    assert first >= n_songs - len(at) or all(
+                        kind == "popular" for kind, _ in got.reasons[first + len(at):])
+    assert seen > 0
+
+
+def test_bundle_songs_in_no_playlist_are_placed_by_value(tiny_bundle: Path) -> None:
+    """A bundle song no training playlist holds (on real data: one only validation
+    playlists hold) is placed among the votes by its value, not confined to the answer's
+    last places: valued above every vote it leads the answer, and ``new_tail`` does not
+    touch it."""
+    model = LiveModel.load(tiny_bundle, verify=False, capacity=100, threads=1)
+    engine = model.engine
+    catalog = engine.catalog
+    cold = np.flatnonzero(catalog.popularity == 0)
+    assert len(cold) >= 20  # the tiny split has songs only validation playlists hold
+    # Each seeded with the nearest song that playlists hold (songs in no playlist sit
+    # together: their codes come from their metadata alone).
+    near = engine.songs.search_bundle(engine.songs.vectors(cold[:20]), 200)[0]
+    n_songs, tail = 20, 0.3
+    places = int(tail * n_songs)
+    for strategy in ("ae-neighbours", "ae-hybrid", RANKED):
+        leading, most = 0, 0
+        for i in range(20):
+            seed = next(int(r) for r in near[i] if catalog.popularity[r] > 0)
+            query = Query(np.asarray([seed], np.int64), np.zeros(0, np.int32),
+                          n_songs=n_songs)
+            answers = [run_strategy(strategy, catalog, engine.songs, engine.playlists, query,
+                                    engine.ranker, new_share=100.0, new_power=1.0,
+                                    artist_share=0.0, new_tail=t) for t in (tail, 0.0)]
+            got = answers[0]
+            assert got.songs.tolist() == answers[1].songs.tolist(), strategy
+            is_cold = catalog.popularity[got.songs] == 0
+            leading += int(is_cold[0])
+            most = max(most, int(is_cold.sum()))
+        assert leading > 0, strategy
+        assert most > places, strategy

@@ -10,7 +10,8 @@ exactly as AddSongs does (:meth:`server.live.LiveModel.replay`), then writes a n
 which they are ordinary bundle songs (rows after the old ones): in the song graph, in
 ``codes.npy``, in the exact neighbour table (recomputed over every song, so old songs' lists
 include the new ones) and in the song arrays (ids, names, issue dates; no playlists,
-popularity 0, so the strategies treat them as they treated them added: see
+popularity 0, so the strategies treat them as bundle songs no training playlist holds:
+placed by value, no longer confined to an answer's last places as added songs are; see
 ``server.strategies.with_new_songs``); the ranker's per-song arrays keep their artists, so
 the artist new-song source (``server.artists``) still finds them.
 Encoder, playlists and neighbour CF are unchanged.
