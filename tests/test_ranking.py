@@ -272,7 +272,9 @@ def test_bench_rank_writes_its_named_section(tiny_bundle: Path, tiny_split: Path
     assert "ranked / ae-hybrid CPU:" in section
 
 
-def test_unleaked_songs_search_the_graph_and_the_replaced_codes_as_one(engine: Engine) -> None:
+@pytest.mark.parametrize("exact", [False, True])
+def test_unleaked_songs_search_the_graph_and_the_replaced_codes_as_one(engine: Engine,
+                                                                       exact: bool) -> None:
     from server.search import ExactSearch
     from trainer.rank import UnleakedSongs
 
@@ -285,20 +287,21 @@ def test_unleaked_songs_search_the_graph_and_the_replaced_codes_as_one(engine: E
     # Some replaced songs keep a code near their old one: they must still be found.
     new[::2] = every[replaced[::2]] + 0.05 * new[::2]
     new /= np.linalg.norm(new, axis=1, keepdims=True)
-    songs = UnleakedSongs(engine.songs, replaced[::-1].copy(), new[::-1].copy())
+    base = ExactSearch(every) if exact else engine.songs
+    songs = UnleakedSongs(base, replaced[::-1].copy(), new[::-1].copy(), exact=exact)
     want = every.copy()
     want[replaced] = new
-    exact = ExactSearch(want)
+    reference = ExactSearch(want)
 
     assert songs.count() == n
     probe = np.concatenate([replaced[:5], np.setdiff1d(np.arange(n), replaced)[:5]])
     np.testing.assert_allclose(songs.vectors(probe), want[probe], atol=1e-3)
     queries = rng.choice(n, size=40, replace=False).astype(np.int64)
     got = songs.neighbours(queries, 20)
-    truth, _ = exact.search(want[queries], 20)
+    truth, _ = reference.search(want[queries], 20)
     recall = np.mean([len(np.intersect1d(g, t)) / 20 for (g, _), t in zip(got, truth,
                                                                           strict=True)])
-    assert recall >= 0.9
+    assert recall >= (0.999 if exact else 0.9)
     for q, (rows, sims) in zip(queries, got, strict=True):
         assert rows[0] == q or sims[0] == pytest.approx(1.0, abs=1e-3)
         assert np.all(np.diff(sims) <= 1e-6)

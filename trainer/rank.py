@@ -10,8 +10,8 @@ song codes are the bundle's (the autoencoder saw every training playlist: the he
 playlists' columns tie their songs together, see docs/BENCHMARKS.md). Candidates and
 features come from :mod:`server.ranking`, the code the server runs. Small data is cut
 again with other seeds (up to ``max_cuts``) until ``--questions`` are held out. A LightGBM
-lambdarank model is fitted with early stopping on a fifth of the first cut's questions
-(their playlists' questions from other cuts are kept out of training), converted
+lambdarank model is fitted with early stopping on the questions of a fifth of the asked
+playlists (every cut's questions of a playlist on the same side), converted
 to ONNX (onnxmltools) and checked against LightGBM; ``ranker.onnx`` and ``ranker.npz`` (the
 ALS item factors fitted on every training playlist, the per-song arrays) and ``als.hnsw``
 (the inner-product index over those factors, :mod:`server.alsindex`) go into the bundle
@@ -74,6 +74,9 @@ LGB_PARAMS: dict[str, Any] = {
 # at least twice the list depth anyway (UnleakedSongs.search), and HnswSearch re-scores a
 # hop over the exact neighbour table.
 SONG_EF = 100
+# Every song's code in float32 up to this size is searched exactly by the training questions
+# (UnleakedSongs); past it (Melon scale: 2.9 GB) through the bundle's graph.
+EXACT_BYTES = 1 << 30
 # ef_construction of the graph of the re-encoded songs (UnleakedSongs).
 REPLACED_EF_CONSTRUCTION = 40
 
@@ -191,23 +194,29 @@ class UnleakedSongs:
     """The bundle's song search (a :class:`VectorSearch`) with some songs' codes replaced:
     the songs of held-out playlists, re-encoded without those playlists.
 
-    Searches go to the bundle's graph, as the server's do, with the replaced songs left
-    out, and to a graph of the replaced songs' new codes (:class:`AddedSongs`, as songs
-    added at run time are searched), merged by similarity. An exact search over every
-    song instead held every code twice in float32 (2 x 2.9 GB at Melon scale), and an
-    exact search over the 90k replaced songs of a Melon cut answered 1.7 questions a
-    second."""
+    At Melon scale searches go to the bundle's graph with the replaced songs left out, and
+    to a graph of the replaced songs' new codes (:class:`AddedSongs`, as songs added at run
+    time are searched), merged by similarity: an exact search over every song held every
+    code twice in float32 (2 x 2.9 GB), and an exact search over a Melon cut's 90k replaced
+    songs answered 1.7 questions a second. With ``exact`` (smaller catalogues, see
+    :func:`unleaked_songs`) ``base`` is an :class:`ExactSearch` and the replaced songs are
+    searched exactly too."""
 
     def __init__(self, base: VectorSearch, rows: np.ndarray, unit: np.ndarray,
-                 threads: int = 1) -> None:
+                 threads: int = 1, exact: bool = False) -> None:
         order = np.argsort(rows, kind="stable")
         self._base = base
         self._rows = np.asarray(rows, np.int64)[order]
-        # A graph for one cut's questions, searched at ef >= 100: built at a lower
-        # ef_construction than the server's (it took ~4 of the ~15 minutes at Melon scale).
-        self._replaced = AddedSongs(unit.shape[1], 0, len(order), threads=threads,
-                                    ef_construction=REPLACED_EF_CONSTRUCTION)
-        self._replaced.add(unit[order], np.arange(len(order), dtype=np.int64))
+        self._n_replaced = len(order)
+        self._replaced: ExactSearch | AddedSongs
+        if exact:
+            self._replaced = ExactSearch(unit[order])
+        else:
+            # A graph for one cut's questions, searched at ef >= 100: built at a lower
+            # ef_construction than the server's (~4 of ~15 minutes at Melon scale).
+            self._replaced = AddedSongs(unit.shape[1], 0, len(order), threads=threads,
+                                        ef_construction=REPLACED_EF_CONSTRUCTION)
+            self._replaced.add(unit[order], np.arange(len(order), dtype=np.int64))
 
     def count(self) -> int:
         return self._base.count()
@@ -232,7 +241,7 @@ class UnleakedSongs:
         labels, sims = self._base.search(queries, 2 * k)
         hit, _ = self._replaced_at(labels.ravel())
         sims = np.where(hit.reshape(labels.shape), -np.inf, sims).astype(np.float32)
-        if not self._replaced.count:
+        if not self._n_replaced:
             order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
             return np.take_along_axis(labels, order, axis=1), np.take_along_axis(sims, order,
                                                                                  axis=1)
@@ -292,7 +301,13 @@ def unleaked_songs(engine: Any, data: Any, masked: Any, chunk: int = 1000,
         unit[start:start + len(rows)] = got / np.maximum(
             np.linalg.norm(got, axis=1, keepdims=True), 1e-12)
     log.info("re-encoded %d songs of held-out playlists", len(touched))
-    return UnleakedSongs(engine.songs, touched, unit, threads)
+    if n * unit.shape[1] * 4 > EXACT_BYTES:
+        return UnleakedSongs(engine.songs, touched, unit, threads)
+    # Exact, as the server's neighbour tables are: on the Spotify sample the graphs' seed
+    # lists cost ranked 0.371 -> 0.343 (one retraining each; session 5's exact code scored
+    # 0.363-0.367 over three).
+    every = ExactSearch(engine.songs.vectors(np.arange(n, dtype=np.int64)))
+    return UnleakedSongs(every, touched, unit, threads, exact=True)
 
 
 def playlist_search(songs: VectorSearch, catalog: Catalog, chunk: int = 4096) -> ExactSearch:
@@ -376,23 +391,27 @@ def question_rows(catalog: Catalog, songs: VectorSearch, playlists: VectorSearch
 # ------------------------------------------------------------------ fit and export
 
 
-def fit_ranker(rows: Rows, config: RankConfig, features: tuple[str, ...],
-               first_cut: int | None = None) -> tuple[Any, dict]:
-    """LightGBM lambdarank with early stopping on the last ``valid_share`` of the first
-    cut's questions (``first_cut`` of them; all when None); questions of the same
-    playlists from other cuts are left out of training, and questions without a single
-    hidden song among their candidates teach nothing."""
+def fit_ranker(rows: Rows, config: RankConfig, features: tuple[str, ...]
+               ) -> tuple[Any, dict]:
+    """LightGBM lambdarank with early stopping on the questions of ``valid_share`` of the
+    playlists (drawn with ``config.seed``; every cut's questions of a playlist go to the same
+    side, so none is learnt from in another cut's form). Questions without a single hidden
+    song among their candidates teach nothing. (Stopping on a fifth of the first cut alone
+    left 15 questions on the Spotify sample: retrainings stopped anywhere from 3 to 103
+    trees and scored 0.335-0.362.)"""
     import lightgbm as lgb
 
     bounds = np.concatenate([[0], np.cumsum(rows.groups)])
     positive = np.asarray([rows.y[a:b].any() for a, b in zip(bounds, bounds[1:],
                                                               strict=False)])
-    first = len(rows.groups) if first_cut is None else first_cut
     useful = np.flatnonzero(positive)
-    in_first = useful[useful < first]
-    n_valid = max(1, int(len(in_first) * config.valid_share))
-    valid = in_first[-n_valid:]
-    train = useful[~np.isin(rows.ids[useful], rows.ids[valid])]
+    playlists = np.unique(rows.ids[useful])
+    rng = np.random.default_rng(config.seed)
+    n_valid = min(max(1, int(round(len(playlists) * config.valid_share))),
+                  max(1, len(playlists) - 1))
+    held = rng.choice(playlists, size=n_valid, replace=False)
+    in_valid = np.isin(rows.ids[useful], held)
+    valid, train = useful[in_valid], useful[~in_valid]
     parts = (train, valid)
 
     def subset(which: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -535,7 +554,7 @@ def train_ranker(data_dir: Path, bundle: Path, config: RankConfig,
     rows = Rows.join(parts)
     log.info("candidate recall on held-out questions: %s",
              ", ".join(f"{k} {v:.3f}" for k, v in rows.recall.items()))
-    booster, info = fit_ranker(rows, config, rank_data.features, len(parts[0].groups))
+    booster, info = fit_ranker(rows, config, rank_data.features)
     onnx_bytes = to_onnx(booster, len(rank_data.features))
     check = rows.x[np.random.default_rng(0).permutation(len(rows.x))[:10_000]]
     gap = onnx_gap(booster, onnx_bytes, check)
