@@ -73,10 +73,8 @@ class AddedSongs:
 
     def near_of(self, rep: int) -> tuple[np.ndarray, np.ndarray]:
         """The added songs linked to bundle song ``rep`` and their similarities."""
-        positions = self.near.get(rep)
-        if not positions:
-            return self._near_song[:0], self._near_sim[:0]
-        return self._near_song[positions], self._near_sim[positions]
+        songs, sims, _ = self.near_lists(np.asarray([rep], dtype=np.int64))
+        return songs, sims
 
     def near_lists(self, reps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`near_of` of every bundle song of ``reps`` as flat arrays: songs,

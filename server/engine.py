@@ -87,25 +87,23 @@ class Encoder:
         columns each) needed tens of GB in one run. Rows go in order of length, so that
         short rows are not padded to a long one's width."""
         order = np.argsort([len(r) for r in rows], kind="stable")
-        out: np.ndarray | None = None
+        runs = []
         start = 0
         while start < len(order):
             stop = start + 1
             while (stop < len(order)
                    and (stop + 1 - start) * max(1, len(rows[order[stop]])) <= ENCODE_CELLS):
                 stop += 1
-            cols, weights = pad_batch([rows[i] for i in order[start:stop]], self.columns.dim)
-            (codes,) = self.session.run(["code"], {"columns": cols, "weights": weights})
-            if out is None:
-                out = np.empty((len(rows), np.shape(codes)[1]), dtype=np.float32)
-            out[order[start:stop]] = codes
+            runs.append(order[start:stop])
             start = stop
-        return out if out is not None else self._no_codes()
-
-    def _no_codes(self) -> np.ndarray:
-        cols, weights = pad_batch([], self.columns.dim)
-        (codes,) = self.session.run(["code"], {"columns": cols[:0], "weights": weights[:0]})
-        return np.asarray(codes, dtype=np.float32)
+        out = np.empty((len(rows), 0), dtype=np.float32)
+        for run in runs or [order]:  # no rows: one empty run tells the code width
+            cols, weights = pad_batch([rows[i] for i in run], self.columns.dim)
+            (codes,) = self.session.run(["code"], {"columns": cols, "weights": weights})
+            if out.shape[1] != np.shape(codes)[1]:
+                out = np.empty((len(rows), np.shape(codes)[1]), dtype=np.float32)
+            out[run] = codes
+        return out
 
     def encode(self, songs: list[SongMeta]) -> tuple[np.ndarray, list[int]]:
         """Codes of songs described by metadata, and how many known columns each had."""

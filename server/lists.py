@@ -1,5 +1,6 @@
 """Neighbour lists of many songs as flat arrays (labels, similarities, offsets): merging the
-parts of a batch, keeping each list's first k, dropping excluded songs by flag lookup."""
+parts of a batch, padding them into a matrix, keeping each list's first k, dropping
+excluded songs by flag lookup."""
 
 from __future__ import annotations
 
@@ -27,6 +28,21 @@ def merge_lists(n: int, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray
         out_labels[target] = labels
         out_sims[target] = sims
     return out_labels, out_sims, out_offsets
+
+
+def padded_lists(labels: np.ndarray, sims: np.ndarray, offsets: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Flat lists as a matrix, a row per list, as wide as the longest: short rows padded
+    with label -1 and similarity -inf (which sorts last)."""
+    lengths = np.diff(offsets)
+    width = int(lengths.max()) if len(lengths) else 0
+    padded = np.full((len(lengths), width), -1, dtype=np.int64)
+    padded_sims = np.full((len(lengths), width), -np.inf, dtype=np.float32)
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    column = np.arange(len(labels)) - offsets[:-1][owner]
+    padded[owner, column] = labels
+    padded_sims[owner, column] = sims
+    return padded, padded_sims
 
 
 def first_per_list(keep: np.ndarray, owner: np.ndarray, offsets: np.ndarray,

@@ -10,7 +10,7 @@ import numpy as np
 
 from server import voting
 from server.added import NEAR_CANDIDATES, NEAR_DEPTH, AddedSongs
-from server.lists import drop_marked, first_per_list, merge_lists
+from server.lists import drop_marked, first_per_list, merge_lists, padded_lists
 
 
 class VectorSearch(Protocol):
@@ -382,16 +382,8 @@ class HnswSearch:
             # graph query per seed (which made a continuation 3-13x slower at 100k added
             # songs, docs/BENCHMARKS.md).
             width = cand.shape[1]
-            songs, sims, offsets = self.added.near_lists(reps)
-            lengths = np.diff(offsets)
-            most = int(lengths.max()) if len(lengths) else 0
-            if most:
-                more = np.full((len(rows), most), -1, dtype=np.int64)
-                more_sims = np.full((len(rows), most), -np.inf, dtype=np.float32)
-                owner = np.repeat(np.arange(len(rows)), lengths)
-                column = np.arange(len(songs)) - offsets[:-1][owner]
-                more[owner, column] = songs
-                more_sims[owner, column] = sims
+            more, more_sims = padded_lists(*self.added.near_lists(reps))
+            if more.shape[1]:
                 cand = np.concatenate([cand, more], axis=1)
                 cand_sims = np.concatenate([cand_sims, more_sims], axis=1)
                 order = np.argsort(-cand_sims, axis=1, kind="stable")[:, :width]
@@ -404,14 +396,7 @@ class HnswSearch:
             labels, sims, offsets = self._expand_rows(cand, cand_sims, k)
             # Lists of unequal length (short duplicate expansions) are padded so that one
             # query of the added songs' graph serves them all; the padding sorts last.
-            lengths = np.diff(offsets)
-            width = int(lengths.max()) if len(lengths) else 0
-            padded = np.full((len(rows), width), -1, dtype=np.int64)
-            padded_sims = np.full((len(rows), width), -np.inf, dtype=np.float32)
-            owner = np.repeat(np.arange(len(rows)), lengths)
-            column = np.arange(len(labels)) - offsets[:-1][owner]
-            padded[owner, column] = labels
-            padded_sims[owner, column] = sims
+            padded, padded_sims = padded_lists(labels, sims, offsets)
             merged, merged_sims = self.added.merge(self.vectors(rows), padded, padded_sims, k)
             keep = merged >= 0
             return (merged[keep], merged_sims[keep],

@@ -409,14 +409,9 @@ def _seed_neighbours(catalog: Catalog, songs: VectorSearch, query: Query, best: 
     cold = _is_new(catalog, rows)
     if not cold.any():
         return _NO_CANDIDATES
-    rows, sims, owner = rows[cold], sims[cold], owner[cold]
-    value = share * best * np.maximum(sims, 0.0) ** power
-    order = np.lexsort((-value, rows))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = rows[order][1:] != rows[order][:-1]
-    keep = order[first]
+    value = share * best * np.maximum(sims[cold], 0.0) ** power
     # A seed-neighbour's source is its seed, stored as -1 - row (a REASON_SEED reason).
-    return rows[keep], value[keep], -1 - query.seeds[owner[keep]]
+    return _best_of([(rows[cold], value, -1 - query.seeds[owner[cold]])])
 
 
 _NO_CANDIDATES = (np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int64))

@@ -202,7 +202,7 @@ class UnleakedSongs:
     :func:`unleaked_songs`) ``base`` is an :class:`ExactSearch` and the replaced songs are
     searched exactly too."""
 
-    def __init__(self, base: VectorSearch, rows: np.ndarray, unit: np.ndarray,
+    def __init__(self, base: VectorSearch, rows: np.ndarray, codes: np.ndarray,
                  threads: int = 1, exact: bool = False) -> None:
         order = np.argsort(rows, kind="stable")
         self._base = base
@@ -210,13 +210,13 @@ class UnleakedSongs:
         self._n_replaced = len(order)
         self._replaced: ExactSearch | AddedSongs
         if exact:
-            self._replaced = ExactSearch(unit[order])
+            self._replaced = ExactSearch(codes[order])
         else:
             # A graph for one cut's questions, searched at ef >= 100: built at a lower
             # ef_construction than the server's (~4 of ~15 minutes at Melon scale).
-            self._replaced = AddedSongs(unit.shape[1], 0, len(order), threads=threads,
+            self._replaced = AddedSongs(codes.shape[1], 0, len(order), threads=threads,
                                         ef_construction=REPLACED_EF_CONSTRUCTION)
-            self._replaced.add(unit[order], np.arange(len(order), dtype=np.int64))
+            self._replaced.add(codes[order], np.arange(len(order), dtype=np.int64))
 
     def count(self) -> int:
         return self._base.count()
@@ -240,17 +240,15 @@ class UnleakedSongs:
         # Twice as deep in the bundle's graph: some of its hits are replaced songs, dropped.
         labels, sims = self._base.search(queries, 2 * k)
         hit, _ = self._replaced_at(labels.ravel())
-        sims = np.where(hit.reshape(labels.shape), -np.inf, sims).astype(np.float32)
-        if not self._n_replaced:
-            order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-            return np.take_along_axis(labels, order, axis=1), np.take_along_axis(sims, order,
-                                                                                 axis=1)
-        at, rep_sims = self._replaced.search(queries, k)
-        cand = np.concatenate([labels, self._rows[at]], axis=1)
-        cand_sims = np.concatenate([sims, rep_sims], axis=1)
-        order = np.argsort(-cand_sims, axis=1, kind="stable")[:, :k]
-        return (np.take_along_axis(cand, order, axis=1),
-                np.take_along_axis(cand_sims, order, axis=1))
+        cand = [labels]
+        cand_sims = [np.where(hit.reshape(labels.shape), -np.inf, sims).astype(np.float32)]
+        if self._n_replaced:
+            at, rep_sims = self._replaced.search(queries, k)
+            cand.append(self._rows[at])
+            cand_sims.append(rep_sims)
+        labels, sims = np.concatenate(cand, axis=1), np.concatenate(cand_sims, axis=1)
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(labels, order, axis=1), np.take_along_axis(sims, order, axis=1)
 
     def neighbours(self, rows: np.ndarray, k: int, *, allow_short: bool = False
                    ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -285,7 +283,7 @@ def unleaked_songs(engine: Any, data: Any, masked: Any, chunk: int = 1000,
                             shape=(n, len(train))).tocsr()
     tag_lists = [train.tags.row(p) for p in range(len(train))]
     codes = data.genres.codes.items
-    unit = np.zeros((len(touched), int(engine.manifest.code_dim)), np.float32)
+    new_codes = np.zeros((len(touched), int(engine.manifest.code_dim)), np.float32)
     for start in tqdm(range(0, len(touched), chunk), desc="re-encoding held-out songs",
                       unit="chunk", disable=None):
         rows = []
@@ -297,17 +295,16 @@ def unleaked_songs(engine: Any, data: Any, masked: Any, chunk: int = 1000,
                 detail_genres=[codes[g] for g in songs.detail_genres.row(r).tolist()],
                 artists=songs.artists.row(r).tolist(), issue_date=int(songs.issue_dates[r]),
                 playlists=train.ids[pls].tolist(), tags=sorted(tags)))
-        got = engine.encoder.encode_columns(rows)
-        unit[start:start + len(rows)] = got / np.maximum(
-            np.linalg.norm(got, axis=1, keepdims=True), 1e-12)
+        # Unit length is the searches' business (ExactSearch, AddedSongs normalise).
+        new_codes[start:start + len(rows)] = engine.encoder.encode_columns(rows)
     log.info("re-encoded %d songs of held-out playlists", len(touched))
-    if n * unit.shape[1] * 4 > EXACT_BYTES:
-        return UnleakedSongs(engine.songs, touched, unit, threads)
+    if n * new_codes.shape[1] * 4 > EXACT_BYTES:
+        return UnleakedSongs(engine.songs, touched, new_codes, threads)
     # Exact, as the server's neighbour tables are: on the Spotify sample the graphs' seed
     # lists cost ranked 0.371 -> 0.343 (one retraining each; session 5's exact code scored
     # 0.363-0.367 over three).
     every = ExactSearch(engine.songs.vectors(np.arange(n, dtype=np.int64)))
-    return UnleakedSongs(every, touched, unit, threads, exact=True)
+    return UnleakedSongs(every, touched, new_codes, threads, exact=True)
 
 
 def playlist_search(songs: VectorSearch, catalog: Catalog, chunk: int = 4096) -> ExactSearch:
