@@ -12,6 +12,7 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # re.ASCII: \d would otherwise accept any Unicode digit ("٢٠١٩").
@@ -84,6 +85,16 @@ def parse_updt_date(text: str) -> int:
     except ValueError:
         raise ValueError(f"{text[:40]!r} is not a date; expected {UPDT_FORMATS}") from None
     return year * 10000 + month * 100 + day
+
+
+def question_updt_date(question: Mapping[str, object]) -> int:
+    """A question record's ``updt_date`` as YYYYMMDD, 0 when absent or not a date: offline
+    questions are read leniently, as the dataset loader reads playlists, and a question
+    without a date is answered as a client that sends none is."""
+    try:
+        return parse_updt_date(str(question.get("updt_date") or ""))
+    except ValueError:
+        return 0
 
 
 @dataclass(frozen=True)

@@ -233,6 +233,34 @@ def test_rank_cli_refuses_unknown_ablation(tiny_split: Path, tmp_path: Path) -> 
                  "--without", "nope"]) == 2
 
 
+def test_rank_cli_refuses_an_undated_share_outside_0_to_1(tiny_split: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    from trainer.rank import main
+
+    assert main(["--data", str(tiny_split), "--bundle", str(tmp_path / "b"),
+                 "--undated-share", "1.5"]) == 2
+    assert "--undated-share 1.5" in capsys.readouterr().err
+
+
+def test_a_share_of_training_questions_is_asked_without_its_date() -> None:
+    from trainer.rank import without_dates
+
+    questions = [{"id": i, "songs": [i], "updt_date": "2020-01-02 03:04:05.000"}
+                 for i in range(2000)]
+    asked = without_dates(questions, 0.25, seed=7)
+    undated = [q["id"] for q in asked if "updt_date" not in q]
+    assert 400 < len(undated) < 600
+    # Only the date goes; the rest of each question, and the caller's records, stay.
+    assert [q["songs"] for q in asked] == [q["songs"] for q in questions]
+    assert all("updt_date" in q for q in questions)
+    # The same seed strips the same questions; shares 0 and 1 strip none and all.
+    assert undated == [q["id"] for q in without_dates(questions, 0.25, 7)
+                       if "updt_date" not in q]
+    assert without_dates(questions, 0.0, 7) == questions
+    assert not any("updt_date" in q for q in without_dates(questions, 1.0, 7))
+
+
 def test_a_compressed_ranker_npz_is_refused_naming_the_file(copy_bundle) -> None:  # type: ignore[no-untyped-def]
     bundle = copy_bundle()
     with np.load(bundle / RANKER_ARRAYS) as npz:

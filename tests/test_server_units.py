@@ -47,6 +47,14 @@ def test_updt_date_refused(text: str) -> None:
         validation.parse_updt_date(text)
 
 
+def test_an_offline_question_without_a_usable_updt_date_reads_as_undated() -> None:
+    from server.melon import question_updt_date
+
+    assert question_updt_date({"updt_date": "2013-07-01 11:05:33.000"}) == 20130701
+    for question in ({}, {"updt_date": None}, {"updt_date": ""}, {"updt_date": "2019-02-29"}):
+        assert question_updt_date(question) == 0
+
+
 def test_issue_date() -> None:
     assert validation.parse_issue_date("", "d") == 0
     assert validation.parse_issue_date("00000000", "d") == 0

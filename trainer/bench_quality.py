@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ AE_VARIANTS: dict[str, list[str]] = {
 # sources and features (``trainer.rank --without``).
 RANK_ABLATIONS: dict[str, str] = {"ae-rank-no-ae": "ae", "ae-rank-no-als": "als",
                                   "ae-rank-no-cf": "cf"}
+# A row option that is not the model's: ask the questions without their updt_date.
+UNDATED = "undated"
 # Rows: (variant, model, model options, label in the table).
 AE_ROWS: list[tuple[str, str, dict[str, Any], str]] = [
     ("ae", "ae-quota", {}, "ae-quota"),
@@ -81,6 +83,9 @@ AE_ROWS: list[tuple[str, str, dict[str, Any], str]] = [
     ("ae", "ranked", {"new_songs": False}, "ranked without the new-song blend (new_songs=False)"),
     ("ae", "ae-hybrid", {"new_songs": False},
      "ae-hybrid without the new-song blend (new_songs=False)"),
+    # The same questions without their updt_date, as a client that sends none asks them
+    # (the ranker's date features read it; trainer.rank's undated_share).
+    ("ae", "ranked", {UNDATED: True}, "ranked, questions without updt_date"),
     ("ae-rank-no-ae", "ranked", {}, "ranked without the autoencoder's sources and features"),
     ("ae-rank-no-als", "ranked", {}, "ranked without ALS"),
     ("ae-rank-no-cf", "ranked", {}, "ranked without neighbour CF"),
@@ -200,8 +205,11 @@ def bench_autoencoders(name: str, split: Path, report: Report, *, preset: str,
             print(f"{name}: {variant} bundle ready ({trained[variant][1]:.0f} s training)",
                   file=sys.stderr)
         bundle, train_s = trained[variant]
-        model = make_recommender(model_name, bundle=str(bundle), **options)
-        results, fit_s, predict_s = run_model(data, questions, model, progress=progress)
+        asked = ([replace(q, updt_date=0) for q in questions] if options.get(UNDATED)
+                 else questions)
+        model = make_recommender(model_name, bundle=str(bundle),
+                                 **{k: v for k, v in options.items() if k != UNDATED})
+        results, fit_s, predict_s = run_model(data, asked, model, progress=progress)
         scores = score(answers, results)
         report.rows.append({"dataset": name, "model": label, "song_ndcg": scores.song_ndcg,
                             "tag_ndcg": scores.tag_ndcg, "score": scores.score,

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from clients.benchtools import REPO, machine, replace_marked, shown_command
 from server.columns import SongMeta
 from server.live import LiveModel
-from server.melon import parse_issue_date
+from server.melon import parse_issue_date, question_updt_date
 from server.validation import ContinueParams, NewSong
 from trainer.dataset import DataError, read_json
 from trainer.evaluate import N_SONGS, N_TAGS, batch_ndcg, score
@@ -116,9 +116,11 @@ def answer_all(model: LiveModel, strategy: str, questions: Sequence[dict[str, An
     (the server's path, ids in and out)."""
     results = []
     for q in tqdm(questions, desc=desc, unit="q", disable=None, leave=False):
+        # The question's date goes with it, as a client sends it (the ranker's date
+        # features read it; bench_quality's questions carry it too).
         params = ContinueParams(tuple(int(s) for s in q["songs"]), tuple(q["tags"]),
-                                q.get("plylst_title", "") or "", 0, N_SONGS, N_TAGS,
-                                strategy, False, False)
+                                q.get("plylst_title", "") or "", question_updt_date(q),
+                                N_SONGS, N_TAGS, strategy, False, False)
         got = model.continue_playlist(params)
         results.append({"id": q["id"], "songs": got.song_ids, "tags": got.tags})
     return results
