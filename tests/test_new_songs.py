@@ -235,7 +235,8 @@ def test_coldstart_report(tiny_split: Path, tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["default_strategy"] in report["results"]
     for name in ("baseline-popular-new", "baseline-artist-new",
-                 f"baseline-{report['default_strategy']}-without-new"):
+                 f"baseline-{report['default_strategy']}-without-new",
+                 f"baseline-{report['default_strategy']}-artist-new-tail-30"):
         assert name in report["results"]
     for r in report["results"].values():
         assert 0 <= r["new_song_recall"] <= 1 and 0 <= r["score"] <= 1
@@ -243,6 +244,28 @@ def test_coldstart_report(tiny_split: Path, tmp_path: Path) -> None:
     assert without["new_song_recall"] == 0  # it cannot know them
     assert report["added"] > 0
     assert "coldstart-tiny:start" in md.read_text()
+    assert "| hit rate % by place |" in md.read_text()
+    for r in report["results"].values():
+        assert len(r["place_hit_rates"]) == 10
+        assert all(0 <= x <= 1 for x in r["place_hit_rates"])
+
+
+def test_a_fixed_tail_keeps_the_head_and_takes_the_first_new_songs_not_in_it() -> None:
+    results = [{"id": 1, "songs": list(range(100)), "tags": ["a"]}]
+    tails = [{"id": 1, "songs": [7, 98, 500, 501, 502]}]
+    got = coldstart.with_tail(results, tails, 3)
+    # 7 is in the head already; 98 was among the places the tail took.
+    assert got == [{"id": 1, "songs": [*range(97), 98, 500, 501], "tags": ["a"]}]
+
+
+def test_place_hit_rates_pool_each_ten_places_over_every_question() -> None:
+    answers = [{"id": 1, "songs": [5, 6, 7]}, {"id": 2, "songs": [8]}]
+    results = [{"id": 1, "songs": [5, *range(100, 113), 6, *range(200, 285)]},
+               {"id": 2, "songs": [*range(300, 399), 8]}]
+    rates = coldstart.place_hit_rates(answers, results)
+    # Place 1 (question 1), place 15 (question 1), place 100 (question 2): one hit each
+    # among 2 x 10 places; song 7 is never answered.
+    assert rates == [0.05, 0.05, 0, 0, 0, 0, 0, 0, 0, 0.05]
 
 
 def test_bench_growth_times_both_models_into_its_named_section(tiny_bundle: Path,

@@ -11,19 +11,23 @@ of the split; a bundle is trained on that copy (``trainer.train --preset P --gro
 added to the loaded model by :meth:`server.live.LiveModel.replay`, the code AddSongs and
 the write-ahead log replay run (encoder on metadata, then the added songs' graph). Every
 validation question is answered by every strategy with and without the added songs, and by
-two metadata baselines:
+metadata baselines:
 
 - ``baseline-popular-new``: the held-out songs, most popular artist first (an artist's
   popularity: how many training playlist entries its songs have), the same list for every
   question;
 - ``baseline-artist-new``: the held-out songs by the seeds' artists, most popular artist
-  first, then ``baseline-popular-new``'s list.
+  first, then ``baseline-popular-new``'s list;
+- ``baseline-S-artist-new-tail-K`` (S the default strategy; K 10, 30, 60): S's answer
+  without the added songs with its last K places given to ``baseline-artist-new``'s first
+  songs: what a fixed tail of new songs costs and finds.
 
-Both fill 100 songs with new songs only and answer the most popular tags. Per strategy and
-baseline the report holds the score (0.85 song nDCG@100 + 0.15 tag nDCG@10), the recall@100
-of held-out songs among the answers (``new_song_recall``: hits over held-out songs in the
-answers, all questions pooled) and their share of the song nDCG (``new_song_ndcg``: the DCG
-of held-out hits over each answer's ideal DCG, averaged). Work (the split copy, the bundle)
+The first two fill 100 songs with new songs only and answer the most popular tags. Per
+strategy and baseline the report holds the score (0.85 song nDCG@100 + 0.15 tag
+nDCG@10), the recall@100 of held-out songs among the answers (``new_song_recall``: hits
+over held-out songs in the answers, all questions pooled), their share of the song nDCG
+(``new_song_ndcg``: the DCG of held-out hits over each answer's ideal DCG, averaged) and
+the hit rate of each ten places (``place_hit_rates``). Work (the split copy, the bundle)
 is kept in ``OUT.work`` and reused when the same command runs again.
 """
 
@@ -56,6 +60,8 @@ log = logging.getLogger(__name__)
 
 # Metadata groups on top of the default ones: a song added at run time has only these.
 GROUPS = "playlists,tags,genres,detail_genres,artists,years"
+# The places of the fixed-tail baselines (``baseline-S-artist-new-tail-K``).
+TAIL_PLACES = (10, 30, 60)
 START = "<!-- coldstart-{name}:start -->"
 END = "<!-- coldstart-{name}:end -->"
 
@@ -194,6 +200,34 @@ def new_song_metrics(answers: Sequence[dict[str, Any]], results: Sequence[dict[s
     return (hits / total if total else 0.0), float(ndcg.mean())
 
 
+def place_hit_rates(answers: Sequence[dict[str, Any]], results: Sequence[dict[str, Any]],
+                    width: int = 10) -> list[float]:
+    """The share of hits among each ``width`` places of the answers (places 1-10, 11-20,
+    ...), all questions pooled: where a list's hits sit, so that new songs can be weighed
+    against the places they would take (docs/BENCHMARKS.md, *Cold start*)."""
+    by_id = {r["id"]: r for r in results}
+    hits = np.zeros(N_SONGS)
+    for a in answers:
+        truth = {int(s) for s in a["songs"]}
+        got = by_id[a["id"]]["songs"][:N_SONGS]
+        hits[: len(got)] += [int(s) in truth for s in got]
+    return (hits.reshape(-1, width).sum(axis=1) / (width * max(len(answers), 1))).tolist()
+
+
+def with_tail(results: Sequence[dict[str, Any]], tails: Sequence[dict[str, Any]], k: int
+              ) -> list[dict[str, Any]]:
+    """Each result's first ``N_SONGS - k`` songs, then the first ``k`` songs of the same
+    question's ``tails`` result that are not among them (tags from ``results``)."""
+    by_id = {t["id"]: t["songs"] for t in tails}
+    out = []
+    for r in results:
+        head = list(r["songs"][: N_SONGS - k])
+        seen = set(head)
+        tail = [s for s in by_id[r["id"]] if s not in seen][:k]
+        out.append({"id": r["id"], "songs": head + tail, "tags": r["tags"]})
+    return out
+
+
 def _padded(results: list[dict[str, Any]], fill: Sequence[int], tags: Sequence[str]
             ) -> list[dict[str, Any]]:
     """Results topped up to exactly 100 songs and 10 tags (the metric's format)."""
@@ -269,13 +303,15 @@ def evaluate(split: Path, work: Path, fraction: float, preset: str, groups: str,
         recall, new_ndcg = new_song_metrics(answers, results, held)
         report_rows[name] = {"score": scores.score, "song_ndcg": scores.song_ndcg,
                              "tag_ndcg": scores.tag_ndcg, "new_song_recall": recall,
-                             "new_song_ndcg": new_ndcg}
+                             "new_song_ndcg": new_ndcg,
+                             "place_hit_rates": place_hit_rates(answers, results)}
         print(f"{name}: score {scores.score:.4f} new_song_recall {recall:.4f} "
               f"new_song_ndcg {new_ndcg:.5f}", file=sys.stderr)
 
+    without: dict[str, list[dict[str, Any]]] = {}
     for name in names:
-        record(f"baseline-{name}-without-new", answer_all(model, name, questions,
-                                                          f"{name} without new songs"))
+        without[name] = answer_all(model, name, questions, f"{name} without new songs")
+        record(f"baseline-{name}-without-new", without[name])
     held_meta = [m for m in meta if int(m["id"]) in held]
     started = time.perf_counter()
     added, skipped = model.replay([new_song(m) for m in held_meta])
@@ -287,6 +323,13 @@ def evaluate(split: Path, work: Path, fraction: float, preset: str, groups: str,
                                                                    "train.json"),
                                    kept_meta, popular_tags).items():
         record(name, results)
+        if name == "baseline-artist-new":
+            # A fixed tail: the default's answer without new songs, its last k places
+            # given to this baseline's first new songs.
+            head = _padded(without[default], popular_ids, popular_tags)
+            for k in TAIL_PLACES:
+                record(f"baseline-{default}-artist-new-tail-{k}",
+                       with_tail(head, results, k))
     in_answers = sum(len({int(s) for s in a["songs"]} & held) for a in answers)
     return {"default_strategy": default, "results": report_rows,
             "held_out_songs": len(held), "added": added, "unplaceable": skipped,
@@ -307,6 +350,23 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def place_table(report: dict[str, Any]) -> str:
+    """Hit rates (%) by answer place of the default strategy (with and without the added
+    songs) and of the baselines: a new song is worth a place only where it is more likely
+    a hit than the song it displaces."""
+    default = report["default_strategy"]
+    names = [f"baseline-{default}-without-new", default, "baseline-artist-new",
+             "baseline-popular-new"]
+    lines = ["| hit rate % by place | " + " | ".join(f"{i + 1}-{i + 10}"
+                                                    for i in range(0, N_SONGS, 10)) + " |",
+             "|---|" + "---|" * (N_SONGS // 10)]
+    for name in names:
+        rates = report["results"].get(name, {}).get("place_hit_rates")
+        if rates:
+            lines.append(f"| {name} | " + " | ".join(f"{100 * r:.2f}" for r in rates) + " |")
+    return "\n".join(lines)
+
+
 def render(report: dict[str, Any], name: str, command: str) -> str:
     return (f"### Cold start: {name}\n\n"
             f"`{command}` on a {machine()}, {dt.date.today().isoformat()}.\n"
@@ -317,7 +377,7 @@ def render(report: dict[str, Any], name: str, command: str) -> str:
             f"{report['add_seconds']} s; {report['questions']} validation questions whose "
             f"answers hold {report['held_out_in_answers']} held-out songs; bundle: "
             f"`--preset {report['preset']} --groups {report['groups']}`.\n\n"
-            f"{table(report)}\n")
+            f"{table(report)}\n\n{place_table(report)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
