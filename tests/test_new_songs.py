@@ -231,12 +231,13 @@ def test_coldstart_report(tiny_split: Path, tmp_path: Path) -> None:
     md = tmp_path / "BENCH.md"
     assert coldstart.main(["--data", str(tiny_split), "--out", str(out), "--preset", "tiny",
                            "--epochs", "2", "--limit", "60", "--markdown", str(md),
-                           "--name", "tiny"]) == 0
+                           "--name", "tiny", "--compacted"]) == 0
     report = json.loads(out.read_text())
     assert report["default_strategy"] in report["results"]
     for name in ("baseline-popular-new", "baseline-artist-new",
                  f"baseline-{report['default_strategy']}-without-new",
-                 f"baseline-{report['default_strategy']}-artist-new-tail-30"):
+                 f"baseline-{report['default_strategy']}-artist-new-tail-30",
+                 f"compacted-{report['default_strategy']}"):
         assert name in report["results"]
     for r in report["results"].values():
         assert 0 <= r["new_song_recall"] <= 1 and 0 <= r["score"] <= 1

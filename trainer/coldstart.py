@@ -2,7 +2,7 @@
 server's add path (metadata only), and measure how every strategy recommends them.
 
     python -m trainer.coldstart --data data/demo-split --out coldstart-demo.json \\
-        [--fraction 0.1] [--preset small] [--markdown docs/BENCHMARKS.md --name demo]
+        [--fraction 0.1] [--preset small] [--compacted] [--markdown docs/BENCHMARKS.md --name demo]
 
 The newest ``--fraction`` of the songs that training playlists hold (by ``issue_date``,
 ties by id) are removed from the training playlists and from ``song_meta.json`` of a copy
@@ -21,6 +21,11 @@ metadata baselines:
 - ``baseline-S-artist-new-tail-K`` (S the default strategy; K 10, 30, 60): S's answer
   without the added songs with its last K places given to ``baseline-artist-new``'s first
   songs: what a fixed tail of new songs costs and finds.
+
+With ``--compacted`` every strategy is scored once more (``compacted-S``) on the bundle
+with the held-out songs compacted into it (:func:`trainer.compact.compact_songs`): bundle
+songs in no training playlist, placed by value instead of in the tail, and scored by
+``ranked``'s ranker.
 
 The first two fill 100 songs with new songs only and answer the most popular tags. Per
 strategy and baseline the report holds the score (0.85 song nDCG@100 + 0.15 tag
@@ -53,6 +58,7 @@ from server.columns import SongMeta
 from server.live import LiveModel
 from server.melon import parse_issue_date, question_updt_date
 from server.validation import ContinueParams, NewSong
+from trainer.compact import compact_songs
 from trainer.dataset import DataError, read_json
 from trainer.evaluate import N_SONGS, N_TAGS, batch_ndcg, score
 
@@ -269,8 +275,8 @@ def train_bundle(data: Path, bundle: Path, preset: str, groups: str, epochs: int
 
 
 def evaluate(split: Path, work: Path, fraction: float, preset: str, groups: str,
-             epochs: int | None, strategies: Sequence[str] | None, limit: int | None
-             ) -> dict[str, Any]:
+             epochs: int | None, strategies: Sequence[str] | None, limit: int | None,
+             compacted: bool = False) -> dict[str, Any]:
     """Run the whole evaluation; returns the report."""
     train = read_json(split / "train.json")
     meta = read_json(split / "song_meta.json")
@@ -330,6 +336,18 @@ def evaluate(split: Path, work: Path, fraction: float, preset: str, groups: str,
             for k in TAIL_PLACES:
                 record(f"baseline-{default}-artist-new-tail-{k}",
                        with_tail(head, results, k))
+    if compacted:
+        # The same songs compacted into the bundle (trainer.compact): bundle songs in no
+        # training playlist now, placed by value and, by ``ranked``, scored by its ranker.
+        out = work / "compacted"
+        if out.exists():  # the bundle may have changed (a retrained ranker): rebuild
+            shutil.rmtree(out)
+        compact_songs(work / "bundle", [new_song(m) for m in held_meta], out, threads=2,
+                      progress=False)
+        compacted_model = LiveModel.load(out, verify=True, capacity=1, threads=1)
+        for name in names:
+            record(f"compacted-{name}", answer_all(compacted_model, name, questions,
+                                                   f"{name} compacted"))
     in_answers = sum(len({int(s) for s in a["songs"]} & held) for a in answers)
     return {"default_strategy": default, "results": report_rows,
             "held_out_songs": len(held), "added": added, "unplaceable": skipped,
@@ -355,8 +373,8 @@ def place_table(report: dict[str, Any]) -> str:
     songs) and of the baselines: a new song is worth a place only where it is more likely
     a hit than the song it displaces."""
     default = report["default_strategy"]
-    names = [f"baseline-{default}-without-new", default, "baseline-artist-new",
-             "baseline-popular-new"]
+    names = [f"baseline-{default}-without-new", default, f"compacted-{default}",
+             "baseline-artist-new", "baseline-popular-new"]
     lines = ["| hit rate % by place | " + " | ".join(f"{i + 1}-{i + 10}"
                                                     for i in range(0, N_SONGS, 10)) + " |",
              "|---|" + "---|" * (N_SONGS // 10)]
@@ -393,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", help="comma-separated (default: all the bundle serves)")
     p.add_argument("--limit", type=int, help="score only the first N questions")
     p.add_argument("--work", type=Path, help="work directory (default: OUT.work)")
+    p.add_argument("--compacted", action="store_true",
+                   help="also score every strategy on the bundle with the held-out songs "
+                        "compacted into it (trainer.compact; recomputes its neighbour table)")
     p.add_argument("--markdown", type=Path, help="also write the table into this file")
     p.add_argument("--name", default="demo", help="dataset name of the markdown section")
     return p
@@ -410,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       if args.strategies else None)
         report = evaluate(args.data, args.work or args.out.with_name(args.out.name + ".work"),
                           args.fraction, args.preset, args.groups, args.epochs, strategies,
-                          args.limit)
+                          args.limit, args.compacted)
     except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

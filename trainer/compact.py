@@ -76,7 +76,14 @@ def compact(bundle: Path, data_dir: Path | None, out: Path, *, store: str | None
             threads: int = 2, progress: bool = True) -> dict[str, int]:
     """Write ``out``: ``bundle`` plus the songs added at run time (see
     :func:`stored_songs`). Returns counts."""
-    songs = stored_songs(data_dir, store)
+    return compact_songs(bundle, stored_songs(data_dir, store), out, threads=threads,
+                         progress=progress)
+
+
+def compact_songs(bundle: Path, songs: Sequence[NewSong], out: Path, *, threads: int = 2,
+                  progress: bool = True) -> dict[str, int]:
+    """Write ``out``: ``bundle`` plus ``songs``, added as AddSongs adds them (those the
+    bundle holds already are skipped). Returns counts."""
     model = LiveModel.load(bundle, verify=True, capacity=max(len(songs), 1), threads=threads)
     added, unplaceable = model.replay(songs)
     engine = model.engine
