@@ -31,7 +31,7 @@ from tqdm import tqdm
 from clients.benchtools import machine, replace_marked, shown_command
 from server.columns import SongMeta
 from server.live import LiveModel
-from server.melon import parse_issue_date
+from server.melon import parse_issue_date, question_updt_date
 from server.validation import ContinueParams, EncodeParams, NewSong, SimilarParams
 
 
@@ -41,6 +41,9 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
 
 ID_BASE = 900_000_000
+# Recall against exact search: queries per kind and step, and the depth.
+RECALL_QUERIES = 200
+RECALL_K = 10
 
 
 def _meta(record: dict[str, Any]) -> SongMeta:
@@ -98,13 +101,70 @@ def workloads(model: LiveModel, questions: Sequence[dict[str, Any]],
         shown = f"ContinuePlaylist {strategy}" + (" (default)" if strategy ==
                                                   model.engine.default_strategy else "")
         out[shown] = [partial(model.continue_playlist, ContinueParams(
-            tuple(q["songs"]), tuple(q["tags"]), q.get("plylst_title", ""), 0, 100, 10,
-            strategy, False, False)) for q in questions[: max(n_calls // 3, 1)]]
+            tuple(q["songs"]), tuple(q["tags"]), q.get("plylst_title", ""),
+            question_updt_date(q), 100, 10, strategy, False, False))
+            for q in questions[: max(n_calls // 3, 1)]]
+    return out
+
+
+def kth_exact(model: LiveModel, queries: np.ndarray, own: np.ndarray, k: int,
+              block: int = 65_536) -> np.ndarray:
+    """Per unit query, the ``k``-th best cosine similarity over every song, bundle and
+    added (rows ``own[i]`` left out: a song is not its own neighbour; -1 for none),
+    scanned exactly in blocks of rows."""
+    songs = model.engine.songs
+    total = model.n_bundle + model.n_added
+    best = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    for start in range(0, total, block):
+        rows = np.arange(start, min(start + block, total), dtype=np.int64)
+        vecs = songs.vectors(rows)
+        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        sims = queries @ vecs.T
+        mine = (own >= start) & (own < start + len(rows))
+        sims[np.flatnonzero(mine), own[mine] - start] = -np.inf
+        both = np.concatenate([best, sims], axis=1)
+        best = -np.partition(-both, k - 1, axis=1)[:, :k]
+    kth: np.ndarray = best.min(axis=1)
+    return kth
+
+
+def recall_at(model: LiveModel, queries: np.ndarray, own: np.ndarray,
+              found: Sequence[Sequence[int]], k: int) -> np.ndarray:
+    """Per query, the share of its ``k`` exact nearest songs that ``found`` (song ids)
+    holds, counted by similarity (a found song as near as the ``k``-th exact one counts:
+    songs with identical codes tie)."""
+    kth = kth_exact(model, queries, own, k)
+    out = np.empty(len(queries))
+    for i, ids in enumerate(found):
+        rows = model.rows_of(list(ids))[0]
+        vecs = model.engine.songs.vectors(rows[rows >= 0])
+        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        out[i] = min(int((vecs @ queries[i] >= kth[i] - 1e-5).sum()), k) / k
+    return out
+
+
+def recalls(model: LiveModel, song_ids: Sequence[int], metas: Sequence[SongMeta], k: int
+            ) -> dict[str, np.ndarray]:
+    """SimilarSongs' and EncodeSong's recall@k against exact search over bundle and
+    added songs together (:func:`recall_at`)."""
+    songs = model.engine.songs
+    rows = np.asarray([model.row_of(s) for s in song_ids], dtype=np.int64)
+    unit = songs.vectors(rows)
+    unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+    similar = [model.similar_one(SimilarParams((s,), k, frozenset(), False)).ids
+               for s in song_ids]
+    out = {"SimilarSongs": recall_at(model, unit, rows, similar, k)}
+    if metas:
+        encoded = [model.encode(EncodeParams(m, k, False)) for m in metas]
+        codes = np.asarray([e.code for e in encoded], dtype=np.float32)
+        codes = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
+        out["EncodeSong"] = recall_at(model, codes, np.full(len(metas), -1),
+                                      [e.neighbours.ids for e in encoded], k)
     return out
 
 
 def run(bundle: Path, data: Path, steps: Sequence[int], n_calls: int
-        ) -> tuple[list[dict[str, Any]], list[str]]:
+        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     records = json.loads((data / "song_meta.json").read_text(encoding="utf-8"))
     questions = json.loads((data / "val_questions.json").read_text(encoding="utf-8"))
     capacity = max(steps)
@@ -113,6 +173,7 @@ def run(bundle: Path, data: Path, steps: Sequence[int], n_calls: int
     loads = {"base": workloads(base, questions, records, n_calls),
              "grown": workloads(grown, questions, records, n_calls)}
     rows: list[dict[str, Any]] = []
+    recall_rows: list[dict[str, Any]] = []
     notes: list[str] = []
     for step in steps:
         seconds = grow(grown, records, step)
@@ -131,15 +192,34 @@ def run(bundle: Path, data: Path, steps: Sequence[int], n_calls: int
                          "grown_p90": float(np.percentile(g, 90))})
             print(f"{step} {name}: p50 {np.median(b):.3f} ms -> {np.median(g):.3f} ms",
                   file=sys.stderr)
+        # Recall of the grown model's searches against exact search over bundle and added
+        # songs together: bundle songs' SimilarSongs (table lookups with the links of
+        # added songs merged in), added songs' SimilarSongs (their graph and the bundle's)
+        # and EncodeSong.
+        rng = np.random.default_rng(step)
+        n_bundle = grown.n_bundle
+        picks = {"bundle": grown.ids_of(rng.integers(0, n_bundle, RECALL_QUERIES))}
+        if grown.n_added:
+            picks["added"] = grown.ids_of(rng.integers(n_bundle, n_bundle + grown.n_added,
+                                                       RECALL_QUERIES))
+        metas = [_meta(records[i]) for i in rng.integers(0, len(records),
+                                                         RECALL_QUERIES).tolist()]
+        for kind, ids in picks.items():
+            got = recalls(grown, ids, metas if kind == "bundle" else [], RECALL_K)
+            for call, values in got.items():
+                asked = "metadata records" if call == "EncodeSong" else f"{kind} songs"
+                recall_rows.append({"added": step, "call": call, "asked": asked,
+                                    "mean": float(values.mean()),
+                                    "p5": float(np.percentile(values, 5))})
     songs = grown.engine.songs
     notes.append(f"The added songs' graph grew {songs.added.resizes} time(s) past "
                  f"--capacity {capacity:,}; {len(songs.added.near):,} bundle songs have "
                  f"added songs among their {songs.near_depth} nearest.")
-    return rows, notes
+    return rows, recall_rows, notes
 
 
-def render(rows: Sequence[dict[str, Any]], notes: Sequence[str], command: str,
-           bundle_note: str) -> str:
+def render(rows: Sequence[dict[str, Any]], recall_rows: Sequence[dict[str, Any]],
+           notes: Sequence[str], command: str, bundle_note: str) -> str:
     lines = ["| songs added | call | p50 as loaded ms | p50 grown ms | p50 ratio | "
              "p90 as loaded ms | p90 grown ms |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -150,7 +230,21 @@ def render(rows: Sequence[dict[str, Any]], notes: Sequence[str], command: str,
             f"`{command}` on a {machine()}, {dt.date.today().isoformat()}. {bundle_note} "
             "In-process calls through `LiveModel` (no gRPC), one at a time, the model as "
             "loaded and the grown one alternating.\n\n" + "\n".join(lines) + "\n\n"
+            + recall_table(recall_rows) + "\n\n"
             + "\n".join(f"- {n}" for n in notes) + "\n")
+
+
+def recall_table(recall_rows: Sequence[dict[str, Any]]) -> str:
+    lines = [f"Recall@{RECALL_K} of the grown model against exact search over bundle and "
+             f"added songs together ({RECALL_QUERIES} queries of each kind per step: "
+             "SimilarSongs of bundle songs and of added songs, EncodeSong of metadata "
+             "records; a song as near as the exact k-th counts):", "",
+             "| songs added | call | queries | recall mean | recall 5th percentile |",
+             "|---|---|---|---|---|"]
+    for r in recall_rows:
+        lines.append(f"| {r['added']:,} | {r['call']} | {r['asked']} | "
+                     f"{r['mean']:.4f} | {r['p5']:.2f} |")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,12 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "melon: the bench-growth-melon section)")
     args = p.parse_args(argv)
     steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})
-    rows, notes = run(args.bundle, args.data, steps, args.calls)
+    rows, recall_rows, notes = run(args.bundle, args.data, steps, args.calls)
     model = json.loads((args.bundle / "manifest.json").read_text())
     bundle_note = (f"Bundle {args.bundle.name} (model {model['model_version']}, "
                    f"{model['extra'].get('n_songs', '?'):,} songs, code dim "
                    f"{model['code_dim']}).")
-    body = render(rows, notes, shown_command("python -m clients.bench_growth", argv),
+    body = render(rows, recall_rows, notes, shown_command("python -m clients.bench_growth", argv),
                   bundle_note)
     if args.out != "-":
         replace_marked(Path(args.out), body, *markers(args.name))

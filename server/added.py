@@ -10,8 +10,20 @@ import numpy as np
 
 # A bundle song's SimilarSongs up to this depth stays a table lookup as songs are added.
 NEAR_DEPTH = 20
-# Bundle songs searched per added song to find those it is among the nearest of.
-NEAR_CANDIDATES = 200
+# Bundle songs searched per added song to find those it is among the nearest of. Being
+# among a bundle song's nearest is not symmetric: a bundle song whose own neighbours are
+# far (an outlier) can have an added song in its top 10 while being past that song's
+# 200th nearest. With 200, SimilarSongs of bundle songs kept a recall@10 of 0.935 against
+# exact search (5th percentile 0.5) with 20,000 songs added to the cold-start demo bundle;
+# with 1,000, 0.985 (0.9), adding songs 4x slower (docs/BENCHMARKS.md, *Catalogue growth*).
+NEAR_CANDIDATES = 1000
+# The added songs' graph. Metadata-only codes crowd together (songs of one genre and year
+# differ only by artist), and a sparse graph loses them: with 45,000 songs added to the
+# cold-start demo bundle, EncodeSong's recall@10 against exact search was 0.963 at M 16 /
+# ef_construction 100 (a deeper search, ef 600, gave 0.964), 0.975 at 32 / 200 and 0.983
+# at 48 / 400 (docs/BENCHMARKS.md, *Catalogue growth*).
+GRAPH_M = 48
+GRAPH_EF_CONSTRUCTION = 400
 
 
 class AddedSongs:
@@ -23,8 +35,9 @@ class AddedSongs:
     ``capacity`` songs and doubles when full (a resize copies only this graph, never the
     bundle's)."""
 
-    def __init__(self, dim: int, first: int, capacity: int, *, m: int = 16,
-                 ef_construction: int = 100, ef: int = 100, threads: int = 1) -> None:
+    def __init__(self, dim: int, first: int, capacity: int, *, m: int = GRAPH_M,
+                 ef_construction: int = GRAPH_EF_CONSTRUCTION, ef: int = 100,
+                 threads: int = 1) -> None:
         self.dim, self.first, self.threads = dim, first, threads
         self.capacity = max(int(capacity), 1)
         self.m, self.ef_construction, self.ef = m, ef_construction, max(ef, 50)

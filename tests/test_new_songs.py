@@ -282,6 +282,31 @@ def test_bench_growth_times_both_models_into_its_named_section(tiny_bundle: Path
     # Every call, at both steps; the bundle's default strategy is marked.
     assert text.count("| SimilarSongs k=10 |") == 2 and text.count("| EncodeSong k=10 |") == 2
     assert text.count("| 60 | ContinuePlaylist ranked (default) |") == 1
+    # Recall against exact search, per step: bundle songs' SimilarSongs and EncodeSong at
+    # both steps, added songs' SimilarSongs once songs are added.
+    assert text.count("| SimilarSongs | bundle songs |") == 2
+    assert text.count("| EncodeSong | metadata records |") == 2
+    assert text.count("| 60 | SimilarSongs | added songs |") == 1
+
+
+def test_growth_recall_is_one_for_the_exact_answer_and_zero_for_the_farthest(
+        tiny_bundle: Path) -> None:
+    from clients.bench_growth import recall_at
+
+    model = LiveModel.load(tiny_bundle, verify=False, capacity=10, threads=1)
+    vecs = model.engine.songs.vectors(np.arange(model.n_bundle))
+    unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    rows = np.asarray([3, 50, 700])
+    sims = unit[rows] @ unit.T
+    sims[np.arange(3), rows] = -np.inf  # a song is not its own neighbour
+    order = np.argsort(-sims, axis=1)
+    exact = [model.ids_of(o[:5]) for o in order]
+    farthest = [model.ids_of(o[-6:-1]) for o in order]  # the last is the song itself
+    assert recall_at(model, unit[rows], rows, exact, 5).tolist() == [1.0, 1.0, 1.0]
+    assert recall_at(model, unit[rows], rows, farthest, 5).tolist() == [0.0, 0.0, 0.0]
+    # Three of the five nearest and two far songs: 0.6.
+    mixed = [e[:3] + f[:2] for e, f in zip(exact, farthest, strict=True)]
+    assert recall_at(model, unit[rows], rows, mixed, 5).tolist() == [0.6, 0.6, 0.6]
 
 
 def test_added_songs_take_only_the_answers_last_places(tiny_bundle: Path,
