@@ -4,6 +4,7 @@ the bundle's (which :class:`server.search.HnswSearch` merges into every search).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -163,8 +164,10 @@ class AddedSongs:
     def vectors(self, labels: np.ndarray) -> np.ndarray:
         return self._unit[np.asarray(labels, dtype=np.int64) - self.first]
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` nearest added songs of each query, exactly re-scored, best first."""
+    def search(self, queries: np.ndarray, k: int, linked: Sequence[np.ndarray] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest added songs of each query, exactly re-scored, best first;
+        ``linked[i]``: added songs re-scored for query ``i`` besides the graph's hits."""
         queries = np.atleast_2d(queries).astype(np.float32)
         depth = min(self.in_graph, k)  # the graph searches max(ef, k) deep anyway
         while True:
@@ -181,6 +184,9 @@ class AddedSongs:
             cand = self._with_twins(cand, k)
             depth = cand.shape[1]
         unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        if linked is not None:
+            return self._best_of_rows([np.union1d(hits, more) for hits, more in
+                                       zip(cand, linked, strict=True)], unit, k)
         scores = np.einsum("qkd,qd->qk", self._unit[cand - self.first], unit)
         take = min(k, depth)
         top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
@@ -188,6 +194,22 @@ class AddedSongs:
         order = np.argsort(-top_scores, axis=1, kind="stable")
         return (np.take_along_axis(np.take_along_axis(cand, top, axis=1), order, axis=1),
                 np.take_along_axis(top_scores, order, axis=1).astype(np.float32))
+
+    def _best_of_rows(self, rows: Sequence[np.ndarray], unit: np.ndarray, k: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Per query, its ``k`` best of ``rows[i]`` (distinct added songs) by exact
+        similarity, best first; cut to the shortest row so that the rows stay a matrix."""
+        labels, sims = [], []
+        for row, query in zip(rows, unit, strict=True):
+            scores = self._unit[row - self.first] @ query
+            take = min(k, len(row))
+            top = np.argpartition(-scores, take - 1)[:take]
+            top = top[np.argsort(-scores[top], kind="stable")]
+            labels.append(row[top])
+            sims.append(scores[top])
+        width = min(len(r) for r in labels)
+        return (np.stack([r[:width] for r in labels]).astype(np.int64),
+                np.stack([r[:width] for r in sims]).astype(np.float32))
 
     def _with_twins(self, cand: np.ndarray, k: int) -> np.ndarray:
         """Each row of graph hits followed by their twins, cut to ``k`` (or the shortest
@@ -204,12 +226,13 @@ class AddedSongs:
         width = min(len(r) for r in rows)
         return np.asarray([r[:width] for r in rows], dtype=np.int64)
 
-    def merge(self, queries: np.ndarray, labels: np.ndarray, sims: np.ndarray, k: int
-              ) -> tuple[np.ndarray, np.ndarray]:
+    def merge(self, queries: np.ndarray, labels: np.ndarray, sims: np.ndarray, k: int,
+              linked: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The bundle's hits (``labels``, ``sims``: a row per query, best first) merged
-        with the added songs' ``k`` nearest: the first ``max(k, bundle width)`` by
-        similarity (ties: bundle songs first)."""
-        add_labels, add_sims = self.search(queries, k)
+        with the added songs' ``k`` nearest (``linked[i]``: more candidates of query
+        ``i``): the first ``max(k, bundle width)`` by similarity (ties: bundle songs
+        first)."""
+        add_labels, add_sims = self.search(queries, k, linked)
         cand = np.concatenate([labels.astype(np.int64), add_labels], axis=1)
         cand_sims = np.concatenate([sims.astype(np.float32), add_sims], axis=1)
         order = np.argsort(-cand_sims, axis=1, kind="stable")[:, : max(k, labels.shape[1])]

@@ -318,3 +318,25 @@ def test_near_lists_read_every_songs_links_as_near_of_does() -> None:
     empty = AddedSongs(4, first=100, capacity=10)
     songs, _, offsets = empty.near_lists(asked)
     assert len(songs) == 0 and offsets.tolist() == [0] * (len(asked) + 1)
+
+
+def test_added_songs_search_rescores_linked_candidates_with_the_graphs_hits() -> None:
+    """Linked candidates (the added songs linked to a query's best bundle hits) join the
+    graph's hits: re-scored exactly, each song once, best first."""
+    from server.added import AddedSongs
+
+    rng = np.random.default_rng(5)
+    codes = rng.normal(size=(300, 16)).astype(np.float32)
+    added = AddedSongs(16, first=1000, capacity=300)
+    added.add(codes, np.arange(1000, 1300))
+    unit = codes / np.linalg.norm(codes, axis=1, keepdims=True)
+    queries = rng.normal(size=(3, 16)).astype(np.float32)
+    # Every song linked to every query: the answer is the exact top 5, without repeats.
+    labels, sims = added.search(queries, 5, [np.arange(1000, 1300)] * 3)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = np.argsort(-(q @ unit.T), axis=1)[:, :5] + 1000
+    assert labels.tolist() == exact.tolist()
+    assert np.allclose(sims, np.take_along_axis(q @ unit.T, exact - 1000, axis=1), atol=1e-6)
+    # Linked songs the graph found too count once.
+    labels, _ = added.search(queries, 5, [exact[i] for i in range(3)])
+    assert labels.tolist() == exact.tolist()
