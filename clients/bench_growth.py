@@ -107,6 +107,12 @@ def workloads(model: LiveModel, questions: Sequence[dict[str, Any]],
     return out
 
 
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    unit: np.ndarray = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True),
+                                            1e-12)
+    return unit
+
+
 def kth_exact(model: LiveModel, queries: np.ndarray, own: np.ndarray, k: int,
               block: int = 65_536) -> np.ndarray:
     """Per unit query, the ``k``-th best cosine similarity over every song, bundle and
@@ -117,9 +123,7 @@ def kth_exact(model: LiveModel, queries: np.ndarray, own: np.ndarray, k: int,
     best = np.full((len(queries), k), -np.inf, dtype=np.float32)
     for start in range(0, total, block):
         rows = np.arange(start, min(start + block, total), dtype=np.int64)
-        vecs = songs.vectors(rows)
-        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-        sims = queries @ vecs.T
+        sims = queries @ _unit(songs.vectors(rows)).T
         mine = (own >= start) & (own < start + len(rows))
         sims[np.flatnonzero(mine), own[mine] - start] = -np.inf
         both = np.concatenate([best, sims], axis=1)
@@ -137,8 +141,7 @@ def recall_at(model: LiveModel, queries: np.ndarray, own: np.ndarray,
     out = np.empty(len(queries))
     for i, ids in enumerate(found):
         rows = model.rows_of(list(ids))[0]
-        vecs = model.engine.songs.vectors(rows[rows >= 0])
-        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        vecs = _unit(model.engine.songs.vectors(rows[rows >= 0]))
         out[i] = min(int((vecs @ queries[i] >= kth[i] - 1e-5).sum()), k) / k
     return out
 
@@ -149,15 +152,13 @@ def recalls(model: LiveModel, song_ids: Sequence[int], metas: Sequence[SongMeta]
     added songs together (:func:`recall_at`)."""
     songs = model.engine.songs
     rows = np.asarray([model.row_of(s) for s in song_ids], dtype=np.int64)
-    unit = songs.vectors(rows)
-    unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+    unit = _unit(songs.vectors(rows))
     similar = [model.similar_one(SimilarParams((s,), k, frozenset(), False)).ids
                for s in song_ids]
     out = {"SimilarSongs": recall_at(model, unit, rows, similar, k)}
     if metas:
         encoded = [model.encode(EncodeParams(m, k, False)) for m in metas]
-        codes = np.asarray([e.code for e in encoded], dtype=np.float32)
-        codes = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
+        codes = _unit(np.asarray([e.code for e in encoded], dtype=np.float32))
         out["EncodeSong"] = recall_at(model, codes, np.full(len(metas), -1),
                                       [e.neighbours.ids for e in encoded], k)
     return out
