@@ -217,7 +217,9 @@ def place_hit_rates(answers: Sequence[dict[str, Any]], results: Sequence[dict[st
         truth = {int(s) for s in a["songs"]}
         got = by_id[a["id"]]["songs"][:N_SONGS]
         hits[: len(got)] += [int(s) in truth for s in got]
-    return (hits.reshape(-1, width).sum(axis=1) / (width * max(len(answers), 1))).tolist()
+    rates: list[float] = (hits.reshape(-1, width).sum(axis=1)
+                          / (width * max(len(answers), 1))).tolist()
+    return rates
 
 
 def with_tail(results: Sequence[dict[str, Any]], tails: Sequence[dict[str, Any]], k: int
@@ -320,7 +322,8 @@ def evaluate(split: Path, work: Path, fraction: float, preset: str, groups: str,
         record(f"baseline-{name}-without-new", without[name])
     held_meta = [m for m in meta if int(m["id"]) in held]
     started = time.perf_counter()
-    added, skipped = model.replay([new_song(m) for m in held_meta])
+    held_songs = [new_song(m) for m in held_meta]
+    added, skipped = model.replay(held_songs)
     add_s = time.perf_counter() - started
     for name in names:
         record(name, answer_all(model, name, questions, name))
@@ -342,8 +345,7 @@ def evaluate(split: Path, work: Path, fraction: float, preset: str, groups: str,
         out = work / "compacted"
         if out.exists():  # the bundle may have changed (a retrained ranker): rebuild
             shutil.rmtree(out)
-        compact_songs(work / "bundle", [new_song(m) for m in held_meta], out, threads=2,
-                      progress=False)
+        compact_songs(work / "bundle", held_songs, out, threads=2, progress=False)
         compacted_model = LiveModel.load(out, verify=True, capacity=1, threads=1)
         for name in names:
             record(f"compacted-{name}", answer_all(compacted_model, name, questions,
