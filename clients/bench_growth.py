@@ -213,9 +213,11 @@ def run(bundle: Path, data: Path, steps: Sequence[int], n_calls: int
                                     "mean": float(values.mean()),
                                     "p5": float(np.percentile(values, 5))})
     songs = grown.engine.songs
-    notes.append(f"The added songs' graph grew {songs.added.resizes} time(s) past "
-                 f"--capacity {capacity:,}; {len(songs.added.near):,} bundle songs have "
-                 f"added songs among their {songs.near_depth} nearest.")
+    notes.append(f"The added songs' graphs grew {songs.added.resizes} time(s) past their "
+                 f"room (--capacity {capacity:,}); {songs.added.in_graph:,} distinct codes, "
+                 f"{songs.added.orphans:,} of them also in the orphan graphs (lost by the "
+                 f"graph before); {len(songs.added.near):,} bundle songs have added songs "
+                 f"among their {songs.near_depth} nearest.")
     return rows, recall_rows, notes
 
 

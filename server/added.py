@@ -1,4 +1,4 @@
-"""Songs added at run time: their unit vectors and an hnswlib graph of their own, beside
+"""Songs added at run time: their unit vectors and hnswlib graphs of their own, beside
 the bundle's (which :class:`server.search.HnswSearch` merges into every search)."""
 
 from __future__ import annotations
@@ -25,16 +25,36 @@ NEAR_CANDIDATES = 1000
 # at 48 / 400 (docs/BENCHMARKS.md, *Catalogue growth*).
 GRAPH_M = 48
 GRAPH_EF_CONSTRUCTION = 400
+# hnswlib's graph loses songs where codes crowd: grown by 100,000 Melon-scale songs in file
+# order (71,180 distinct codes), a search for a song's own code found only 72% of them, at ef
+# 800 and 3,000 alike (a fresh graph of a random 20,000 found 99%; larger M, other
+# ef_construction values and a scaffold inserted first gave 0.60-0.80). Every added song is
+# therefore searched for by its own code, and one the graph loses goes into an orphan graph
+# (and that graph's losses into the next, up to MAX_GRAPHS); every search asks all of them.
+MAX_GRAPHS = 3
+# A song found when added can be lost later, as later songs prune the links to it: each add
+# re-checks this many times as many earlier songs of each graph, in rotation (on clustered
+# toy codes, tests/test_neighbours.py, 2 left 8% of the songs lost, 4 left 6%, 8 left 3%).
+SWEEP = 4
+# The checks search this deep (or the graph's ef, if lower): a lost song is unreachable,
+# not just far (72% were found at ef 800 and at 3,000 alike), and a check at the first
+# graph's serving ef (800 at Melon scale) would cost several milliseconds a song.
+CHECK_EF = 100
+# Orphan graphs are small (a fraction of the added songs): searched this deep, a sparse
+# neighbourhood of them costs a fraction of the first graph's search.
+ORPHAN_EF = 40
+ORPHAN_M = 16
 
 
 class AddedSongs:
     """Songs added at run time: their unit vectors (rows ``first``, ``first + 1``, ... in
-    the order they came) and an hnswlib graph over them, separate from the bundle's.
+    the order they came) and hnswlib graphs over them, separate from the bundle's.
 
-    Searches ask the graph for ``k`` candidates (searching ``max(k, ef)`` deep) and
-    re-score them exactly against the stored vectors. The graph starts with room for
-    ``capacity`` songs and doubles when full (a resize copies only this graph, never the
-    bundle's)."""
+    The first graph holds every distinct code; orphan graphs hold the songs the graph
+    before loses (see MAX_GRAPHS). Searches ask each graph for ``k`` candidates (searching
+    ``max(k, ef)`` deep) and re-score them exactly against the stored vectors. The first
+    graph starts with room for ``capacity`` songs, an orphan graph for a quarter of that,
+    and each doubles when full (a resize copies only that graph, never the bundle's)."""
 
     def __init__(self, dim: int, first: int, capacity: int, *, m: int = GRAPH_M,
                  ef_construction: int = GRAPH_EF_CONSTRUCTION, ef: int = 100,
@@ -44,8 +64,8 @@ class AddedSongs:
         self.m, self.ef_construction, self.ef = m, ef_construction, max(ef, 50)
         self.count = 0
         self._unit = np.empty((0, dim), dtype=np.float32)
-        self._index: Any = None
-        self.resizes = 0  # how often the graph grew past its capacity
+        self._graphs: list[_Graph] = []
+        self.resizes = 0  # how often a graph grew past its capacity
         # Songs with identical metadata have identical codes, and exact duplicates break
         # HNSW's graph (as in the bundle's): the graph holds the first of each, and hits
         # expand to the others.
@@ -118,6 +138,8 @@ class AddedSongs:
         return songs[picks], sims[picks], offsets
 
     def add(self, codes: np.ndarray, labels: np.ndarray) -> None:
+        """Store songs and insert their distinct codes into the graphs (call with searches
+        excluded: hnswlib must not be searched while it inserts)."""
         labels = np.asarray(labels, dtype=np.int64)
         expected = np.arange(self.first + self.count, self.first + self.count + len(labels))
         if not np.array_equal(labels, expected):
@@ -145,21 +167,36 @@ class AddedSongs:
         self.count = end
         if not fresh:
             return
-        if self._index is None:
-            # hnswlib only here: the load test reads bundles through this package.
-            import hnswlib
+        self._place(0, labels[fresh], unit[fresh])
+        self.in_graph += len(fresh)
 
-            self._index = hnswlib.Index(space="cosine", dim=self.dim)
-            self._index.init_index(max_elements=max(self.capacity, len(fresh)),
-                                   ef_construction=self.ef_construction, M=self.m)
-            self._index.set_ef(self.ef)
-            self._index.set_num_threads(self.threads)
-        needed = self.in_graph + len(fresh)
-        if needed > self._index.get_max_elements():
-            self._index.resize_index(max(needed, 2 * self._index.get_max_elements()))
-            self.resizes += 1
-        self._index.add_items(unit[fresh], labels[fresh])
-        self.in_graph = needed
+    @property
+    def orphans(self) -> int:
+        """Songs held by the orphan graphs (lost by the graph before theirs)."""
+        return sum(g.count for g in self._graphs[1:])
+
+    def _graph(self, level: int) -> _Graph:
+        if level == len(self._graphs):
+            first = level == 0
+            self._graphs.append(_Graph(
+                self.dim, self.capacity if first else max(self.capacity // 4, 64),
+                m=self.m if first else ORPHAN_M, ef_construction=self.ef_construction,
+                ef=self.ef if first else ORPHAN_EF, threads=self.threads))
+        return self._graphs[level]
+
+    def _place(self, level: int, labels: np.ndarray, unit: np.ndarray) -> None:
+        """Insert songs into graph ``level``, then send the songs it loses (these and
+        SWEEP times as many of its earlier ones) to the next graph."""
+        graph = self._graph(level)
+        self.resizes += graph.insert(unit, labels)
+        if level + 1 >= MAX_GRAPHS:
+            return
+        checked = np.concatenate([labels, graph.rotation(SWEEP * len(labels))])
+        lost = graph.lost(self.vectors(checked), checked)
+        if level + 1 < len(self._graphs):  # rescued before: the next graph holds them
+            lost = lost[~self._graphs[level + 1].holds(lost)]
+        if len(lost):
+            self._place(level + 1, lost, self.vectors(lost))
 
     def vectors(self, labels: np.ndarray) -> np.ndarray:
         return self._unit[np.asarray(labels, dtype=np.int64) - self.first]
@@ -169,24 +206,16 @@ class AddedSongs:
         """The ``k`` nearest added songs of each query, exactly re-scored, best first;
         ``linked[i]``: added songs re-scored for query ``i`` besides the graph's hits."""
         queries = np.atleast_2d(queries).astype(np.float32)
-        depth = min(self.in_graph, k)  # the graph searches max(ef, k) deep anyway
-        while True:
-            try:
-                cand, _ = self._index.knn_query(queries, k=depth)
-                break
-            except RuntimeError:
-                # The graph could not reach ``depth`` songs from a query: fewer, not none.
-                if depth <= 1:
-                    raise
-                depth //= 2
-        cand = cand.astype(np.int64)
+        unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        if len(self._graphs) > 1 or linked is not None:
+            rows = self._graph_hits(queries, k)
+            if linked is not None:
+                rows = [np.union1d(hits, more) for hits, more in zip(rows, linked, strict=True)]
+            return self._best_of_rows(rows, unit, k)
+        cand = self._graphs[0].search(queries, k)
         if self._twins:
             cand = self._with_twins(cand, k)
-            depth = cand.shape[1]
-        unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-        if linked is not None:
-            return self._best_of_rows([np.union1d(hits, more) for hits, more in
-                                       zip(cand, linked, strict=True)], unit, k)
+        depth = cand.shape[1]
         scores = np.einsum("qkd,qd->qk", self._unit[cand - self.first], unit)
         take = min(k, depth)
         top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
@@ -194,6 +223,19 @@ class AddedSongs:
         order = np.argsort(-top_scores, axis=1, kind="stable")
         return (np.take_along_axis(np.take_along_axis(cand, top, axis=1), order, axis=1),
                 np.take_along_axis(top_scores, order, axis=1).astype(np.float32))
+
+    def _graph_hits(self, queries: np.ndarray, k: int) -> list[np.ndarray]:
+        """Per query, the distinct songs any graph returns for it (twins included)."""
+        parts = [graph.search(queries, k) for graph in self._graphs]
+        rows = []
+        for i in range(len(queries)):
+            hits = np.unique(np.concatenate([part[i] for part in parts]))
+            if self._twins:
+                hits = np.unique(np.concatenate(
+                    [hits, np.asarray([t for h in hits.tolist() for t in self._twins.get(h, ())],
+                                      dtype=np.int64)]))
+            rows.append(hits)
+        return rows
 
     def _best_of_rows(self, rows: Sequence[np.ndarray], unit: np.ndarray, k: int
                       ) -> tuple[np.ndarray, np.ndarray]:
@@ -238,3 +280,76 @@ class AddedSongs:
         order = np.argsort(-cand_sims, axis=1, kind="stable")[:, : max(k, labels.shape[1])]
         return (np.take_along_axis(cand, order, axis=1),
                 np.take_along_axis(cand_sims, order, axis=1))
+
+
+class _Graph:
+    """One hnswlib graph of added songs, with the labels it holds in insertion order (for
+    the rotation of re-checks)."""
+
+    def __init__(self, dim: int, capacity: int, *, m: int, ef_construction: int, ef: int,
+                 threads: int) -> None:
+        # hnswlib only here: the load test reads bundles through this package.
+        import hnswlib
+
+        self.ef = ef
+        self.index = hnswlib.Index(space="cosine", dim=dim)
+        self.index.init_index(max_elements=capacity, ef_construction=ef_construction, M=m)
+        self.index.set_ef(ef)
+        self.index.set_num_threads(threads)
+        self.labels = np.empty(0, dtype=np.int64)
+        self.count = 0
+        self._cursor = 0  # next label of the rotation
+
+    def insert(self, unit: np.ndarray, labels: np.ndarray) -> int:
+        """Add songs; the number of resizes it took (0 or 1)."""
+        needed = self.count + len(labels)
+        resized = 0
+        if needed > self.index.get_max_elements():
+            self.index.resize_index(max(needed, 2 * self.index.get_max_elements()))
+            resized = 1
+        self.index.add_items(unit, labels)
+        if needed > len(self.labels):
+            self.labels = np.resize(self.labels, max(needed, 2 * len(self.labels), 64))
+        self.labels[self.count : needed] = labels
+        self.count = needed
+        return resized
+
+    def holds(self, labels: np.ndarray) -> np.ndarray:
+        """Whether each of ``labels`` is in this graph."""
+        return np.isin(labels, self.labels[: self.count])
+
+    def rotation(self, n: int) -> np.ndarray:
+        """The next ``n`` songs of the re-check rotation over the songs inserted before."""
+        n = min(n, self.count)
+        picks = (self._cursor + np.arange(n)) % max(self.count, 1)
+        self._cursor = int((self._cursor + n) % max(self.count, 1))
+        return self.labels[picks]
+
+    def lost(self, unit: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """The songs of ``labels`` a search for their own code (``unit``) does not find
+        first. Changes the graph's ef while it runs: call it with searches excluded (as
+        :meth:`AddedSongs.add` is)."""
+        if not len(labels):
+            return labels
+        self.index.set_ef(min(self.ef, CHECK_EF))
+        try:
+            found, dist = self.index.knn_query(unit, k=1)
+        finally:
+            self.index.set_ef(self.ef)
+        # A song whose code another one matches to float precision is found through it.
+        missed = (found[:, 0].astype(np.int64) != labels) & (dist[:, 0] > 1e-6)
+        return np.unique(labels[missed])
+
+    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """Up to ``k`` labels per query (a matrix: fewer columns where the graph could not
+        reach ``k`` songs from a query)."""
+        depth = min(self.count, k)
+        while True:
+            try:
+                cand, _ = self.index.knn_query(queries, k=depth)
+                return cand.astype(np.int64)
+            except RuntimeError:
+                # The graph could not reach ``depth`` songs from a query: fewer, not none.
+                if depth <= 1:
+                    raise
+                depth //= 2

@@ -340,3 +340,35 @@ def test_added_songs_search_rescores_linked_candidates_with_the_graphs_hits() ->
     # Linked songs the graph found too count once.
     labels, _ = added.search(queries, 5, [exact[i] for i in range(3)])
     assert labels.tolist() == exact.tolist()
+
+
+def test_songs_the_added_graph_loses_are_found_through_the_orphan_graphs() -> None:
+    """hnswlib's graph loses songs where codes crowd (clusters of near-identical codes
+    inserted cluster by cluster, as metadata-only codes arrive): a search for such a
+    song's own code does not find it. The songs a graph loses go into an orphan graph,
+    which every search asks too."""
+    from server import added as added_module
+    from server.added import AddedSongs
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, 32))
+    codes = (np.repeat(centres, 100, axis=0) + 0.2 * rng.normal(size=(4000, 32))).astype(
+        np.float32)
+    ids = np.arange(len(codes))
+
+    def lost_share(max_graphs: int) -> float:
+        songs = AddedSongs(32, first=0, capacity=500, m=4, ef_construction=20, ef=50)
+        old = added_module.MAX_GRAPHS
+        added_module.MAX_GRAPHS = max_graphs
+        try:
+            for start in range(0, len(codes), 10):
+                songs.add(codes[start : start + 10], ids[start : start + 10])
+        finally:
+            added_module.MAX_GRAPHS = old
+        assert (songs.orphans > 0) == (max_graphs > 1)
+        labels, sims = songs.search(codes, 1)
+        return float(np.mean((labels[:, 0] != ids) & (sims[:, 0] < 1 - 1e-6)))
+
+    alone, with_orphans = lost_share(1), lost_share(added_module.MAX_GRAPHS)
+    assert alone > 0.10, alone
+    assert with_orphans < alone / 3, (alone, with_orphans)
