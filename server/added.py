@@ -4,7 +4,8 @@ the bundle's (which :class:`server.search.HnswSearch` merges into every search).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,12 @@ SWEEP = 4
 # not just far (72% were found at ef 800 and at 3,000 alike), and a check at the first
 # graph's serving ef (800 at Melon scale) would cost several milliseconds a song.
 CHECK_EF = 100
+# The first graph is searched as deep as the bundle's (ef), at most this deep. Past it the
+# songs a search misses are the lost ones, which the orphan graphs find: with 100,000
+# Melon-scale songs added, recall@10 of metadata queries was 0.960 at ef 800 (first graph
+# alone, 1.87 ms), and with the orphan graphs 0.991 at ef 800 (2.41 ms), 0.990 at 400
+# (1.79 ms), 0.987 at 200 (1.39 ms) (docs/BENCHMARKS.md, *The added songs' graphs*).
+MAX_EF = 400
 # Orphan graphs are small (a fraction of the added songs): searched this deep, a sparse
 # neighbourhood of them costs a fraction of the first graph's search.
 ORPHAN_EF = 40
@@ -61,7 +68,8 @@ class AddedSongs:
                  threads: int = 1) -> None:
         self.dim, self.first, self.threads = dim, first, threads
         self.capacity = max(int(capacity), 1)
-        self.m, self.ef_construction, self.ef = m, ef_construction, max(ef, 50)
+        self.m, self.ef_construction = m, ef_construction
+        self.ef = min(max(ef, 50), MAX_EF)
         self.count = 0
         self._unit = np.empty((0, dim), dtype=np.float32)
         self._graphs: list[_Graph] = []
@@ -171,6 +179,28 @@ class AddedSongs:
         self.in_graph += len(fresh)
 
     @property
+    def graph_sizes(self) -> list[int]:
+        """Songs in each graph, the first one first."""
+        return [g.count for g in self._graphs]
+
+    def distinct(self) -> np.ndarray:
+        """The songs in the first graph: one of each distinct code."""
+        if not self._graphs:
+            return np.empty(0, dtype=np.int64)
+        return self._graphs[0].labels[: self._graphs[0].count].copy()
+
+    @contextmanager
+    def first_graph_only(self) -> Iterator[None]:
+        """Searches inside ask the first graph alone, as before orphan graphs (for
+        measurements: trainer.bench_added)."""
+        graphs = self._graphs
+        self._graphs = graphs[:1]
+        try:
+            yield
+        finally:
+            self._graphs = graphs
+
+    @property
     def orphans(self) -> int:
         """Songs held by the orphan graphs (lost by the graph before theirs)."""
         return sum(g.count for g in self._graphs[1:])
@@ -225,16 +255,19 @@ class AddedSongs:
                 np.take_along_axis(top_scores, order, axis=1).astype(np.float32))
 
     def _graph_hits(self, queries: np.ndarray, k: int) -> list[np.ndarray]:
-        """Per query, the distinct songs any graph returns for it (twins included)."""
-        parts = [graph.search(queries, k) for graph in self._graphs]
+        """Per query, the distinct songs any graph returns for it, each with up to ``k``
+        of its twins (one pass of sets: numpy's fixed cost per call, several calls per
+        row, was a fifth of a Melon-scale search)."""
+        parts = [graph.search(queries, k).tolist() for graph in self._graphs]
         rows = []
         for i in range(len(queries)):
-            hits = np.unique(np.concatenate([part[i] for part in parts]))
+            hits: set[int] = set()
+            for part in parts:
+                hits.update(part[i])
             if self._twins:
-                hits = np.unique(np.concatenate(
-                    [hits, np.asarray([t for h in hits.tolist() for t in self._twins.get(h, ())],
-                                      dtype=np.int64)]))
-            rows.append(hits)
+                for label in list(hits):
+                    hits.update(self._twins.get(label, ())[:k])
+            rows.append(np.fromiter(hits, dtype=np.int64, count=len(hits)))
         return rows
 
     def _best_of_rows(self, rows: Sequence[np.ndarray], unit: np.ndarray, k: int

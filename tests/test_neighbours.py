@@ -372,3 +372,22 @@ def test_songs_the_added_graph_loses_are_found_through_the_orphan_graphs() -> No
     alone, with_orphans = lost_share(1), lost_share(added_module.MAX_GRAPHS)
     assert alone > 0.10, alone
     assert with_orphans < alone / 3, (alone, with_orphans)
+
+
+def test_bench_added_measures_the_first_graph_against_all_graphs(
+        tiny_bundle: Path, tiny_split: Path, tmp_path: Path) -> None:
+    from trainer.bench_added import main
+
+    doc = tmp_path / "B.md"
+    assert main(["--data", str(tiny_split), "--bundle", str(tiny_bundle), "--songs", "600",
+                 "--out", str(doc), "--name", "tiny"]) == 0
+    text = doc.read_text()
+    assert "<!-- bench-added-tiny:start -->" in text
+    rows = [line.split(" | ") for line in text.splitlines()
+            if line.startswith(("| first graph only |", "| all graphs |"))]
+    assert len(rows) == 2
+    for row in rows:  # own code found, recall mean: shares
+        assert 0.0 < float(row[1]) <= 1.0 and 0.0 < float(row[2]) <= 1.0
+    # All graphs hold the first graph's songs and more: never fewer found.
+    assert float(rows[1][1]) >= float(rows[0][1])
+    assert "600 songs added" in text
