@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import numpy as np
 
@@ -45,7 +44,8 @@ CHECK_EF = 100
 # songs a search misses are the lost ones, which the orphan graphs find: with 100,000
 # Melon-scale songs added, recall@10 of metadata queries was 0.960 at ef 800 (first graph
 # alone, 1.87 ms), and with the orphan graphs 0.991 at ef 800 (2.41 ms), 0.990 at 400
-# (1.79 ms), 0.987 at 200 (1.39 ms) (docs/BENCHMARKS.md, *The added songs' graphs*).
+# (1.79 ms), 0.987 at 200 (1.39 ms) (one scan of the same grown graphs; docs/BENCHMARKS.md,
+# *Catalogue growth*, orphan graphs).
 MAX_EF = 400
 # Orphan graphs are small (a fraction of the added songs): searched this deep, a sparse
 # neighbourhood of them costs a fraction of the first graph's search.
@@ -256,8 +256,8 @@ class AddedSongs:
 
     def _graph_hits(self, queries: np.ndarray, k: int) -> list[np.ndarray]:
         """Per query, the distinct songs any graph returns for it, each with up to ``k``
-        of its twins (one pass of sets: numpy's fixed cost per call, several calls per
-        row, was a fifth of a Melon-scale search)."""
+        of its twins (one pass of sets rather than several numpy calls per row: each
+        numpy call has a fixed cost of microseconds)."""
         parts = [graph.search(queries, k).tolist() for graph in self._graphs]
         rows = []
         for i in range(len(queries)):
@@ -380,7 +380,7 @@ class _Graph:
         while True:
             try:
                 cand, _ = self.index.knn_query(queries, k=depth)
-                return cand.astype(np.int64)
+                return np.asarray(cand, dtype=np.int64)
             except RuntimeError:
                 # The graph could not reach ``depth`` songs from a query: fewer, not none.
                 if depth <= 1:

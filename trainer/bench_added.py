@@ -116,8 +116,9 @@ def render(rows: Sequence[dict[str, Any]], notes: Sequence[str], command: str) -
              "| search p50 ms | search p90 ms |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['graphs']} | {r['found']:.4f} | {r['recall']:.4f} | {r['recall_p5']:.2f} "
               f"| {r['p50_ms']:.3f} | {r['p90_ms']:.3f} |" for r in rows]
-    return "\n".join(["## The added songs' graphs", "", f"`{command}` on a {machine()}, {dt.date.today().isoformat()}.", "",
-                      *lines, "", *[f"- {n}" for n in notes]])
+    header = f"`{command}` on a {machine()}, {dt.date.today().isoformat()}."
+    return "\n".join(["## The added songs' graphs", "", header, "", *lines, "",
+                      *[f"- {n}" for n in notes]])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
