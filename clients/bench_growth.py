@@ -46,7 +46,8 @@ RECALL_QUERIES = 200
 RECALL_K = 10
 
 
-def _meta(record: dict[str, Any]) -> SongMeta:
+def meta_of_record(record: dict[str, Any]) -> SongMeta:
+    """A song_meta.json record as the metadata AddSongs sends (an unreadable issue date: 0)."""
     try:
         date = parse_issue_date(str(record.get("issue_date", "") or ""))[0]
     except ValueError:
@@ -66,7 +67,7 @@ def grow(model: LiveModel, records: Sequence[dict[str, Any]], target: int,
         while model.n_added < target:
             start = model.n_added
             count = min(chunk, target - start)
-            songs = [NewSong(ID_BASE + i, _meta(records[i % len(records)]))
+            songs = [NewSong(ID_BASE + i, meta_of_record(records[i % len(records)]))
                      for i in range(start, start + count)]
             fields = [f"songs[{i}].metadata" for i in range(count)]
             model.insert(songs, model.encode_new(songs, fields))
@@ -90,7 +91,7 @@ def workloads(model: LiveModel, questions: Sequence[dict[str, Any]],
     rng = np.random.default_rng(seed)
     ids = model.engine.catalog.song_ids
     song_ids = ids[rng.integers(0, len(ids), n_calls)].tolist()
-    metas = [_meta(records[i]) for i in rng.integers(0, len(records), n_calls).tolist()]
+    metas = [meta_of_record(records[i]) for i in rng.integers(0, len(records), n_calls).tolist()]
     out: dict[str, list[Callable[[], object]]] = {
         "SimilarSongs k=10": [partial(model.similar_one,
                                       SimilarParams((s,), 10, frozenset(), False))
@@ -203,7 +204,7 @@ def run(bundle: Path, data: Path, steps: Sequence[int], n_calls: int
         if grown.n_added:
             picks["added"] = grown.ids_of(rng.integers(n_bundle, n_bundle + grown.n_added,
                                                        RECALL_QUERIES))
-        metas = [_meta(records[i]) for i in rng.integers(0, len(records),
+        metas = [meta_of_record(records[i]) for i in rng.integers(0, len(records),
                                                          RECALL_QUERIES).tolist()]
         for kind, ids in picks.items():
             got = recalls(grown, ids, metas if kind == "bundle" else [], RECALL_K)

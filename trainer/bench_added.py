@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from clients.bench_growth import _meta
+from clients.bench_growth import meta_of_record
 from clients.benchtools import machine, replace_marked, shown_command, shown_path
 from server.added import ORPHAN_EF, AddedSongs
 from server.columns import ColumnSpace
@@ -69,7 +69,7 @@ def encoder_of(args: argparse.Namespace, work: Path) -> tuple[Encoder, int, str]
     trainer = Trainer(args.data, work / "train", config)
     trainer.load_checkpoint(args.checkpoint, weights_only=True)
     export_onnx(trainer.model, work / "encoder.onnx")
-    columns = ColumnSpace.from_json(json.loads(json.dumps(trainer.space.to_json())))
+    columns = trainer.space  # the server's ColumnSpace already
     del trainer
     return (Encoder(work / "encoder.onnx", columns, threads=args.threads),
             int(config.ef), f"checkpoint {shown_path(args.checkpoint)} ({args.preset} preset)")
@@ -77,7 +77,7 @@ def encoder_of(args: argparse.Namespace, work: Path) -> tuple[Encoder, int, str]
 
 def encode(encoder: Encoder, records: Sequence[dict[str, Any]], picks: Sequence[int]
            ) -> np.ndarray:
-    metas = [_meta(records[i % len(records)]) for i in picks]
+    metas = [meta_of_record(records[i % len(records)]) for i in picks]
     parts = [encoder.encode(metas[i : i + 2000])[0] for i in range(0, len(metas), 2000)]
     return np.concatenate(parts).astype(np.float32)
 
